@@ -1,0 +1,67 @@
+"""Benchmark harness: a benchmark is a module `bench/NAME.py` with `run(quick: bool) -> Result`.
+
+The runner writes `bench/results/NAME.json` (the full result) and `bench/results/NAME.md` (a short table),
+atomically, so that a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Result:
+    """What one benchmark measured: a table (columns, rows of dicts) plus free-form notes and extras."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def markdown(result: Result) -> str:
+    """The result as a Markdown table with its notes underneath."""
+    lines = [f"# {result.title}", "", "| " + " | ".join(result.columns) + " |"]
+    lines.append("|" + "---|" * len(result.columns))
+    for row in result.rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in result.columns) + " |")
+    lines += [""] + [f"- {n}" for n in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write(result: Result, elapsed_s: float) -> Path:
+    """Write NAME.json and NAME.md under bench/results; returns the JSON path."""
+    doc = asdict(result) | {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "elapsed_s": elapsed_s,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = RESULTS / f"{result.name}.json"
+    _atomic_write(path, json.dumps(doc, indent=1, default=str) + "\n")
+    _atomic_write(RESULTS / f"{result.name}.md", markdown(result))
+    return path
