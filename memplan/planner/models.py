@@ -1,0 +1,108 @@
+"""Resolve what the user names as a model into something we can capture and run.
+
+MODEL is one of:
+- `zoo:NAME`: a model of the zoo (`memplan.planner.zoo`), built from its config on the meta device for
+  planning (nothing allocated) and on the CPU for running;
+- a path to an `.onnx` file;
+- `package.module:factory`: `factory()` returns `(module, example_inputs)`; in train mode
+  `module(*example_inputs)` must return the loss;
+- in the Python API, an `nn.Module` together with `example_inputs`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from memplan.errors import InvalidInput
+from memplan.ir.frontends.fx_lower import Capture
+from memplan.ir.graph import Graph
+
+Mode = Literal["train", "infer"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to capture: the module whose forward is the step (loss in train mode), and its inputs."""
+
+    name: str
+    source: str
+    module: torch.nn.Module | None
+    example_inputs: tuple[Any, ...]
+    onnx_path: Path | None = None
+    batch: int = 1
+    seq: int | None = None
+
+
+def load_model(spec: str | torch.nn.Module, mode: Mode, example_inputs: Sequence[Any] | None = None,
+               batch: int | None = None, seq: int | None = None, device: str = "meta") -> LoadedModel:
+    """Resolve `spec` (see module docstring). `device="meta"` builds zoo models without allocating."""
+    if isinstance(spec, torch.nn.Module):
+        if example_inputs is None:
+            raise InvalidInput("planning an nn.Module needs example_inputs (a tuple of tensors for its forward)")
+        inputs = tuple(example_inputs)
+        b = batch or (inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1)
+        return LoadedModel(type(spec).__name__, f"module:{type(spec).__qualname__}", spec, inputs, None, b, seq)
+    if spec.startswith("zoo:"):
+        return _load_zoo(spec, mode, batch, seq, device)
+    if spec.endswith(".onnx"):
+        path = Path(spec)
+        if not path.exists():
+            raise InvalidInput(f"no ONNX file at {path}")
+        return LoadedModel(path.stem, str(path), None, (), path, batch or 1, seq)
+    if ":" in spec:
+        return _load_factory(spec, batch, seq)
+    raise InvalidInput(
+        f"cannot tell what model {spec!r} is: give zoo:NAME (see `memplan zoo`), a path ending in .onnx, "
+        "or package.module:factory"
+    )
+
+
+def _load_zoo(spec: str, mode: Mode, batch: int | None, seq: int | None, device: str) -> LoadedModel:
+    from memplan.planner import zoo
+
+    entry = zoo.get(spec)
+    b, s = batch or entry.default_batch, seq or entry.default_seq
+    model = entry.build(device=device)
+    model.train(mode == "train")
+    inputs = entry.example_inputs(b, s, device, mode)
+    module = entry.loss_module(model) if mode == "train" else entry.inference_module(model)
+    return LoadedModel(entry.name, spec, module, inputs, None, b, s if entry.family != "resnet" else None)
+
+
+def _load_factory(spec: str, batch: int | None, seq: int | None) -> LoadedModel:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise InvalidInput(f"cannot load factory {spec!r}: {e}; give package.module:function") from e
+    made = factory()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise InvalidInput(f"factory {spec!r} must return (module, example_inputs), got {type(made).__name__}")
+    module, inputs = made
+    return LoadedModel(attr, spec, module, tuple(inputs), None, batch or 1, seq)
+
+
+def capture(model: LoadedModel, mode: Mode, optimizer: str = "none") -> tuple[Graph, Capture | None]:
+    """The memory IR of the model's step: the inference forward, or the whole training step."""
+    if model.onnx_path is not None:
+        if mode == "train":
+            raise InvalidInput("ONNX files hold an inference graph; plan them with --mode infer")
+        from memplan.ir.frontends.onnx_frontend import from_onnx
+
+        return from_onnx(model.onnx_path, batch=model.batch, seq=model.seq), None
+    assert model.module is not None
+    if mode == "train":
+        from memplan.ir.frontends.train_step import capture_train_step
+
+        cap = capture_train_step(model.module, model.example_inputs, optimizer=optimizer, name=model.name)  # type: ignore[arg-type]
+    else:
+        from memplan.ir.frontends.torch_export import capture_inference
+
+        cap = capture_inference(model.module, model.example_inputs, name=model.name)
+    return cap.graph, cap

@@ -1,0 +1,143 @@
+"""The plan's JSON form: to and from dicts, validation against `plan.schema.json`, atomic save, safe load.
+
+A file that is not JSON, fails the schema, or has another schema version is refused with a `PlanMismatch`
+that says what is wrong; nothing is ever half-written (temp file in the same directory, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from memplan.errors import PlanMismatch
+from memplan.ir.analysis import Interval
+from memplan.ir.graph import Op, Role, Value
+from memplan.ir.hardware import hardware_from_dict
+from memplan.planner.plan import (
+    SCHEMA_VERSION,
+    Event,
+    ModelInfo,
+    PassReport,
+    Plan,
+    Predictions,
+    SolverReport,
+    Workload,
+    jsonable,
+)
+
+
+@cache
+def plan_schema() -> dict[str, Any]:
+    """The JSON Schema every plan file must satisfy."""
+    return json.loads(resources.files("memplan.planner").joinpath("plan.schema.json").read_text())
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    d = jsonable(plan)
+    d["hardware"] = jsonable(plan.hardware)
+    return d
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a partial one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
+    """Validate and write the plan as JSON, atomically."""
+    d = plan_to_dict(plan)
+    validate_plan_dict(d, source="plan being saved")
+    atomic_write_text(path, json.dumps(d, separators=(",", ":")) + "\n")
+
+
+def validate_plan_dict(d: Any, source: str) -> None:
+    """Raise `PlanMismatch` unless `d` is a plan of this schema version that satisfies the schema."""
+    if not isinstance(d, dict):
+        raise PlanMismatch(f"{source}: not a memplan plan (top level is {type(d).__name__}, expected an object)")
+    version = d.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PlanMismatch(
+            f"{source}: plan schema version {version!r}, this memplan reads version {SCHEMA_VERSION}; "
+            "re-create the plan with `memplan plan`"
+        )
+    try:
+        jsonschema.validate(d, plan_schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise PlanMismatch(f"{source}: invalid plan at {where}: {e.message[:300]}") from e
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read, validate and rebuild a plan; a missing, corrupted or foreign file gets a clear error."""
+    p = Path(path)
+    if not p.exists():
+        raise PlanMismatch(f"no plan file at {p}; create one with `memplan plan MODEL -o {p}`")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanMismatch(f"{p}: corrupted plan file, not valid JSON ({e}); re-create it with `memplan plan`") from e
+    validate_plan_dict(d, source=str(p))
+    return plan_from_dict(d)
+
+
+def plan_from_dict(d: dict[str, Any]) -> Plan:
+    """Rebuild a `Plan` from its validated JSON form."""
+    pred = d["predictions"]
+    return Plan(
+        model=ModelInfo(**d["model"]),
+        hardware=hardware_from_dict(_hardware_dict(d["hardware"]), source="plan's hardware"),
+        workload=Workload(**d["workload"]),
+        budget_bytes=dict(d["budget_bytes"]),
+        tensors=tuple(_value(t) for t in d["tensors"]),
+        ops=tuple(_op(o) for o in d["ops"]),
+        outputs=tuple(d["outputs"]),
+        residency=tuple(Interval(**r) for r in d["residency"]),
+        events=tuple(Event(**e) for e in d["events"]),
+        predictions=Predictions(**pred),
+        offsets={tier: {int(k): v for k, v in m.items()} for tier, m in d["offsets"].items()},
+        decisions=d["decisions"],
+        passes=tuple(
+            PassReport(p["name"], p["time_s"], SolverReport(**p["solver"]), tuple(p["notes"])) for p in d["passes"]
+        ),
+        warnings=tuple(d["warnings"]),
+        memplan_version=d["memplan_version"],
+        created=d["created"],
+        schema_version=d["schema_version"],
+    )
+
+
+def _hardware_dict(h: dict[str, Any]) -> dict[str, Any]:
+    tiers = [{k: v for k, v in t.items() if v is not None or k in ("numa_node", "path")} for t in h["tiers"]]
+    return {"name": h["name"], "device_kind": h["device_kind"], "flops": h["flops"], "mem_bw": h["mem_bw"],
+            "tiers": tiers, "emulated": list(h.get("emulated", []))}
+
+
+def _value(t: dict[str, Any]) -> Value:
+    return Value(t["id"], t["name"], t["size_bytes"], t["dtype"], tuple(t["shape"]), Role(t["role"]), t["alias_of"],
+                 t["module_path"], t["layer"])
+
+
+def _op(o: dict[str, Any]) -> Op:
+    return Op(o["id"], o["name"], o["target"], tuple(o["inputs"]), tuple(o["outputs"]), o["flops"], o["bytes_read"],
+              o["bytes_written"], o["module_path"], o["layer"], o["cost_known"])
