@@ -73,7 +73,9 @@ def device_intervals(graph: Graph, tier: str = "device") -> list[Interval]:
 
 
 def timeline(intervals: Iterable[Interval], n_steps: int) -> dict[str, np.ndarray]:
-    """Live bytes per tier at every schedule step (int64 arrays of length `n_steps`)."""
+    """Live bytes per tier at every schedule step (int64 arrays of length `n_steps`, at least 1)."""
+    intervals = list(intervals)
+    n_steps = max(n_steps, 1, *(iv.end for iv in intervals))
     diff: dict[str, np.ndarray] = {}
     for iv in intervals:
         d = diff.setdefault(iv.tier, np.zeros(n_steps + 1, dtype=np.int64))

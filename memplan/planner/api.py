@@ -14,7 +14,7 @@ import torch
 from memplan.errors import InvalidInput
 from memplan.ir.hardware import Hardware, load_hardware
 from memplan.passes.base import Pass
-from memplan.planner.models import Mode, capture, load_model
+from memplan.planner.models import Mode, capture, load_model, parse_dtype
 from memplan.planner.pipeline import Progress, run_pipeline
 from memplan.planner.plan import Plan, Workload
 from memplan.planner.plan_io import load_plan
@@ -38,13 +38,14 @@ def plan(
     batch: int | None = None,
     seq: int | None = None,
     optimizer: str = "none",
+    dtype: str = "fp32",
     passes: Sequence[Pass] | None = None,
     progress: Progress | None = None,
 ) -> Plan:
     """Capture the model's step, run the passes and return a plan that fits `budget` on the device tier.
 
     `budget` is a peak in bytes on the device (`"16GiB"`, `"512MiB"`, or an int); None means the device
-    tier's capacity. Raises `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no
+    tier's capacity. `dtype` (fp32, bf16, fp16) is the parameter dtype of zoo models. Raises `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no
     plan the passes can make fits.
     """
     if mode not in ("train", "infer"):
@@ -57,7 +58,7 @@ def plan(
         raise InvalidInput("budget must be a positive size, e.g. 16GiB")
     if progress:
         progress("capturing")
-    loaded = load_model(model_or_path, mode, example_inputs, batch, seq)
+    loaded = load_model(model_or_path, mode, example_inputs, batch, seq, dtype=parse_dtype(dtype))
     graph, _ = capture(loaded, mode, optimizer)
     workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")
     chosen = default_passes() if passes is None else list(passes)

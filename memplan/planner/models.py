@@ -40,8 +40,10 @@ class LoadedModel:
 
 
 def load_model(spec: str | torch.nn.Module, mode: Mode, example_inputs: Sequence[Any] | None = None,
-               batch: int | None = None, seq: int | None = None, device: str = "meta") -> LoadedModel:
-    """Resolve `spec` (see module docstring). `device="meta"` builds zoo models without allocating."""
+               batch: int | None = None, seq: int | None = None, device: str = "meta",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Resolve `spec` (see module docstring). `device="meta"` builds zoo models without allocating;
+    `dtype` is the parameter dtype of zoo models."""
     if isinstance(spec, torch.nn.Module):
         if example_inputs is None:
             raise InvalidInput("planning an nn.Module needs example_inputs (a tuple of tensors for its forward)")
@@ -49,7 +51,7 @@ def load_model(spec: str | torch.nn.Module, mode: Mode, example_inputs: Sequence
         b = batch or (inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1)
         return LoadedModel(type(spec).__name__, f"module:{type(spec).__qualname__}", spec, inputs, None, b, seq)
     if spec.startswith("zoo:"):
-        return _load_zoo(spec, mode, batch, seq, device)
+        return _load_zoo(spec, mode, batch, seq, device, dtype)
     if spec.endswith(".onnx"):
         path = Path(spec)
         if not path.exists():
@@ -63,12 +65,13 @@ def load_model(spec: str | torch.nn.Module, mode: Mode, example_inputs: Sequence
     )
 
 
-def _load_zoo(spec: str, mode: Mode, batch: int | None, seq: int | None, device: str) -> LoadedModel:
+def _load_zoo(spec: str, mode: Mode, batch: int | None, seq: int | None, device: str,
+              dtype: torch.dtype) -> LoadedModel:
     from memplan.planner import zoo
 
     entry = zoo.get(spec)
     b, s = batch or entry.default_batch, seq or entry.default_seq
-    model = entry.build(device=device)
+    model = entry.build(device=device, dtype=dtype)
     model.train(mode == "train")
     inputs = entry.example_inputs(b, s, device, mode)
     module = entry.loss_module(model) if mode == "train" else entry.inference_module(model)
@@ -106,3 +109,13 @@ def capture(model: LoadedModel, mode: Mode, optimizer: str = "none") -> tuple[Gr
 
         cap = capture_inference(model.module, model.example_inputs, name=model.name)
     return cap.graph, cap
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`fp32`, `bf16` or `fp16` as a torch dtype."""
+    if name not in DTYPES:
+        raise InvalidInput(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]

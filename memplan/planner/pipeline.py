@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from memplan.errors import InfeasibleBudget, InternalError, MemplanError
-from memplan.ir.analysis import live_at
+from memplan.ir.analysis import live_at, persistent_bytes
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware
 from memplan.passes.base import Pass
@@ -73,6 +73,7 @@ def check_budget(plan: Plan, graph: Graph, top: int = 8) -> None:
         f"{format_size(peak)} at step {step} ({op}), and the lower bound for this schedule with every tensor kept "
         f"on the device (max load) is {format_size(plan.predictions.max_load_bytes)}.\n"
         f"Tensors live at that step, largest first ({len(live)} in all): " + "; ".join(names) + ".\n"
+        f"Model state (parameters, buffers, optimizer state) alone is {format_size(persistent_bytes(graph))}. "
         f"No plan of any kind can go below {format_size(ws)} (the largest single op's operands). "
         f"Raise --budget to at least {format_size(peak)}, or lower --batch/--seq."
     )

@@ -1,0 +1,29 @@
+"""`memplan run plan.json`: run the planned step for real on this machine and compare with the prediction.
+
+Exit code 0 when the measured device peak is within the plan's budget, 1 when it is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from memplan.planner.api import load
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run a zoo model's planned step and measure its real peak", description=__doc__)
+    p.add_argument("plan", help="a plan file written by `memplan plan` for a zoo:NAME model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memplan.runtime.measure import run_plan
+
+    plan = load(args.plan)
+    console = Console()
+    with console.status(f"running {plan.model.name} ({plan.workload.mode}) under the live-storage tracker..."):
+        _, comparison = run_plan(plan)
+    console.print(comparison.describe(), highlight=False)
+    return 0 if comparison.within_budget else 1

@@ -1,0 +1,91 @@
+"""Run a model's step for real on the CPU and measure it with the live-storage tracker.
+
+`run_step` executes exactly the step a plan describes (the inference forward, or forward + backward +
+optimizer update) on real tensors; `run_plan` first checks that the model is the one the plan was made
+for (fingerprint), then runs and compares the measurement with the plan's prediction.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from memplan.errors import InvalidInput, PlanMismatch
+from memplan.planner.compare import Comparison, compare
+from memplan.planner.models import LoadedModel, capture, load_model
+from memplan.planner.plan import Plan, fingerprint
+from memplan.runtime.tracker import LiveStorageTracker, Measurement
+
+
+def _optimizer(params: list[torch.nn.Parameter], name: str) -> tuple[torch.optim.Optimizer | None, list[torch.Tensor]]:
+    """The optimizer of the step, with its state created up front (as the captured step assumes)."""
+    if name == "none":
+        return None, []
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=False), []
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+    state = []
+    for p in params:
+        st = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        opt.state[p] = st
+        state += [st["exp_avg"], st["exp_avg_sq"], st["step"]]
+    return opt, state
+
+
+def run_step(module: torch.nn.Module, inputs: Sequence[Any], mode: str, optimizer: str = "none") -> Measurement:
+    """Run one step eagerly under the tracker; parameters, inputs and optimizer state count as live."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt, state = _optimizer(params, optimizer) if mode == "train" else (None, [])
+    for p in params:
+        p.grad = None
+    module.train(mode == "train")
+    gc.collect()
+    tracked = [*module.parameters(), *module.buffers(), *inputs, *state]
+    with torch.set_grad_enabled(mode == "train"), LiveStorageTracker() as tracker:
+        tracker.track(tracked)
+        out = module(*inputs)
+        if mode == "train":
+            out.backward()
+            if opt is not None:
+                opt.step()
+        del out
+    return tracker.result
+
+
+def check_fingerprint(plan: Plan, loaded: LoadedModel) -> None:
+    """Refuse to run a plan on a model it was not made for."""
+    graph, _ = capture(loaded, plan.workload.mode, plan.workload.optimizer)
+    got = fingerprint(graph)
+    if got != plan.model.fingerprint:
+        raise PlanMismatch(
+            f"this plan was made for model {plan.model.name!r} (fingerprint {plan.model.fingerprint}), but the "
+            f"model given has fingerprint {got}: different parameters or ops. Re-plan with `memplan plan`."
+        )
+
+
+def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
+             check: bool = True) -> tuple[Measurement, Comparison]:
+    """Run the step the plan describes and compare with its prediction.
+
+    Zoo plans rebuild their model from `plan.model.source`; any other plan needs `module` and `example_inputs`.
+    """
+    w = plan.workload
+    if module is None:
+        if not plan.model.source.startswith("zoo:"):
+            raise InvalidInput(f"plan for {plan.model.source!r}: pass the module and example inputs to run it")
+        loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
+    else:
+        loaded = load_model(module, w.mode, example_inputs, w.batch, w.seq)
+    if check:
+        check_fingerprint(plan, loaded)
+    assert loaded.module is not None
+    measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
+    return measured, compare(plan, measured)
+
+
+def _dtype(plan: Plan) -> torch.dtype:
+    dtypes = {v.dtype for v in plan.tensors if v.role.value == "parameter"}
+    return getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32
