@@ -1,7 +1,7 @@
 """Run a model's step for real on the CPU and measure it with the live-storage tracker.
 
-`run_step` executes exactly the step a plan describes (the inference forward, or forward + backward +
-optimizer update) on real tensors; `run_plan` first checks that the model is the one the plan was made
+`run_inference` executes the captured inference graph in its schedule; `run_step` runs an eager training
+step (forward + backward + optimizer update) on real tensors; `run_plan` first checks that the model is the one the plan was made
 for (fingerprint), then runs and compares the measurement with the plan's prediction.
 """
 
@@ -15,6 +15,7 @@ import torch
 
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.planner.compare import Comparison, compare
+from memplan.ir.frontends.fx_lower import Capture
 from memplan.planner.models import LoadedModel, capture, load_model
 from memplan.planner.plan import Plan, fingerprint
 from memplan.runtime.tracker import LiveStorageTracker, Measurement
@@ -35,8 +36,37 @@ def _optimizer(params: list[torch.nn.Parameter], name: str) -> tuple[torch.optim
     return opt, state
 
 
+def _bind_placeholders(cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]) -> list[Any]:
+    """Arguments for the captured graph module: real parameters and buffers by name, then the inputs."""
+    state = {**dict(module.named_parameters(remove_duplicate=False)),
+             **dict(module.named_buffers(remove_duplicate=False))}
+    user = iter(inputs)
+    args = []
+    for node in cap.gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        vid = cap.node_values.get(node.name, (None,))[0]
+        name = cap.param_names.get(vid) if vid is not None else None
+        args.append(state[name] if name is not None else next(user))
+    return args
+
+
+def run_inference(cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]) -> Measurement:
+    """Execute the captured inference graph in its planned schedule on real tensors, under the tracker.
+
+    The exported graph module runs its ops in the captured order and drops each value after its last use,
+    which is exactly the schedule a plan describes (eager Python may hold references longer)."""
+    args = _bind_placeholders(cap, module, inputs)
+    gc.collect()
+    with torch.no_grad(), LiveStorageTracker() as tracker:
+        tracker.track(args)
+        out = cap.gm(*args)
+        del out
+    return tracker.result
+
+
 def run_step(module: torch.nn.Module, inputs: Sequence[Any], mode: str, optimizer: str = "none") -> Measurement:
-    """Run one step eagerly under the tracker; parameters, inputs and optimizer state count as live."""
+    """Run one eager step under the tracker; parameters, inputs and optimizer state count as live."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt, state = _optimizer(params, optimizer) if mode == "train" else (None, [])
     for p in params:
@@ -55,22 +85,25 @@ def run_step(module: torch.nn.Module, inputs: Sequence[Any], mode: str, optimize
     return tracker.result
 
 
-def check_fingerprint(plan: Plan, loaded: LoadedModel) -> None:
-    """Refuse to run a plan on a model it was not made for."""
-    graph, _ = capture(loaded, plan.workload.mode, plan.workload.optimizer)
+def check_fingerprint(plan: Plan, loaded: LoadedModel) -> Capture | None:
+    """Refuse to run a plan on a model it was not made for; returns the fresh capture."""
+    graph, cap = capture(loaded, plan.workload.mode, plan.workload.optimizer)
     got = fingerprint(graph)
     if got != plan.model.fingerprint:
         raise PlanMismatch(
             f"this plan was made for model {plan.model.name!r} (fingerprint {plan.model.fingerprint}), but the "
             f"model given has fingerprint {got}: different parameters or ops. Re-plan with `memplan plan`."
         )
+    return cap
 
 
-def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
-             check: bool = True) -> tuple[Measurement, Comparison]:
-    """Run the step the plan describes and compare with its prediction.
+def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: Sequence[Any] | None = None
+             ) -> tuple[Measurement, Comparison]:
+    """Check the model is the plan's, run the step the plan describes, and compare with its prediction.
 
-    Zoo plans rebuild their model from `plan.model.source`; any other plan needs `module` and `example_inputs`.
+    Inference runs the captured graph in the planned schedule; training runs the eager step (forward,
+    backward, optimizer). Zoo plans rebuild their model from `plan.model.source`; any other plan needs
+    `module` and `example_inputs`.
     """
     w = plan.workload
     if module is None:
@@ -79,10 +112,12 @@ def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: 
         loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
     else:
         loaded = load_model(module, w.mode, example_inputs, w.batch, w.seq)
-    if check:
-        check_fingerprint(plan, loaded)
+    cap = check_fingerprint(plan, loaded)
     assert loaded.module is not None
-    measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
+    if w.mode == "infer" and cap is not None:
+        measured = run_inference(cap, loaded.module, loaded.example_inputs)
+    else:
+        measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
     return measured, compare(plan, measured)
 
 
