@@ -10,14 +10,15 @@ torch.optim's single-tensor path, so parameters and optimizer state keep their s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
 from memplan.errors import CaptureError
-from memplan.ir.frontends.fx_lower import Capture, lower_fx, tied_state
+from memplan.ir.frontends.fx_lower import Capture, layer_of, lower_fx, tied_state
 from memplan.ir.graph import Role
 
 Optimizer = Literal["none", "sgd", "adamw"]
@@ -72,15 +73,74 @@ def capture_train_step(
     state = [torch.zeros_like(params[n]) for n in names for _ in range(2)] if optimizer == "adamw" else []
     step = _make_step(model, loss_fn, names, optimizer)  # type: ignore[arg-type]
     try:
-        gm = make_fx(step, tracing_mode="fake", record_module_stack=True, _allow_non_fake_inputs=True)(
-            params, buffers, state, *example_inputs
-        )
+        with _module_spans(model) as spans:
+            gm = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(params, buffers, state, *example_inputs)
     except Exception as e:
         raise CaptureError(
             f"could not trace a training step of {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}\n"
             "The model must return its loss (or pass loss_fn) and run on the example inputs."
         ) from e
+    _annotate_modules(gm, spans)
     return _lower_step(gm, name or type(model).__name__, names, list(buffers), len(state), ties)
+
+
+def _node_count() -> int:
+    mode = get_proxy_mode()
+    return len(mode.tracer.graph.nodes) if mode is not None else 0
+
+
+@contextmanager
+def _module_spans(model: torch.nn.Module) -> Iterator[list[tuple[int, int, str]]]:
+    """Record, while tracing, which range of graph nodes each submodule's forward created:
+    `(first node index, end node index, module path)`. make_fx's own module stack does not see modules
+    called through `functional_call`, so global forward hooks count the tracer's nodes instead."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    spans: list[tuple[int, int, str]] = []
+    stack: list[tuple[str, int]] = []
+
+    def pre(mod: torch.nn.Module, args: Any) -> None:
+        if id(mod) in names:
+            stack.append((names[id(mod)], _node_count()))
+
+    def post(mod: torch.nn.Module, args: Any, out: Any) -> None:
+        if id(mod) in names and stack:
+            path, start = stack.pop()
+            spans.append((start, _node_count(), path))
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+             torch.nn.modules.module.register_module_forward_hook(post)]
+    try:
+        yield spans
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _annotate_modules(gm: torch.fx.GraphModule, spans: list[tuple[int, int, str]]) -> None:
+    """Give every node a module path: forward nodes the innermost module whose span holds them; backward
+    nodes (outside every span) the deepest path among the forward values they read (saved activations),
+    else the previous node's, so that a layer's backward ops carry that layer's index."""
+    nodes = list(gm.graph.nodes)
+    best: dict[int, tuple[int, str]] = {}
+    for start, end, path in spans:
+        for i in range(start, min(end, len(nodes))):
+            if i not in best or end - start < best[i][0]:
+                best[i] = (end - start, path)
+    paths: dict[str, str] = {}
+    forward: set[str] = set()
+    prev = ""
+    for i, node in enumerate(nodes):
+        if node.op != "call_function":
+            continue
+        if i in best:
+            path = best[i][1]
+            forward.add(node.name)
+        else:  # backward: the deepest path among the forward values it reads (a layer's beats the model's)
+            inherited = [paths[a.name] for a in node.all_input_nodes if a.name in forward and paths.get(a.name)]
+            path = max(inherited, key=lambda q: (layer_of(q) is not None, len(q)), default=prev)
+        paths[node.name] = prev = path
+        if path:
+            node.meta["nn_module_stack"] = {path: (path, "")}
 
 
 def _lower_step(gm: torch.fx.GraphModule, name: str, params: list[str], buffers: list[str], n_state: int,
