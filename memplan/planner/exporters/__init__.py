@@ -1,0 +1,22 @@
+"""Exporters: a plan written in formats other tools already read.
+
+`EXPORTERS` is the one registry: format name -> function that returns the file's text. Whatever exports a
+plan (the `memplan export` command, the API) looks the format up here and nowhere else; a new format is one
+module in this package and one entry below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from memplan.planner.exporters.chrome_trace import chrome_trace
+from memplan.planner.plan import Plan
+
+Exporter = Callable[[Plan], str]
+
+EXPORTERS: dict[str, Exporter] = {
+    "chrome-trace": chrome_trace,
+}
+"""Format name -> exporter. Write the text with `plan_io.atomic_write_text`."""
+
+__all__ = ["EXPORTERS", "Exporter", "chrome_trace"]

@@ -1,0 +1,290 @@
+"""What a plan says, for people: a plain-text summary (`Plan.summary()`) and the same as rich tables.
+
+Both renderers draw from one `PlanSummary`, built once by `summarize`: the header (model, workload,
+hardware), the peak of every tier with its budget, the step and op where it happens and its ratio to the
+two lower bounds (`predictions.max_load_bytes`, the live-bytes peak of the schedule with everything on the
+device, and `predictions.working_set_bytes`, the largest single-op working set), the largest tensors live
+at the device peak, the bytes at that peak by role, one row per pass with its solver's status, objective,
+bound and gap, the passes' decision summaries, and the plan's warnings.
+
+Residency is per storage root (views own 0 bytes), so the tensors at a peak are the storages that make it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from memplan.ir.analysis import live_at
+from memplan.ir.hardware import TIER_ORDER
+from memplan.planner.plan import PassReport, Plan
+from memplan.planner.sizes import format_size
+
+TOP_TENSORS = 10
+_DECISION_WIDTH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TierPeak:
+    """One tier's predicted peak and where it happens. Ratios are None where the bound does not apply."""
+
+    tier: str
+    peak_bytes: int
+    budget_bytes: int | None
+    step: int | None
+    op: str
+    """`name (target)` of the op at the peak step ("" when the tier is unused)."""
+    vs_max_load: float | None
+    vs_working_set: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveTensor:
+    """A storage live at the device peak."""
+
+    name: str
+    role: str
+    size_bytes: int
+    module_path: str
+    layer: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PassRow:
+    """One `PassReport` flattened for a table."""
+
+    name: str
+    solver: str
+    status: str
+    objective: float | None
+    bound: float | None
+    gap: float | None
+    time_s: float
+    notes: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSummary:
+    """Every number the renderers show, computed once."""
+
+    header: tuple[tuple[str, str], ...]
+    tiers: tuple[TierPeak, ...]
+    device_step: int | None
+    top_tensors: tuple[LiveTensor, ...]
+    live_tensor_count: int
+    role_bytes: tuple[tuple[str, int], ...]
+    passes: tuple[PassRow, ...]
+    decisions: tuple[tuple[str, str], ...]
+    warnings: tuple[str, ...]
+
+
+def summarize(plan: Plan, top: int = TOP_TENSORS) -> PlanSummary:
+    """The numbers of the summary: peaks, the tensors and roles at the device peak, passes, decisions."""
+    device_step = plan.predictions.peak_step.get("device")
+    live = live_at(plan.residency, device_step, "device") if device_step is not None else []
+    by_id = {v.id: v for v in plan.tensors}
+    tensors = [
+        LiveTensor(by_id[iv.value_id].name, str(by_id[iv.value_id].role), iv.size_bytes,
+                   by_id[iv.value_id].module_path, by_id[iv.value_id].layer)
+        for iv in live
+    ]
+    roles: dict[str, int] = defaultdict(int)
+    for t in tensors:
+        roles[t.role] += t.size_bytes
+    return PlanSummary(
+        header=_header(plan),
+        tiers=tuple(_tier_peak(plan, tier) for tier in _tiers(plan)),
+        device_step=device_step,
+        top_tensors=tuple(tensors[:top]),
+        live_tensor_count=len(tensors),
+        role_bytes=tuple(sorted(roles.items(), key=lambda kv: -kv[1])),
+        passes=tuple(_pass_row(p) for p in plan.passes),
+        decisions=tuple((name, _describe(d)) for name, d in plan.decisions.items()),
+        warnings=plan.warnings,
+    )
+
+
+def _header(plan: Plan) -> tuple[tuple[str, str], ...]:
+    m, w, hw = plan.model, plan.workload, plan.hardware
+    seq = "" if w.seq is None else f", seq {w.seq}"
+    return (
+        ("model", f"{m.name} ({m.source}), {m.parameters:,} parameters, {m.fingerprint}"),
+        ("workload", f"{w.mode}, batch {w.batch}{seq}, optimizer {w.optimizer}"),
+        ("hardware", f"{hw.name} ({hw.device_kind}), tiers {', '.join(t.name for t in hw.tiers)}"),
+        ("schedule", f"{len(plan.ops)} ops, {len(plan.tensors)} tensors, {len(plan.events)} events, "
+                     f"predicted step time {plan.predictions.time_s * 1e3:.3f} ms"),
+        ("memplan", f"{plan.memplan_version or '?'}, schema {plan.schema_version}, "
+                    f"created {plan.created or '?'}"),
+    )
+
+
+def tier_rank(tier: str) -> tuple[int, str]:
+    """Sort key for tiers: memory-hierarchy order (device, host, cxl, ssd), unknown names last."""
+    rank: dict[str, int] = {t: i for i, t in enumerate(TIER_ORDER)}
+    return rank.get(tier, len(rank)), tier
+
+
+def ordered_tiers(tiers: Iterable[str]) -> list[str]:
+    """The distinct tiers in memory-hierarchy order."""
+    return sorted(set(tiers), key=tier_rank)
+
+
+def _tiers(plan: Plan) -> list[str]:
+    """Tiers with a peak, a budget or a residency."""
+    used = (iv.tier for iv in plan.residency)
+    return ordered_tiers([*plan.predictions.peak_bytes, *plan.budget_bytes, *used])
+
+
+def _tier_peak(plan: Plan, tier: str) -> TierPeak:
+    pred = plan.predictions
+    peak = pred.peak_bytes.get(tier, 0)
+    step = pred.peak_step.get(tier) if peak > 0 else None
+    op = ""
+    if step is not None and 0 <= step < len(plan.ops):
+        op = f"{plan.ops[step].name} ({plan.ops[step].target})"
+    on_device = tier == "device"
+    return TierPeak(
+        tier=tier,
+        peak_bytes=peak,
+        budget_bytes=plan.budget_bytes.get(tier),
+        step=step,
+        op=op,
+        vs_max_load=peak / pred.max_load_bytes if on_device and pred.max_load_bytes else None,
+        vs_working_set=peak / pred.working_set_bytes if on_device and pred.working_set_bytes else None,
+    )
+
+
+def _pass_row(p: PassReport) -> PassRow:
+    s = p.solver
+    return PassRow(p.name, s.solver, s.status, s.objective, s.bound, s.gap, p.time_s, "; ".join(p.notes))
+
+
+def _describe(decision: Any) -> str:
+    """A one-line digest of a pass's decision summary: scalars as they are, collections by their size."""
+    if isinstance(decision, dict):
+        text = ", ".join(f"{k}={_short(v)}" for k, v in decision.items())
+    else:
+        text = _short(decision)
+    return text if len(text) <= _DECISION_WIDTH else text[: _DECISION_WIDTH - 1] + "…"
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, dict):
+        return f"{{{len(v)} entries}}"
+    if isinstance(v, (list, tuple)):
+        return f"[{len(v)} items]"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+# -- cell formatting shared by both renderers ---------------------------------------------------------
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _gap(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _tier_cells(t: TierPeak) -> list[str]:
+    budget = "-" if t.budget_bytes is None else format_size(t.budget_bytes)
+    used = "-" if not t.budget_bytes else f"{100 * t.peak_bytes / t.budget_bytes:.1f}%"
+    step = "-" if t.step is None else str(t.step)
+    return [t.tier, format_size(t.peak_bytes), budget, used, step, t.op or "-",
+            _ratio(t.vs_max_load), _ratio(t.vs_working_set)]
+
+
+def _tensor_cells(t: LiveTensor) -> list[str]:
+    layer = "-" if t.layer is None else str(t.layer)
+    return [t.name, t.role, format_size(t.size_bytes), t.module_path or "-", layer]
+
+
+def _pass_cells(p: PassRow) -> list[str]:
+    return [p.name, p.solver, p.status, _num(p.objective), _num(p.bound), _gap(p.gap), f"{p.time_s:.3f}s",
+            p.notes or "-"]
+
+
+def _role_cells(s: PlanSummary) -> list[list[str]]:
+    total = sum(b for _, b in s.role_bytes) or 1
+    return [[role, format_size(b), f"{100 * b / total:.1f}%"] for role, b in s.role_bytes]
+
+
+TIER_HEADERS = ["tier", "peak", "budget", "of budget", "step", "op at peak", "/max-load", "/working-set"]
+TENSOR_HEADERS = ["tensor", "role", "size", "module", "layer"]
+ROLE_HEADERS = ["role", "bytes", "share"]
+PASS_HEADERS = ["pass", "solver", "status", "objective", "bound", "gap", "time", "notes"]
+
+
+def _sections(s: PlanSummary) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows) of every table, in the order both renderers print them."""
+    at = "" if s.device_step is None else f" (step {s.device_step})"
+    shown = f"top {len(s.top_tensors)} of {s.live_tensor_count}"
+    return [
+        ("Peak per tier", TIER_HEADERS, [_tier_cells(t) for t in s.tiers]),
+        (f"Tensors live at the device peak{at}, {shown}", TENSOR_HEADERS,
+         [_tensor_cells(t) for t in s.top_tensors]),
+        (f"Bytes by role at the device peak{at}", ROLE_HEADERS, _role_cells(s)),
+        ("Passes", PASS_HEADERS, [_pass_cells(p) for p in s.passes]),
+        ("Decisions", ["pass", "summary"], [[n, d] for n, d in s.decisions]),
+    ]
+
+
+# -- renderers ---------------------------------------------------------------------------------------
+
+def summary_text(plan: Plan) -> str:
+    """The summary as plain text: a header, then one aligned table per section, then the warnings."""
+    s = summarize(plan)
+    width = max(len(k) for k, _ in s.header)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in s.header]
+    for title, headers, rows in _sections(s):
+        lines += ["", f"{title}:"]
+        lines += _text_table(headers, rows) if rows else ["  (none)"]
+    lines += ["", f"Warnings ({len(s.warnings)}):"]
+    lines += [f"  - {w}" for w in s.warnings] or ["  (none)"]
+    return "\n".join(lines) + "\n"
+
+
+def _text_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def render_summary(plan: Plan, console: Console) -> None:
+    """The summary as rich tables on `console`."""
+    s = summarize(plan)
+    head = Table(show_header=False, box=None, title="memplan plan", title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    for k, v in s.header:
+        head.add_row(k, Text(v))
+    console.print(head)
+    for title, headers, rows in _sections(s):
+        table = Table(title=title, title_justify="left")
+        for h in headers:
+            table.add_column(h, overflow="fold")
+        for r in rows:
+            table.add_row(*(Text(c) for c in r))
+        console.print(table if rows else f"{title}: (none)")
+    if s.warnings:
+        console.print(f"[yellow]Warnings ({len(s.warnings)}):[/yellow]")
+        for w in s.warnings:
+            console.print(f"  - {w}", markup=False)
+    else:
+        console.print("Warnings: (none)")

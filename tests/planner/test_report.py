@@ -1,0 +1,120 @@
+"""The plan summary: the numbers behind it, and both renderers (plain text and rich tables) showing them."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+import memplan
+from memplan.ir.analysis import Interval
+from memplan.ir.graph import Role
+from memplan.planner.baseline import predictions_for
+from memplan.planner.plan import PassReport, Plan, SolverReport
+from memplan.planner.report import TOP_TENSORS, _describe, render_summary, summarize, summary_text
+from memplan.planner.sizes import format_size
+
+
+@pytest.fixture(scope="module")
+def plan() -> Plan:
+    return memplan.plan("zoo:gpt2-tiny", mode="train", budget="1GiB")
+
+
+@pytest.fixture(scope="module")
+def rich_plan(plan: Plan) -> Plan:
+    """The plan with its largest activation on the host mid-life, a solver pass, decisions, warnings."""
+    by_id = {v.id: v for v in plan.tensors}
+    acts = [iv for iv in plan.residency
+            if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start > 4]
+    iv = max(acts, key=lambda iv: iv.size_bytes)
+    residency = [r for r in plan.residency if r != iv] + [
+        Interval(iv.value_id, "device", iv.start, iv.start + 1, iv.size_bytes),
+        Interval(iv.value_id, "host", iv.start + 1, iv.end - 1, iv.size_bytes),
+        Interval(iv.value_id, "device", iv.end - 1, iv.end, iv.size_bytes),
+    ]
+    solver = SolverReport("highs", "feasible", objective=1234.5, bound=1200.0, gap=0.0279, time_s=0.5,
+                          time_limit_s=10)
+    extra = PassReport("remat_swap", 0.75, solver, ("swap 1 activation to host", "saves [64 KiB]"))
+    return plan.with_(
+        residency=tuple(residency),
+        predictions=predictions_for(plan.graph(), residency, plan.events),
+        passes=(*plan.passes, extra),
+        decisions={"remat_swap": {"swapped": [iv.value_id], "kept": 12, "policy": "greedy",
+                                  "ratio": 0.123456}},
+        warnings=("op foo had no cost formula [estimated]",),
+    )
+
+
+def test_peaks_and_ratios(plan: Plan) -> None:
+    s = summarize(plan)
+    device = next(t for t in s.tiers if t.tier == "device")
+    pred = plan.predictions
+    assert device.peak_bytes == pred.peak_bytes["device"] and device.step == pred.peak_step["device"]
+    assert device.budget_bytes == 2**30
+    assert device.op.startswith(plan.ops[pred.peak_step["device"]].name)
+    assert device.vs_max_load == pytest.approx(pred.peak_bytes["device"] / pred.max_load_bytes)
+    assert device.vs_working_set == pytest.approx(pred.peak_bytes["device"] / pred.working_set_bytes)
+    assert [t.tier for t in s.tiers] == ["device", "ssd"]
+    ssd = s.tiers[1]
+    assert ssd.peak_bytes == 0 and ssd.step is None and ssd.vs_max_load is None
+
+
+def test_tensors_and_roles_at_the_device_peak(plan: Plan) -> None:
+    s = summarize(plan)
+    step = plan.predictions.peak_step["device"]
+    live = [iv for iv in plan.residency if iv.tier == "device" and iv.start <= step < iv.end]
+    assert s.live_tensor_count == len(live)
+    sizes = sorted((iv.size_bytes for iv in live), reverse=True)
+    assert [t.size_bytes for t in s.top_tensors] == sizes[:TOP_TENSORS]
+    assert sum(b for _, b in s.role_bytes) == plan.predictions.peak_bytes["device"]
+    by_id = {v.id: v for v in plan.tensors}
+    expect: dict[str, int] = {}
+    for iv in live:
+        role = str(by_id[iv.value_id].role)
+        expect[role] = expect.get(role, 0) + iv.size_bytes
+    assert dict(s.role_bytes) == expect
+    assert [b for _, b in s.role_bytes] == sorted(expect.values(), reverse=True)
+
+
+def test_summary_text(plan: Plan) -> None:
+    text = summary_text(plan)
+    assert plan.summary() == text
+    s = summarize(plan)
+    for needle in ("gpt2-tiny", "train, batch 2", "Peak per tier", "device", "1.00 GiB",
+                   format_size(plan.predictions.peak_bytes["device"]), "baseline", "trivial", "Warnings (0)"):
+        assert needle in text, needle
+    for t in s.top_tensors:
+        assert t.name in text
+    assert f"top {TOP_TENSORS} of {s.live_tensor_count}" in text
+
+
+def test_passes_decisions_and_warnings(rich_plan: Plan) -> None:
+    s = summarize(rich_plan)
+    row = s.passes[-1]
+    assert (row.name, row.solver, row.status, row.objective, row.bound, row.gap) == (
+        "remat_swap", "highs", "feasible", 1234.5, 1200.0, 0.0279)
+    assert dict(s.decisions)["remat_swap"] == 'swapped=[1 items], kept=12, policy="greedy", ratio=0.1235'
+    text = summary_text(rich_plan)
+    for needle in ("remat_swap", "highs", "feasible", "1234.5", "2.79%", "swap 1 activation to host",
+                   "kept=12", "Warnings (1)", "op foo had no cost formula [estimated]"):
+        assert needle in text, needle
+    host = next(t for t in s.tiers if t.tier == "host")
+    assert host.peak_bytes > 0 and host.budget_bytes is None and host.vs_max_load is None
+
+
+def test_long_decisions_are_cut() -> None:
+    text = _describe({f"key{i}": i for i in range(100)})
+    assert len(text) == 100 and text.endswith("…")
+    assert _describe([1, 2, 3]) == "[3 items]"
+
+
+def test_render_summary_shows_the_same_tables(rich_plan: Plan) -> None:
+    console = Console(file=io.StringIO(), width=240, record=True, color_system=None)
+    render_summary(rich_plan, console)
+    out = console.export_text()
+    s = summarize(rich_plan)
+    needles = ["Peak per tier", "host", "remat_swap", "2.79%", "kept=12", "swapped=[1 items]",
+               "op foo had no cost formula [estimated]", "saves [64 KiB]", *(t.name for t in s.top_tensors)]
+    for needle in needles:
+        assert needle in out, needle
