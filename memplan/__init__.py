@@ -10,5 +10,6 @@ __version__ = "0.1.0"
 from memplan.errors import InfeasibleBudget, MemplanError  # noqa: E402
 from memplan.planner.api import load, plan, verify  # noqa: E402
 from memplan.planner.plan import Plan  # noqa: E402
+from memplan.runtime.training import applied  # noqa: E402
 
-__all__ = ["InfeasibleBudget", "MemplanError", "Plan", "__version__", "load", "plan", "verify"]
+__all__ = ["InfeasibleBudget", "MemplanError", "Plan", "__version__", "applied", "load", "plan", "verify"]

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from memplan.passes.base import Pass
+from dataclasses import dataclass
+from typing import Any
+
+from memplan.ir.graph import Graph
+from memplan.ir.hardware import Hardware
+from memplan.passes import remat_swap
+from memplan.passes.base import Pass, PassOutput
+from memplan.planner.plan import Plan
+
+
+@dataclass(frozen=True)
+class RematSwap:
+    """The `remat_swap` pass (keep / swap / recompute saved activations); training plans only."""
+
+    name: str = "remat_swap"
+
+    def __call__(self, graph: Graph, hardware: Hardware, plan: Plan, options: Any) -> PassOutput:
+        return remat_swap.run(graph, hardware, plan, options)
 
 
 def default_pipeline() -> list[Pass]:
     """Passes in pipeline order. Only passes that are implemented are listed."""
-    return []
+    return [RematSwap()]

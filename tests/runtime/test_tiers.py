@@ -153,10 +153,10 @@ class GatedBackend(MemoryBackend):
         assert self.gate.wait(10)
         return super().write(key, data, ready)
 
-    def read(self, stored: torch.Tensor, device: torch.device, consumer: Any) -> torch.Tensor:
+    def read(self, stored: torch.Tensor, device: torch.device, consumer: Any, out: Any = None) -> torch.Tensor:
         assert self.gate.wait(10)
         time.sleep(self.delay_s)
-        return super().read(stored, device, consumer)
+        return super().read(stored, device, consumer, out)
 
     def release(self, stored: torch.Tensor) -> None:
         self.released += 1
@@ -459,3 +459,17 @@ def test_ssd_cleans_up_at_interpreter_exit(ssd_dir: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"  # the store's directory existed while it ran
     assert list(ssd_dir.iterdir()) == []
+
+
+def test_read_into_a_caller_buffer(store: TierStore) -> None:
+    """The executor allocates the read-back buffer itself (on its own thread, where it is measured)."""
+    src = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    h = store.put("x", src)
+    store.wait(h)
+    buf = torch.empty(64, 64)
+    store.prefetch(h, out=buf)
+    got = store.get(h)
+    assert torch.equal(got, src) and got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    with pytest.raises(TierError, match="must be contiguous"):
+        store.get(h, out=torch.empty(64, 64).t())
+    store.free(h)

@@ -80,8 +80,12 @@ class MemoryBackend:
         return buf
 
     def read(
-        self, stored: torch.Tensor, device: torch.device, consumer: torch.cuda.Stream | None
+        self, stored: torch.Tensor, device: torch.device, consumer: torch.cuda.Stream | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if out is not None:
+            copy_bytes(out, stored)
+            return out
         return fresh_on(stored, device, consumer, borrowed=True)
 
     def release(self, stored: torch.Tensor) -> None:

@@ -33,7 +33,7 @@ from memplan.ir.hardware import Hardware
 from memplan.runtime.tiers.direct_io import ALIGN, BouncePool, open_file, pread_full, pwrite_all, round_up
 from memplan.runtime.tiers.errors import TierCorrupt, TierError, TierFull, TierIOError, TierUnavailable
 from memplan.runtime.tiers.store import AsyncTierStore
-from memplan.runtime.tiers.tensor_bytes import fresh_on, to_cpu
+from memplan.runtime.tiers.tensor_bytes import copy_bytes, fresh_on, to_cpu
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +105,9 @@ class SsdBackend:
             raise
         return SsdFile(key, path, nbytes, checksum)
 
-    def read(self, stored: SsdFile, device: torch.device, consumer: torch.cuda.Stream | None) -> torch.Tensor:
-        out = torch.empty(stored.nbytes, dtype=torch.uint8)
+    def read(self, stored: SsdFile, device: torch.device, consumer: torch.cuda.Stream | None,
+             into: torch.Tensor | None = None) -> torch.Tensor:
+        out = into if into is not None and into.device.type == "cpu" else torch.empty(stored.nbytes, dtype=torch.uint8)
         try:
             fd, _ = open_file(stored.path, os.O_RDONLY, self._direct)
         except OSError as e:
@@ -124,6 +125,9 @@ class SsdBackend:
                 key=stored.key,
                 path=stored.path,
             )
+        if into is not None and into.device.type != "cpu":
+            copy_bytes(into, out)
+            return into
         return fresh_on(out, device, consumer, borrowed=False)
 
     def release(self, stored: SsdFile) -> None:

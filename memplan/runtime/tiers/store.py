@@ -174,11 +174,24 @@ class _State(Generic[S]):
             raise
 
     def read_job(
-        self, entry: _Entry[S], device: torch.device, consumer: torch.cuda.Stream | None
+        self, entry: _Entry[S], device: torch.device, consumer: torch.cuda.Stream | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         stored = entry.written.result()
         with self.counters.transfer("read", entry.meta.nbytes):
-            return self.backend.read(stored, device, consumer)
+            return self.backend.read(stored, device, consumer, out)
+
+
+def _out_bytes(handle: Handle, out: torch.Tensor | None) -> torch.Tensor | None:
+    """`out` as flat bytes, after checking it can hold the tensor of `handle` exactly."""
+    if out is None:
+        return None
+    if out.dtype != handle.dtype or tuple(out.shape) != handle.shape or not out.is_contiguous():
+        raise TierError(
+            f"tensor {handle.key!r}: the buffer to read into must be contiguous {handle.dtype} {list(handle.shape)}, "
+            f"got {out.dtype} {list(out.shape)}{'' if out.is_contiguous() else ' (strided)'}"
+        )
+    return out.reshape(-1).view(torch.uint8)
 
 
 def _stored_or_none(written: Future[S]) -> S | None:
@@ -218,17 +231,31 @@ class AsyncTierStore(Generic[S]):
             self._state.entries[handle.id] = _Entry(handle, meta, written)
         return handle
 
-    def prefetch(self, handle: Handle) -> None:
-        """Start reading the tensor back so that a later `get` does not wait (no-op if under way)."""
+    def prefetch(self, handle: Handle, out: torch.Tensor | None = None) -> None:
+        """Start reading the tensor back so that a later `get` does not wait (no-op if under way). With `out`
+        (a contiguous tensor of the same dtype and shape, allocated by the caller, so on the caller's thread)
+        the bytes land there instead of in a buffer the worker allocates."""
+        out_bytes = _out_bytes(handle, out)
         with self._state.lock:
             entry = self._entry(handle)
             if entry.fetched is None:
                 device = entry.meta.device
-                job = self._state.pool.submit(self._state.read_job, entry, device, consumer_stream(device))
+                job = self._state.pool.submit(self._state.read_job, entry, device, consumer_stream(device), out_bytes)
                 entry.fetched = job
 
-    def get(self, handle: Handle) -> torch.Tensor:
-        """The tensor, bitwise equal to what was put; blocks until its bytes are back."""
+    def wait(self, handle: Handle) -> None:
+        """Block until the copy out of this tensor is finished (its source may then be freed); raises its error."""
+        with self._state.lock:
+            entry = self._entry(handle)
+        start = time.perf_counter()
+        try:
+            entry.written.result()
+        finally:
+            self._state.counters.waited(time.perf_counter() - start, gets=0)
+
+    def get(self, handle: Handle, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, bitwise equal to what was put; blocks until its bytes are back (in `out` if given,
+        or in the buffer given to `prefetch`)."""
         with self._state.lock:
             entry = self._entry(handle)
             fetched, entry.fetched = entry.fetched, None
@@ -237,7 +264,8 @@ class AsyncTierStore(Generic[S]):
             if fetched is not None:
                 data = fetched.result()
             else:
-                data = self._state.read_job(entry, entry.meta.device, consumer_stream(entry.meta.device))
+                device = entry.meta.device
+                data = self._state.read_job(entry, device, consumer_stream(device), _out_bytes(handle, out))
         finally:
             self._state.counters.waited(time.perf_counter() - start, gets=1)
         return from_bytes(data, entry.meta)

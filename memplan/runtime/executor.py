@@ -1,0 +1,188 @@
+"""Execute a training step's joint graph exactly as a `remat_swap` plan says.
+
+The interpreter walks the captured graph's ops in schedule order on real tensors. It holds a storage only
+while the plan has it on the device: a value is dropped when its device interval ends, swapped values are
+copied out to their tier (asynchronously) and prefetched back into a buffer allocated when the plan's
+prefetch step comes, and recomputed values are rebuilt just before their first backward use by re-running
+their recompute closure. The memory it uses is therefore the plan's residency, step by step, and the live
+storage tracker can check it.
+
+`PlannedStep` splits the run at the loss: `forward()` runs the forward ops and returns the loss,
+`backward()` runs the backward ops and returns the gradients; `memplan.runtime.applied` wires the two into
+autograd so that a training script keeps calling `loss.backward()` and `opt.step()`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from memplan.errors import PlanMismatch
+from memplan.ir.frontends.fx_lower import Capture
+from memplan.passes.remat_candidates import phases
+from memplan.planner.plan import Plan, fingerprint
+from memplan.runtime.tiers.api import Handle, TierStore
+
+
+@dataclass
+class _Schedule:
+    """What happens around each step, derived once from the plan."""
+
+    drop_after: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    swap_out: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    release: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    prefetch: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    arrive: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    recompute: dict[int, list[tuple[int, tuple[int, ...]]]] = field(default_factory=lambda: defaultdict(list))
+    views: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Ops that rebuild the views of a swapped value once it is back."""
+
+
+def _schedule(plan: Plan) -> _Schedule:
+    """Drop points from the device residency; swap and recompute points from the pass's decisions."""
+    graph = plan.graph()
+    sch = _Schedule()
+    decided = {t["value_id"]: t for t in plan.decisions.get("remat_swap", {}).get("tensors", [])}
+    moved = {vid for vid, t in decided.items() if t["decision"] != "keep"}
+    n = len(plan.ops)
+    for iv in plan.residency:
+        if iv.tier == "device" and iv.value_id not in moved and iv.end < n:
+            sch.drop_after[iv.end - 1].append(iv.value_id)
+    for vid, t in decided.items():
+        if t["decision"] == "swap":
+            sch.swap_out[t["produced"] + 1].append(vid)
+            sch.release[t["write_done_step"]].append(vid)
+            sch.prefetch[t["prefetch_step"]].append(vid)
+            sch.arrive[t["first_bwd_use"]].append(vid)
+            sch.views[vid] = tuple(t["view_ops"])
+        elif t["decision"] == "recompute":
+            sch.drop_after[t["last_fwd_use"]].append(vid)
+            sch.recompute[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"])))
+        if t["decision"] != "keep" and t["last_use"] + 1 < n:
+            sch.drop_after[t["last_use"]].append(vid)
+    for vid, t in decided.items():  # transients of a recompute: dropped right after their use at that step
+        if t["decision"] == "recompute":
+            for op in t["recompute_ops"]:
+                for out in graph.ops[op].outputs:
+                    root = graph.storage_of(out)
+                    if root != vid and root not in decided:
+                        sch.drop_after[t["first_bwd_use"]].append(root)
+    return sch
+
+
+class PlannedStep:
+    """One training step of `cap` run under `plan`; create once, call `forward` then `backward` each step."""
+
+    def __init__(self, plan: Plan, cap: Capture, store: TierStore | None) -> None:
+        if plan.model.fingerprint != fingerprint(cap.graph):
+            raise PlanMismatch("the captured step differs from the plan's model; re-plan it with `memplan plan`")
+        self.plan, self.cap, self.store = plan, cap, store
+        self.graph = plan.graph()
+        self.phases = phases(self.graph)
+        self.sched = _schedule(plan)
+        self.nodes = {n.name: n for n in cap.gm.graph.nodes}
+        self.members: dict[int, list[int]] = defaultdict(list)
+        for v in self.graph.values:
+            self.members[self.graph.storage_of(v.id)].append(v.id)
+        self.env: dict[int, torch.Tensor] = {}
+        self.handles: dict[int, Handle] = {}
+        self.pending: dict[int, torch.Tensor] = {}
+
+    # -- running ---------------------------------------------------------------------------------------
+    def bind(self, args: Sequence[Any]) -> None:
+        """Bind the placeholders (parameters, buffers, optimizer state, inputs) in the graph's order."""
+        placeholders = [n for n in self.cap.gm.graph.nodes if n.op == "placeholder"]
+        for node, val in zip(placeholders, args, strict=True):
+            for vid in self.cap.node_values.get(node.name, ()):
+                self.env[vid] = val
+
+    def forward(self) -> torch.Tensor:
+        self._run(0, self.phases.fwd_end)
+        return self.env[self.graph.outputs[0]] if self.graph.outputs[0] in self.env else self._loss()
+
+    def backward(self) -> list[torch.Tensor]:
+        self._run(self.phases.fwd_end, self.phases.bwd_end)
+        grads = [self.env[g] for g in self.graph.outputs[1:]]
+        if self.store is not None:
+            self.store.flush()
+        self.env.clear()
+        self.handles.clear()
+        self.pending.clear()
+        return grads
+
+    def _loss(self) -> torch.Tensor:
+        return self.env[self.graph.storage_of(self.graph.outputs[0])]
+
+    def _run(self, start: int, end: int) -> None:
+        for step in range(start, end):
+            self._before(step)
+            self._execute(step)
+            self._after(step)
+
+    def _before(self, step: int) -> None:
+        for vid in self.sched.release.get(step, ()):  # the plan frees the device copy once written out
+            assert self.store is not None
+            self.store.wait(self.handles[vid])
+            self._drop(vid)
+        for vid in self.sched.prefetch.get(step, ()):
+            self._start_prefetch(vid)
+        for vid in self.sched.arrive.get(step, ()):
+            self._arrive(vid)
+        for vid, ops in self.sched.recompute.get(step, ()):
+            for i in ops:
+                self._execute(i)
+
+    def _after(self, step: int) -> None:
+        for vid in self.sched.swap_out.get(step + 1, ()):
+            assert self.store is not None
+            self.handles[vid] = self.store.put(str(vid), self.env[vid])
+        for vid in self.sched.drop_after.get(step, ()):
+            self._drop(vid)
+
+    def _execute(self, index: int) -> None:
+        op = self.graph.ops[index]
+        node = self.nodes[op.name]
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), self._lookup)
+        out = node.target(*args, **kwargs)
+        del args, kwargs
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        tensors = [t for t in outs if isinstance(t, torch.Tensor)]
+        for vid, t in zip(op.outputs, tensors, strict=True):
+            self.env[vid] = t
+
+    def _lookup(self, node: torch.fx.Node) -> Any:
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self.env[self.cap.node_values[node.name][0]]
+        vids = self.cap.node_values.get(node.name)
+        if vids is None:
+            raise PlanMismatch(f"value of node {node.name} is not available at this step")
+        if len(vids) == 1 and not isinstance(node.meta.get("val"), (tuple, list)):
+            return self.env[vids[0]]
+        return tuple(self.env.get(v) for v in vids)
+
+    # -- memory ----------------------------------------------------------------------------------------
+    def _drop(self, root: int) -> None:
+        """Forget a storage and every view of it."""
+        for vid in self.members[root]:
+            self.env.pop(vid, None)
+
+    def _start_prefetch(self, vid: int) -> None:
+        """Allocate the read-back buffer here (the plan has it on the device from now) and start the read."""
+        assert self.store is not None
+        h = self.handles[vid]
+        self.pending[vid] = torch.empty(h.shape, dtype=h.dtype)
+        self.store.prefetch(h, out=self.pending[vid])
+
+    def _arrive(self, vid: int) -> None:
+        assert self.store is not None
+        handle = self.handles.pop(vid)
+        self.env[vid] = self.store.get(handle, out=self.pending.pop(vid))
+        self.store.free(handle)
+        for i in self.sched.views.get(vid, ()):
+            self._execute(i)

@@ -1,0 +1,95 @@
+"""A small facade over HiGHS (through highspy) for mixed-integer linear programs in matrix form.
+
+    minimise    c·x
+    subject to  row_lower <= A x <= row_upper
+                lower <= x <= upper,  x_j integer where integrality[j]
+
+Every call has a time limit and returns the best solution found with its status, objective, dual bound,
+relative gap and time; HiGHS's own status is read directly (PuLP would report "Optimal" at a time limit).
+Knows nothing of models or torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import highspy
+import numpy as np
+
+INF = highspy.kHighsInf
+
+
+@dataclass(frozen=True)
+class MilpProblem:
+    """A MILP in matrix form. `a` is a CSC matrix given as (data, indices, indptr) over columns."""
+
+    c: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    integrality: np.ndarray
+    """1 for integer columns, 0 for continuous."""
+    a_data: np.ndarray
+    a_indices: np.ndarray
+    a_indptr: np.ndarray
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class MilpResult:
+    """status: optimal, feasible (stopped at the time limit with an incumbent), infeasible, or timeout (no
+    incumbent). `x` is None without an incumbent. `gap` is HiGHS's relative MIP gap."""
+
+    status: str
+    x: np.ndarray | None
+    objective: float | None
+    bound: float | None
+    gap: float | None
+    time_s: float
+    time_limit_s: float
+
+
+def solve_milp(problem: MilpProblem, time_limit_s: float, mip_rel_gap: float = 1e-4, threads: int = 1) -> MilpResult:
+    """Solve with HiGHS within `time_limit_s` seconds; never hangs, always reports what it found."""
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("mip_rel_gap", float(mip_rel_gap))
+    h.setOptionValue("threads", int(threads))
+    lp = highspy.HighsLp()
+    n, m = len(problem.c), len(problem.row_lower)
+    lp.num_col_, lp.num_row_ = n, m
+    lp.col_cost_ = problem.c.astype(np.float64)
+    lp.col_lower_ = problem.lower.astype(np.float64)
+    lp.col_upper_ = problem.upper.astype(np.float64)
+    lp.row_lower_ = problem.row_lower.astype(np.float64)
+    lp.row_upper_ = problem.row_upper.astype(np.float64)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = problem.a_indptr.astype(np.int32)
+    lp.a_matrix_.index_ = problem.a_indices.astype(np.int32)
+    lp.a_matrix_.value_ = problem.a_data.astype(np.float64)
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in problem.integrality]
+    h.passModel(lp)
+    t0 = time.perf_counter()
+    h.run()
+    elapsed = time.perf_counter() - t0
+    return _result(h, elapsed, time_limit_s)
+
+
+def _result(h: highspy.Highs, elapsed: float, limit: float) -> MilpResult:
+    status = h.getModelStatus()
+    info = h.getInfo()
+    has_x = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    x = np.array(h.getSolution().col_value) if has_x else None
+    obj = float(info.objective_function_value) if has_x else None
+    bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else None
+    gap = float(info.mip_gap) if has_x and np.isfinite(info.mip_gap) else None
+    if status == highspy.HighsModelStatus.kOptimal:
+        name = "optimal"
+    elif status == highspy.HighsModelStatus.kInfeasible:
+        name = "infeasible"
+    else:
+        name = "feasible" if has_x else "timeout"
+    return MilpResult(name, x, obj, bound, gap, elapsed, limit)
