@@ -36,6 +36,7 @@ from memplan.planner.plan import Event, PassReport, Plan, SolverReport
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
 
 Decision = Literal["keep", "swap", "recompute"]
+MIB = float(2**20)
 SWAP_COST_FRACTION = 0.01
 """Swaps hidden under compute still cost this share of their transfer time (contention, sync)."""
 
@@ -79,7 +80,7 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
     form = _formulate(cands, base, budget, tier, per_layer, opts, link_s=clock)
     result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if result.x is None:
-        _raise_infeasible(graph, plan, cands, base, budget, result, tier is not None)
+        _raise_infeasible(graph, plan, cands, base, budget, result, tier, per_layer, opts, clock)
     assert result.x is not None
     choice = _decode(result.x, form.groups, len(cands))
     new_plan = _apply(graph, hardware, plan, cands, choice, tier)
@@ -151,27 +152,36 @@ def _dedupe(mat: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _formulate(cands: list[Candidate], base: np.ndarray, budget: int, tier: Tier | None, per_layer: bool,
-               opts: RematSwapOptions, link_s: float) -> _Formulation:
-    """Columns: s_g for every group g, then r_g; rows: memory, one-decision-per-group, recompute inputs, link."""
+               opts: RematSwapOptions, link_s: float, min_peak: bool = False) -> _Formulation:
+    """Columns: s_g for every group g, then r_g (then the peak P in MiB when `min_peak`); rows: memory (in
+    MiB, for conditioning), one decision per group, recompute inputs, link. With `min_peak` the objective
+    is the device peak itself, over every step: the lowest peak this pass can reach."""
     groups = _groups(cands, per_layer)
     g_count = len(groups)
-    mem, mem_rhs = _coefficients(cands, groups, base, budget, tier)
+    mem, mem_rhs = _coefficients(cands, groups, base, 0 if min_peak else budget, tier)
     logic, logic_rhs = _logic_rows(cands, groups, tier, link_s)
+    extra = 1 if min_peak else 0
+    mem = np.hstack([mem / MIB, -np.ones((len(mem), extra))])
+    logic = np.hstack([logic, np.zeros((len(logic), extra))])
     a = np.vstack([mem, logic])
-    rhs = np.concatenate([mem_rhs, logic_rhs])
-    cost = np.zeros(2 * g_count)
-    upper = np.ones(2 * g_count)
+    rhs = np.concatenate([mem_rhs / MIB, logic_rhs])
+    cost = np.zeros(2 * g_count + extra)
+    upper = np.ones(2 * g_count + extra)
     for g, members in enumerate(groups):
         ms = [cands[i] for i in members]
         cost[g] = SWAP_COST_FRACTION * sum(c.swap_s for c in ms)
         cost[g_count + g] = sum(c.recompute_s for c in ms)
         upper[g] = float(tier is not None and all(c.can_swap for c in ms))
         upper[g_count + g] = float(opts.allow_recompute and all(c.can_recompute for c in ms))
+    if min_peak:
+        cost[:] = 0.0
+        cost[-1], upper[-1] = 1.0, np.inf
+    n_cols = len(cost)
     cols, rows = np.nonzero(a.T)  # sorted by column, then row: CSC order
-    indptr = np.searchsorted(cols, np.arange(2 * g_count + 1))
     problem = MilpProblem(
-        c=cost, lower=np.zeros(2 * g_count), upper=upper, integrality=np.ones(2 * g_count, dtype=np.int8),
-        a_data=a[rows, cols], a_indices=rows, a_indptr=indptr,
+        c=cost, lower=np.zeros(n_cols), upper=upper,
+        integrality=np.array([1] * (2 * g_count) + [0] * extra, dtype=np.int8),
+        a_data=a[rows, cols], a_indices=rows, a_indptr=np.searchsorted(cols, np.arange(n_cols + 1)),
         row_lower=np.full(len(rhs), -np.inf), row_upper=rhs,
     )
     return _Formulation(groups, problem)
@@ -347,23 +357,29 @@ def _solver_report(r: MilpResult) -> SolverReport:
 
 
 def _raise_infeasible(graph: Graph, plan: Plan, cands: list[Candidate], base: np.ndarray, budget: int,
-                      result: MilpResult, swap: bool) -> None:
-    """No assignment fits: the bound is the baseline minus everything any candidate could free, per step."""
-    n = len(base)
-    freed = np.zeros(n)
-    for c in cands:
-        ds, dr = _profiles(c, n, swap)
-        freed += c.size_bytes * np.minimum(np.minimum(ds, dr), 0)
-    bound_t = base + freed
-    step = int(np.argmax(bound_t))
+                      result: MilpResult, tier: Tier | None, per_layer: bool, opts: RematSwapOptions,
+                      link_s: float) -> None:
+    """No assignment fits: find the lowest peak any keep / swap / recompute plan reaches (a second MILP,
+    objective = peak) and name the tensors that no decision can move at the step where it happens."""
+    form = _formulate(cands, base, budget, tier, per_layer, opts, link_s, min_peak=True)
+    low = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
+    if low.x is not None:
+        choice = _decode(low.x, form.groups, len(cands))
+        residency = _residency(graph, cands, choice, tier)
+        live = timeline(residency, len(graph.ops))["device"]
+        step, reach = int(np.argmax(live)), int(live.max())
+    else:
+        step, reach = int(np.argmax(base)), int(base.max())
+    bound = int((low.bound or 0.0) * MIB)
     movable = {c.value_id for c in cands}
-    stuck = [iv for iv in device_intervals(graph) if iv.start <= step < iv.end and iv.value_id not in movable]
-    stuck.sort(key=lambda iv: -iv.size_bytes)
-    names = [f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {iv.size_bytes / 2**20:.1f} MiB)"
+    stuck = sorted((iv for iv in device_intervals(graph) if iv.start <= step < iv.end and iv.value_id not in movable),
+                   key=lambda iv: -iv.size_bytes)
+    names = [f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {iv.size_bytes / MIB:.1f} MiB)"
              for iv in stuck[:8]]
     why = "proved infeasible" if result.status == "infeasible" else f"no plan found in {result.time_limit_s:.0f} s"
     raise InfeasibleBudget(
-        f"budget {budget / 2**20:.1f} MiB for {plan.model.name}: {why}. Even swapping or recomputing every saved "
-        f"activation leaves {int(bound_t[step]) / 2**20:.1f} MiB live at step {step} ({graph.ops[step].name}), "
-        f"held by tensors no pass can move yet: " + "; ".join(names) + ". Raise the budget to at least that.",
-        int(bound_t[step]), budget, names)
+        f"budget {budget / MIB:.1f} MiB for {plan.model.name}: {why}. The lowest device peak a keep / swap / "
+        f"recompute plan reaches is {reach / MIB:.1f} MiB (lower bound {bound / MIB:.1f} MiB, {low.status}), at step "
+        f"{step} ({graph.ops[step].name}), where tensors no decision can move hold: " + "; ".join(names) +
+        f". Raise the budget to at least {reach / MIB:.1f} MiB.",
+        max(reach, bound), budget, names)
