@@ -7,7 +7,7 @@ from typing import Any
 
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware
-from memplan.passes import remat_swap
+from memplan.passes import allocate, remat_swap
 from memplan.passes.base import Pass, PassOutput
 from memplan.planner.plan import Plan
 
@@ -22,6 +22,16 @@ class RematSwap:
         return remat_swap.run(graph, hardware, plan, options)
 
 
+@dataclass(frozen=True)
+class Allocate:
+    """The `allocate` pass (offsets of every storage in its tier's arena), last: it packs what the others decided."""
+
+    name: str = "allocate"
+
+    def __call__(self, graph: Graph, hardware: Hardware, plan: Plan, options: Any) -> PassOutput:
+        return allocate.run(graph, hardware, plan, options or allocate.AllocateOptions(timeout_s=5.0))
+
+
 def default_pipeline() -> list[Pass]:
     """Passes in pipeline order. Only passes that are implemented are listed."""
-    return [RematSwap()]
+    return [RematSwap(), Allocate()]

@@ -97,12 +97,13 @@ def check_fingerprint(plan: Plan, loaded: LoadedModel) -> Capture | None:
     return cap
 
 
-def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: Sequence[Any] | None = None
-             ) -> tuple[Measurement, Comparison]:
+def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
+             emulate: Sequence[str] = ()) -> tuple[Measurement, Comparison]:
     """Check the model is the plan's, run the step the plan describes, and compare with its prediction.
 
-    Inference runs the captured graph in the planned schedule; training runs the eager step (forward,
-    backward, optimizer). Zoo plans rebuild their model from `plan.model.source`; any other plan needs
+    Inference runs the captured graph in the planned schedule; training runs the step (forward, backward,
+    optimizer) from an ordinary eager loop, under `memplan.applied` when the plan moves activations.
+    `emulate` names tiers to back with host memory (`cxl`), said so in every report. Zoo plans rebuild their model from `plan.model.source`; any other plan needs
     `module` and `example_inputs`.
     """
     w = plan.workload
@@ -116,6 +117,11 @@ def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: 
     assert loaded.module is not None
     if w.mode == "infer" and cap is not None:
         measured = run_inference(cap, loaded.module, loaded.example_inputs)
+    elif "remat_swap" in plan.decisions:
+        from memplan.runtime.training import applied
+
+        with applied(plan, loaded.module, emulate=frozenset(emulate)):
+            measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
     else:
         measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
     return measured, compare(plan, measured)

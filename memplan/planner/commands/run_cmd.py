@@ -15,6 +15,8 @@ from memplan.planner.api import load
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run a zoo model's planned step and measure its real peak", description=__doc__)
     p.add_argument("plan", help="a plan file written by `memplan plan` for a zoo:NAME model")
+    p.add_argument("--emulate", action="append", default=[], choices=["cxl"],
+                   help="back this tier with host memory (reported as emulated)")
     p.set_defaults(func=run)
 
 
@@ -24,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     plan = load(args.plan)
     console = Console()
     with console.status(f"running {plan.model.name} ({plan.workload.mode}) under the live-storage tracker..."):
-        _, comparison = run_plan(plan)
+        _, comparison = run_plan(plan, emulate=args.emulate)
     console.print(comparison.describe(), highlight=False)
+    if args.emulate:
+        console.print(f"[yellow]emulated tiers: {', '.join(args.emulate)} (backed by host memory)[/yellow]")
     return 0 if comparison.within_budget else 1
