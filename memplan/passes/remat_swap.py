@@ -33,6 +33,7 @@ from memplan.passes.base import PassOutput
 from memplan.passes.remat_candidates import Candidate, Phases, find_candidates
 from memplan.planner.baseline import compute_events, predictions_for
 from memplan.planner.plan import Event, PassReport, Plan, SolverReport
+from memplan.planner.sizes import format_size
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
 
 Decision = Literal["keep", "swap", "recompute"]
@@ -374,12 +375,12 @@ def _raise_infeasible(graph: Graph, plan: Plan, cands: list[Candidate], base: np
     movable = {c.value_id for c in cands}
     stuck = sorted((iv for iv in device_intervals(graph) if iv.start <= step < iv.end and iv.value_id not in movable),
                    key=lambda iv: -iv.size_bytes)
-    names = [f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {iv.size_bytes / MIB:.1f} MiB)"
+    names = [f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {format_size(iv.size_bytes)})"
              for iv in stuck[:8]]
     why = "proved infeasible" if result.status == "infeasible" else f"no plan found in {result.time_limit_s:.0f} s"
     raise InfeasibleBudget(
-        f"budget {budget / MIB:.1f} MiB for {plan.model.name}: {why}. The lowest device peak a keep / swap / "
-        f"recompute plan reaches is {reach / MIB:.1f} MiB (lower bound {bound / MIB:.1f} MiB, {low.status}), at step "
+        f"budget {format_size(budget)} for {plan.model.name}: {why}. The lowest device peak a keep / swap / "
+        f"recompute plan reaches is {format_size(reach)} (lower bound {format_size(bound)}, {low.status}), at step "
         f"{step} ({graph.ops[step].name}), where tensors no decision can move hold: " + "; ".join(names) +
-        f". Raise the budget to at least {reach / MIB:.1f} MiB.",
+        f". Raise the budget to at least {format_size(reach)}.",
         max(reach, bound), budget, names)

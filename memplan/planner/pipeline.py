@@ -75,6 +75,6 @@ def check_budget(plan: Plan, graph: Graph, top: int = 8) -> None:
         f"Tensors live at that step, largest first ({len(live)} in all): " + "; ".join(names) + ".\n"
         f"Model state (parameters, buffers, optimizer state) alone is {format_size(persistent_bytes(graph))}. "
         f"No plan of any kind can go below {format_size(ws)} (the largest single op's operands). "
-        f"Raise --budget to at least {format_size(peak)}, or lower --batch/--seq."
+        f"Raise the budget to at least {format_size(peak)}, or lower the batch or sequence length."
     )
     raise InfeasibleBudget(msg, peak, budget, names)

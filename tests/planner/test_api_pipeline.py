@@ -37,7 +37,7 @@ def test_infeasible_budget_names_bound_and_tensors(train_plan):
         memplan.plan("zoo:gpt2-tiny", mode="train", budget="100KiB", batch=2, seq=32)
     e = err.value
     assert e.lower_bound_bytes > e.budget_bytes == 100 * 1024
-    assert e.tensors and "lower bound" in str(e) and "Raise --budget to at least" in str(e)
+    assert e.tensors and "lower bound" in str(e) and "Raise the budget to at least" in str(e)
 
 
 def test_plan_for_another_model_is_refused(train_plan):

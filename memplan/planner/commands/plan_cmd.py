@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
         result = plan(args.model, mode=args.mode, budget=args.budget, hardware=args.hardware, batch=args.batch,
                       seq=args.seq, optimizer=args.optimizer, dtype=args.dtype, progress=lambda s: status.update(f"planning: {s}"))
     result.save(args.output)
+    for report in result.passes[1:]:
+        s = report.solver
+        console.print(f"{report.name}: {s.solver} {s.status} in {s.time_s:.2f} s; " + "; ".join(report.notes),
+                      highlight=False)
     peak = result.predictions.peak_bytes.get("device", 0)
     console.print(f"[green]fits[/green]: device peak {format_size(peak)} <= budget "
                   f"{format_size(result.budget_bytes['device'])}; wrote {args.output}")
