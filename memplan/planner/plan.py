@@ -145,6 +145,12 @@ class Plan:
 
         return summary_text(self)
 
+    def compare(self, measured: Any) -> Any:
+        """Predicted vs measured (a `memplan.runtime.tracker.Measurement`): a `Comparison`."""
+        from memplan.planner.compare import compare
+
+        return compare(self, measured)
+
     def to_dict(self) -> dict[str, Any]:
         from memplan.planner.plan_io import plan_to_dict
 

@@ -117,7 +117,8 @@ def _header(plan: Plan) -> tuple[tuple[str, str], ...]:
     return (
         ("model", f"{m.name} ({m.source}), {m.parameters:,} parameters, {m.fingerprint}"),
         ("workload", f"{w.mode}, batch {w.batch}{seq}, optimizer {w.optimizer}"),
-        ("hardware", f"{hw.name} ({hw.device_kind}), tiers {', '.join(t.name for t in hw.tiers)}"),
+        ("hardware", f"{hw.name} ({hw.device_kind}), tiers {', '.join(t.name for t in hw.tiers)}"
+                     + (f"; EMULATED: {', '.join(hw.emulated)} (backed by host memory)" if hw.emulated else "")),
         ("schedule", f"{len(plan.ops)} ops, {len(plan.tensors)} tensors, {len(plan.events)} events, "
                      f"predicted step time {plan.predictions.time_s * 1e3:.3f} ms"),
         ("memplan", f"{plan.memplan_version or '?'}, schema {plan.schema_version}, "

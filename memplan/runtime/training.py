@@ -73,6 +73,8 @@ def applied(plan: Plan, model: torch.nn.Module, store: TierStore | None = None,
         original = model.forward
 
         def planned_forward(*inputs: Any) -> torch.Tensor:
+            if not torch.is_grad_enabled():  # evaluation inside the block: no backward, so no plan to run
+                return original(*inputs)
             if not steps:
                 steps.append(_capture(plan, model, original, inputs, store))
             params = [p for p in model.parameters() if p.requires_grad]
