@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from memplan.planner.files import atomic_write_text
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,14 +29,6 @@ class Result:
     rows: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _fmt(x: Any) -> str:
@@ -62,6 +55,6 @@ def write(result: Result, elapsed_s: float) -> Path:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = RESULTS / f"{result.name}.json"
-    _atomic_write(path, json.dumps(doc, indent=1, default=str) + "\n")
-    _atomic_write(RESULTS / f"{result.name}.md", markdown(result))
+    atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
+    atomic_write_text(RESULTS / f"{result.name}.md", markdown(result))
     return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ from memplan.errors import PlanMismatch
 from memplan.ir.analysis import Interval
 from memplan.ir.graph import Op, Role, Value
 from memplan.ir.hardware import hardware_from_dict
+from memplan.planner.files import atomic_write_text
 from memplan.planner.plan import (
     SCHEMA_VERSION,
     Event,
@@ -43,25 +43,6 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     d = jsonable(plan)
     d["hardware"] = jsonable(plan.hardware)
     return d
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a partial one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:

@@ -7,7 +7,8 @@ from memplan.errors import PlanMismatch
 from memplan.ir.hardware import load_hardware
 from memplan.planner.baseline import baseline_plan
 from memplan.planner.plan import Plan, Workload, fingerprint
-from memplan.planner.plan_io import atomic_write_text, load_plan, plan_to_dict, save_plan
+from memplan.planner.files import atomic_write_text
+from memplan.planner.plan_io import load_plan, plan_to_dict, save_plan
 from tests.graphs import chain
 
 

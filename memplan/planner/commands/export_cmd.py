@@ -8,7 +8,7 @@ from rich.console import Console
 
 from memplan.errors import InvalidInput
 from memplan.planner.api import load
-from memplan.planner.plan_io import atomic_write_text
+from memplan.planner.files import atomic_write_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
