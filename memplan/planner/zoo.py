@@ -18,7 +18,8 @@ Each `ZooModel` also says how to call its model with plain tensors, so that ever
 All configs use eager attention and zero dropout, so that captures are plain aten graphs and training
 steps are deterministic. `torch.export` works on real and on meta weights. `make_fx` of a training step
 needs `tracing_mode="fake"` (or "symbolic"): in real mode transformers' mask code reads tensor values
-(a packed-sequence check) and tracing stops on a data-dependent `.all()`. Parameter counts match the published sizes (see `tests/planner/test_zoo.py`).
+(a packed-sequence check) and tracing stops on a data-dependent `.all()`. Parameter counts match
+the published sizes (see `tests/planner/test_zoo.py`).
 """
 
 from __future__ import annotations
