@@ -1,6 +1,6 @@
 """The main job, on embedded defaults: plan and run GPT-2 small on this machine, and prove the plan.
 
-    make demo        # or: .venv/bin/python examples/demo.py [--batch 2 --seq 256 --budget 3GiB]
+    make demo        # or: .venv/bin/python examples/demo.py [--batch 4 --seq 256 --budget 2.5GiB]
 
 1. Plans a GPT-2-small training step (forward, loss, backward, AdamW update) and an inference forward on
    the `cpu` hardware preset under a device budget, prints the summary tables, writes `plan.json` (the
@@ -27,9 +27,9 @@ from memplan.runtime.measure import run_plan
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="zoo:gpt2")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--budget", default="3GiB")
+    ap.add_argument("--budget", default="2.5GiB")
     ap.add_argument("--out", default="plan.json")
     ap.add_argument("--png", default="timeline.png")
     args = ap.parse_args()

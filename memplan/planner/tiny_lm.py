@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import sysconfig
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from safetensors.torch import load_model, save_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from memplan.errors import MemplanError
+from memplan.planner.files import atomic_write, atomic_write_text
 
 TRAIN_COMMAND = "python examples/train_tiny_lm.py"
 """The command that trains and caches tiny-lm (quoted in errors)."""
@@ -321,31 +321,18 @@ def train_tiny_lm(
 # Cache
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write `path` through a temporary file in the same directory, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is for every user of the machine
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tiny_lm(model: GPT2LMHeadModel, report: TrainReport, corpus: Corpus, out_dir: Path) -> None:
     """Cache weights and metadata in `out_dir`; the metadata goes last, as the cache's commit mark."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)  # invalidate before the weights change
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_model(model, str(p)))
+    atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_model(model, str(p)))
     meta = {
         "format": META_FORMAT, "model": "tiny-lm", "config": model.config.to_dict(),
         "data": corpus.describe(), "report": asdict(report), "seed": report.settings.seed,
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
     }  # fmt: skip
     text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    _atomic_write(out_dir / META_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write_text(out_dir / META_FILE, text)
 
 
 def read_meta(out_dir: Path | None = None) -> dict[str, object]:

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from memplan.planner.exporters.chrome_trace import chrome_trace
+from memplan.planner.exporters.deepspeed import deepspeed_config
+from memplan.planner.exporters.torch_sac import torch_sac
 from memplan.planner.plan import Plan
 
 Exporter = Callable[[Plan], str]
 
 EXPORTERS: dict[str, Exporter] = {
     "chrome-trace": chrome_trace,
+    "deepspeed": deepspeed_config,
+    "torch-sac": torch_sac,
 }
-"""Format name -> exporter. Write the text with `plan_io.atomic_write_text`."""
+"""Format name -> exporter. Write the text with `memplan.planner.files.atomic_write_text`."""
 
-__all__ = ["EXPORTERS", "Exporter", "chrome_trace"]
+__all__ = ["EXPORTERS", "Exporter", "chrome_trace", "deepspeed_config", "torch_sac"]
