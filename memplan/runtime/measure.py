@@ -36,7 +36,7 @@ def _optimizer(params: list[torch.nn.Parameter], name: str) -> tuple[torch.optim
     return opt, state
 
 
-def _bind_placeholders(cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]) -> list[Any]:
+def bind_placeholders(cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]) -> list[Any]:
     """Arguments for the captured graph module: real parameters and buffers by name, then the inputs."""
     state = {**dict(module.named_parameters(remove_duplicate=False)),
              **dict(module.named_buffers(remove_duplicate=False))}
@@ -56,7 +56,7 @@ def run_inference(cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]) 
 
     The exported graph module runs its ops in the captured order and drops each value after its last use,
     which is exactly the schedule a plan describes (eager Python may hold references longer)."""
-    args = _bind_placeholders(cap, module, inputs)
+    args = bind_placeholders(cap, module, inputs)
     gc.collect()
     with torch.no_grad(), LiveStorageTracker() as tracker:
         tracker.track(args)

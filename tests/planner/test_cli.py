@@ -69,3 +69,10 @@ def test_unknown_export_format(plan_file, tmp_path, capsys):
 def test_zoo_lists_models(capsys):
     assert main(["zoo"]) == 0
     assert "zoo:llama2-70b" in capsys.readouterr().out
+
+
+def test_run_inside_the_arena(tmp_path, capsys):
+    path = tmp_path / "infer.json"
+    assert main(["plan", "zoo:gpt2-tiny", "--mode", "infer", "--batch", "2", "--seq", "16", "-o", str(path)]) == 0
+    assert main(["run", str(path), "--arena"]) == 0
+    assert "arena run OK" in capsys.readouterr().out
