@@ -24,12 +24,25 @@ from memplan.solvers.remat_dag import RematProblem, no_remat_peak, solve, workin
 
 FRACTIONS = (0.9, 0.8)
 SOLVERS = ("greedy", "milp")
-COLUMNS = ["instance", "nodes", "edges", "fraction", "budget_B", "solver", "status", "objective", "bound",
-           "gap", "overhead", "time_s"]
+COLUMNS = [
+    "instance",
+    "nodes",
+    "edges",
+    "fraction",
+    "budget_B",
+    "solver",
+    "status",
+    "objective",
+    "bound",
+    "gap",
+    "overhead",
+    "time_s",
+]
 
 
-def training_graph(name: str, cost: list[float], size: list[int],
-                   preds: list[tuple[int, ...]]) -> RematProblem:
+def training_graph(
+    name: str, cost: list[float], size: list[int], preds: list[tuple[int, ...]]
+) -> RematProblem:
     """The forward DAG, a loss node, and the mirrored backward (see module docstring)."""
     n = len(cost)
     users: list[list[int]] = [[] for _ in range(n)]
@@ -87,8 +100,13 @@ def instances(quick: bool) -> list[tuple[str, RematProblem]]:
     small = [("chain-16", chain(16)), ("unet-3", unet(3))]
     if quick:
         return [*small, ("gpt2-tiny", zoo_train_step("gpt2-tiny"))]
-    return [*small, ("chain-32", chain(32)), ("unet-5", unet(5)), ("gpt2-tiny", zoo_train_step("gpt2-tiny")),
-            ("llama-tiny", zoo_train_step("llama-tiny"))]
+    return [
+        *small,
+        ("chain-32", chain(32)),
+        ("unet-5", unet(5)),
+        ("gpt2-tiny", zoo_train_step("gpt2-tiny")),
+        ("llama-tiny", zoo_train_step("llama-tiny")),
+    ]
 
 
 def run(quick: bool) -> Result:
@@ -110,22 +128,36 @@ def run(quick: bool) -> Result:
         "is not attempted (HiGHS overran a 50 s limit by 6x on llama-tiny's 300k columns): status timeout.",
         f"total {time.perf_counter() - t0:.1f} s.",
     ]
-    return Result("checkmate", "Pure recomputation (Checkmate): greedy vs MILP at 0.9x / 0.8x of the "
-                  "no-recompute peak", COLUMNS, rows, notes)
+    return Result(
+        "checkmate",
+        "Pure recomputation (Checkmate): greedy vs MILP at 0.9x / 0.8x of the no-recompute peak",
+        COLUMNS,
+        rows,
+        notes,
+    )
 
 
-def _row(name: str, problem: RematProblem, fraction: float, budget: int, method: str,
-         limit: float) -> dict[str, Any]:
-    head = {"instance": name, "nodes": problem.n, "edges": sum(len(set(p)) for p in problem.preds),
-            "fraction": fraction, "budget_B": budget,
-            "solver": "greedy" if method == "greedy" else "checkmate-milp"}
+def _row(
+    name: str, problem: RematProblem, fraction: float, budget: int, method: str, limit: float
+) -> dict[str, Any]:
+    head = {
+        "instance": name,
+        "nodes": problem.n,
+        "edges": sum(len(set(p)) for p in problem.preds),
+        "fraction": fraction,
+        "budget_B": budget,
+        "solver": "greedy" if method == "greedy" else "checkmate-milp",
+    }
     if budget < working_set_bound(problem):
         return head | {"status": f"below working set {working_set_bound(problem)} B"}
     res = solve(problem, budget, limit, method=method)  # type: ignore[arg-type]
     once = float(sum(problem.cost))
     obj = res.objective
     return head | {
-        "status": res.status, "objective": "-" if obj is None else obj, "bound": res.bound,
+        "status": res.status,
+        "objective": "-" if obj is None else obj,
+        "bound": res.bound,
         "gap": "-" if res.gap is None else res.gap,
-        "overhead": "-" if obj is None or once <= 0 else obj / once - 1, "time_s": res.time_s,
+        "overhead": "-" if obj is None or once <= 0 else obj / once - 1,
+        "time_s": res.time_s,
     }

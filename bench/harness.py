@@ -12,9 +12,9 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from memplan.planner.files import atomic_write_text
-from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,7 +50,11 @@ def markdown(result: Result) -> str:
 def write(result: Result, elapsed_s: float) -> Path:
     """Write NAME.json and NAME.md under bench/results; returns the JSON path."""
     doc = asdict(result) | {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "elapsed_s": elapsed_s,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

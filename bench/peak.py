@@ -36,12 +36,17 @@ AT_SCALE = [("llama2-7b", "train", 1, 4096, "a100-80gb"), ("llama2-70b", "train"
 
 def _measure_row(name: str, mode: str, batch: int, seq: int, optimizer: str) -> dict[str, object]:
     t0 = time.perf_counter()
-    plan = memplan.plan(f"zoo:{name}", mode=mode, budget="20GiB", batch=batch, seq=seq or None,
-                        optimizer=optimizer)
+    plan = memplan.plan(
+        f"zoo:{name}", mode=mode, budget="20GiB", batch=batch, seq=seq or None, optimizer=optimizer
+    )
     plan_s = time.perf_counter() - t0
     measured, cmp = run_plan(plan)
     return {
-        "model": name, "mode": mode, "batch": batch, "seq": seq or "-", "optimizer": optimizer,
+        "model": name,
+        "mode": mode,
+        "batch": batch,
+        "seq": seq or "-",
+        "optimizer": optimizer,
         "ops": len(plan.ops),
         "predicted_MiB": cmp.predicted_peak_bytes / MiB,
         "measured_MiB": cmp.measured_peak_bytes / MiB,
@@ -58,8 +63,17 @@ def _scale_row(name: str, mode: str, batch: int, seq: int, hardware: str) -> dic
         verdict, peak, ops = "fits", plan.predictions.peak_bytes["device"], len(plan.ops)
     except InfeasibleBudget as e:
         verdict, peak, ops = "infeasible at 80 GiB", e.lower_bound_bytes, -1
-    return {"model": name, "mode": mode, "batch": batch, "seq": seq, "hardware": hardware,
-            "predicted_MiB": peak / MiB, "plan_s": time.perf_counter() - t0, "verdict": verdict, "ops": ops}
+    return {
+        "model": name,
+        "mode": mode,
+        "batch": batch,
+        "seq": seq,
+        "hardware": hardware,
+        "predicted_MiB": peak / MiB,
+        "plan_s": time.perf_counter() - t0,
+        "verdict": verdict,
+        "ops": ops,
+    }
 
 
 def run(quick: bool = False) -> Result:
@@ -73,9 +87,28 @@ def run(quick: bool = False) -> Result:
         "planned schedule; peaks are live tensor bytes from the live-storage tracker",
     ]
     for s in scale:
-        notes.append(f"{s['model']} {s['mode']} (batch {s['batch']}, seq {s['seq']}, {s['hardware']}): captured "
-                     f"and planned on the meta device in {s['plan_s']:.1f} s; predicted peak "
-                     f"{s['predicted_MiB'] / 1024:.1f} GiB; {s['verdict']}")
-    return Result("peak", "Predicted vs measured peak (CPU, live-storage tracker)",
-                  ["model", "mode", "batch", "seq", "optimizer", "ops", "predicted_MiB", "measured_MiB", "error_%",
-                   "plan_s", "step_s"], rows, notes, {"at_scale": scale})
+        notes.append(
+            f"{s['model']} {s['mode']} (batch {s['batch']}, seq {s['seq']}, {s['hardware']}): captured "
+            f"and planned on the meta device in {s['plan_s']:.1f} s; predicted peak "
+            f"{s['predicted_MiB'] / 1024:.1f} GiB; {s['verdict']}"
+        )
+    return Result(
+        "peak",
+        "Predicted vs measured peak (CPU, live-storage tracker)",
+        [
+            "model",
+            "mode",
+            "batch",
+            "seq",
+            "optimizer",
+            "ops",
+            "predicted_MiB",
+            "measured_MiB",
+            "error_%",
+            "plan_s",
+            "step_s",
+        ],
+        rows,
+        notes,
+        {"at_scale": scale},
+    )

@@ -37,11 +37,20 @@ def main() -> int:
     console = Console()
     ok = True
     for mode, optimizer, path in (("train", "adamw", args.out), ("infer", "none", None)):
-        console.rule(f"{args.model}: {mode} step, batch {args.batch} x {args.seq} tokens, budget {args.budget}")
+        console.rule(
+            f"{args.model}: {mode} step, batch {args.batch} x {args.seq} tokens, budget {args.budget}"
+        )
         t0 = time.perf_counter()
         with console.status(f"planning the {mode} step..."):
-            plan = memplan.plan(args.model, mode=mode, budget=args.budget, hardware="cpu", batch=args.batch,
-                                seq=args.seq, optimizer=optimizer)
+            plan = memplan.plan(
+                args.model,
+                mode=mode,
+                budget=args.budget,
+                hardware="cpu",
+                batch=args.batch,
+                seq=args.seq,
+                optimizer=optimizer,
+            )
         console.print(f"planned in {time.perf_counter() - t0:.1f} s")
         render_summary(plan, console)
         report = memplan.verify(plan)

@@ -1,8 +1,8 @@
 """memplan: a compiler-style offline planner for memory placement and quantization, with a runtime.
 
-    import memplan
-    plan = memplan.plan("zoo:gpt2", mode="train", budget="2GiB", hardware="cpu")
-    plan.save("plan.json"); print(plan.summary()); assert memplan.verify(plan).ok
+import memplan
+plan = memplan.plan("zoo:gpt2", mode="train", budget="2GiB", hardware="cpu")
+plan.save("plan.json"); print(plan.summary()); assert memplan.verify(plan).ok
 """
 
 __version__ = "0.1.0"

@@ -27,8 +27,17 @@ def chain(sizes: list[int], param_bytes: int = 0) -> Graph:
 def random_graphs(draw: st.DrawFn, max_ops: int = 25) -> Graph:
     """A random DAG in schedule order: each op reads 0-3 earlier values; some outputs are views."""
     n_inputs = draw(st.integers(1, 3))
-    values = [Value(i, f"in{i}", draw(st.integers(1, 4096)), "float32", (1,),
-                    draw(st.sampled_from([Role.INPUT, Role.PARAMETER]))) for i in range(n_inputs)]
+    values = [
+        Value(
+            i,
+            f"in{i}",
+            draw(st.integers(1, 4096)),
+            "float32",
+            (1,),
+            draw(st.sampled_from([Role.INPUT, Role.PARAMETER])),
+        )
+        for i in range(n_inputs)
+    ]
     ops = []
     for k in range(draw(st.integers(1, max_ops))):
         ins = tuple(sorted(set(draw(st.lists(st.integers(0, len(values) - 1), min_size=0, max_size=3)))))

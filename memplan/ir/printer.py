@@ -26,7 +26,9 @@ def format_graph(graph: Graph) -> str:
         outs = []
         for vid in op.outputs:
             v = graph.value(vid)
-            where = f" view of %{graph.storage_of(vid)}" if v.alias_of is not None else f" {_size(v.size_bytes)}"
+            where = (
+                f" view of %{graph.storage_of(vid)}" if v.alias_of is not None else f" {_size(v.size_bytes)}"
+            )
             outs.append(f"%{vid}: {v.dtype}{list(v.shape)} {v.role.value}{where}")
         args = ", ".join(f"%{a}" for a in op.inputs)
         lines.append(f"  [{i}] {'; '.join(outs)} = {op.target}({args})")

@@ -62,8 +62,9 @@ def tier_problem(intervals: Iterable[Interval], alignment_bytes: int) -> tuple[P
     return Problem(buffers, None, alignment_bytes), ids
 
 
-def allocate_intervals(intervals: Iterable[Interval], alignment_bytes: dict[str, int], timeout_s: float,
-                       exact: bool = True) -> dict[str, TierAllocation]:
+def allocate_intervals(
+    intervals: Iterable[Interval], alignment_bytes: dict[str, int], timeout_s: float, exact: bool = True
+) -> dict[str, TierAllocation]:
     """Pack each tier's intervals into its own arena, minimising its height. Tiers without an entry in
     `alignment_bytes` use the defaults (64 bytes; 4096 for ssd)."""
     by_tier: dict[str, list[Interval]] = defaultdict(list)
@@ -100,8 +101,15 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: AllocateOptions |
     height = sum(s.height_bytes or 0 for s in sols)
     bound = sum(s.lower_bound_bytes for s in sols)
     notes = tuple(_note(a, plan.budget_bytes.get(t)) for t, a in allocs.items())
-    report = SolverReport("packing-portfolio", _combined_status(sols), float(height), float(bound),
-                          (height - bound) / bound if bound else 0.0, sum(s.time_s for s in sols), opts.timeout_s)
+    report = SolverReport(
+        "packing-portfolio",
+        _combined_status(sols),
+        float(height),
+        float(bound),
+        (height - bound) / bound if bound else 0.0,
+        sum(s.time_s for s in sols),
+        opts.timeout_s,
+    )
     arena = {t: a.solution.height_bytes or 0 for t, a in allocs.items()}
     new_plan = plan.with_(
         offsets={t: dict(a.offsets_bytes) for t, a in allocs.items()},
@@ -117,14 +125,22 @@ run.name = NAME  # type: ignore[attr-defined]
 
 def _decision(a: TierAllocation) -> dict[str, object]:
     s = a.solution
-    return {"arena_bytes": s.height_bytes, "lower_bound_bytes": s.lower_bound_bytes, "status": s.status.value,
-            "solver": s.solver, "buffers": len(a.offsets_bytes), "time_s": round(s.time_s, 4)}
+    return {
+        "arena_bytes": s.height_bytes,
+        "lower_bound_bytes": s.lower_bound_bytes,
+        "status": s.status.value,
+        "solver": s.solver,
+        "buffers": len(a.offsets_bytes),
+        "time_s": round(s.time_s, 4),
+    }
 
 
 def _note(a: TierAllocation, budget: int | None) -> str:
     s = a.solution
-    text = (f"{a.tier}: arena {s.height_bytes} bytes for {len(a.offsets_bytes)} storages, "
-            f"max-load bound {s.lower_bound_bytes} ({s.status.value}, {s.solver})")
+    text = (
+        f"{a.tier}: arena {s.height_bytes} bytes for {len(a.offsets_bytes)} storages, "
+        f"max-load bound {s.lower_bound_bytes} ({s.status.value}, {s.solver})"
+    )
     if budget is not None and s.height_bytes is not None and s.height_bytes > budget:
         text += f"; exceeds the {a.tier} budget {budget} by {s.height_bytes - budget} bytes"
     return text

@@ -133,16 +133,33 @@ def find_candidates(graph: Graph, hw: Hardware, tier: Tier | None) -> tuple[Phas
     for v in graph.values:
         if v.alias_of is not None:
             views.setdefault(graph.storage_of(v.id), []).append(v.id)
-    cand_ids = frozenset(r for r in {graph.storage_of(v.id) for v in graph.values} if _is_candidate(graph, r, ph, uses))
-    ctx = _Context(graph, hw, tier, ph, uses, lifetimes(graph), np.concatenate([[0.0], np.cumsum(times)]),
-                   cand_ids, _written_in_place(graph), views)
+    cand_ids = frozenset(
+        r for r in {graph.storage_of(v.id) for v in graph.values} if _is_candidate(graph, r, ph, uses)
+    )
+    ctx = _Context(
+        graph,
+        hw,
+        tier,
+        ph,
+        uses,
+        lifetimes(graph),
+        np.concatenate([[0.0], np.cumsum(times)]),
+        cand_ids,
+        _written_in_place(graph),
+        views,
+    )
     return ph, [_candidate(ctx, r) for r in sorted(cand_ids)]
 
 
 def _is_candidate(graph: Graph, r: int, ph: Phases, uses: dict[int, list[int]]) -> bool:
     v, p = graph.value(r), graph.producer(r)
-    return (v.role == Role.ACTIVATION and v.size_bytes > 0 and p is not None and p < ph.fwd_end
-            and any(ph.fwd_end <= x < ph.bwd_end for x in uses.get(r, [])))
+    return (
+        v.role == Role.ACTIVATION
+        and v.size_bytes > 0
+        and p is not None
+        and p < ph.fwd_end
+        and any(ph.fwd_end <= x < ph.bwd_end for x in uses.get(r, []))
+    )
 
 
 def _candidate(ctx: _Context, r: int) -> Candidate:
@@ -163,8 +180,25 @@ def _candidate(ctx: _Context, r: int) -> Candidate:
     sig = (path, op.target, v.shape, v.dtype, tuple(graph.ops[i].target for i in ops))
     trans_bytes = sum(graph.value(t).size_bytes for t in trans)
     views = tuple(_producers_of_aliases(ctx, r, p)[1:])
-    return Candidate(r, v.size_bytes, p, f, b, last, ops, trans, trans_bytes, frontier, views, rec_s, w, s, sw,
-                     op.layer, sig)
+    return Candidate(
+        r,
+        v.size_bytes,
+        p,
+        f,
+        b,
+        last,
+        ops,
+        trans,
+        trans_bytes,
+        frontier,
+        views,
+        rec_s,
+        w,
+        s,
+        sw,
+        op.layer,
+        sig,
+    )
 
 
 def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -20,23 +20,21 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 
 from memplan.errors import InfeasibleBudget
-from memplan.ir.analysis import Interval, device_intervals, timeline
+from memplan.ir.analysis import device_intervals, timeline
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import TIER_ORDER, Hardware, Tier
 from memplan.passes.base import PassOutput
-from memplan.passes.remat_candidates import Candidate, Phases, find_candidates
-from memplan.planner.baseline import compute_events, predictions_for
-from memplan.planner.plan import Event, PassReport, Plan, SolverReport
+from memplan.passes.remat_candidates import Candidate, find_candidates
+from memplan.passes.remat_schedule import Decision, apply_decisions, decided_residency
+from memplan.planner.plan import PassReport, Plan, SolverReport
 from memplan.planner.sizes import format_size
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
 
-Decision = Literal["keep", "swap", "recompute"]
 MIB = float(2**20)
 SWAP_COST_FRACTION = 0.01
 """Swaps hidden under compute still cost this share of their transfer time (contention, sync)."""
@@ -73,8 +71,12 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
     ph, cands = find_candidates(graph, hardware, tier)
     base = timeline(device_intervals(graph), len(graph.ops)).get("device", np.zeros(1, dtype=np.int64))
     if plan.workload.mode != "train" or not cands or int(base.max()) <= budget:
-        report = PassReport("remat_swap", time.perf_counter() - t0, SolverReport("none", "trivial"),
-                            (f"nothing to do: {len(cands)} saved activations, baseline peak within budget",))
+        report = PassReport(
+            "remat_swap",
+            time.perf_counter() - t0,
+            SolverReport("none", "trivial"),
+            (f"nothing to do: {len(cands)} saved activations, baseline peak within budget",),
+        )
         return PassOutput(plan, report)
     per_layer = opts.per_layer if opts.per_layer is not None else len(cands) > opts.exact_limit
     clock = sum(e.duration_s for e in plan.events if e.kind == "compute")
@@ -84,7 +86,7 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
         _raise_infeasible(graph, plan, cands, base, budget, result, tier, per_layer, opts, clock)
     assert result.x is not None
     choice = _decode(result.x, form.groups, len(cands))
-    new_plan = _apply(graph, hardware, plan, cands, choice, tier)
+    new_plan = apply_decisions(graph, hardware, plan, cands, choice, tier)
     notes = _notes(cands, choice, per_layer, tier)
     report = PassReport("remat_swap", time.perf_counter() - t0, _solver_report(result), notes)
     return PassOutput(new_plan, report)
@@ -115,14 +117,15 @@ def _profiles(c: Candidate, n: int, swap: bool) -> tuple[np.ndarray, np.ndarray]
     ds = np.zeros(n)
     dr = np.zeros(n)
     if swap and c.can_swap:
-        ds[max(c.last_fwd_use + 1, c.swap_write_done):c.prefetch_step] = -1.0
+        ds[max(c.last_fwd_use + 1, c.swap_write_done) : c.prefetch_step] = -1.0
     if c.can_recompute:
-        dr[c.last_fwd_use + 1:c.first_bwd_use] = -1.0
+        dr[c.last_fwd_use + 1 : c.first_bwd_use] = -1.0
     return ds, dr
 
 
-def _coefficients(cands: list[Candidate], groups: list[list[int]], base: np.ndarray, budget: int,
-                  tier: Tier | None) -> tuple[np.ndarray, np.ndarray]:
+def _coefficients(
+    cands: list[Candidate], groups: list[list[int]], base: np.ndarray, budget: int, tier: Tier | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Dense memory rows (one per kept step) over columns [s_0..s_G, r_0..r_G], and their right-hand sides."""
     n = len(base)
     steps = set(np.nonzero(base > budget)[0].tolist())
@@ -152,8 +155,16 @@ def _dedupe(mat: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, tight
 
 
-def _formulate(cands: list[Candidate], base: np.ndarray, budget: int, tier: Tier | None, per_layer: bool,
-               opts: RematSwapOptions, link_s: float, min_peak: bool = False) -> _Formulation:
+def _formulate(
+    cands: list[Candidate],
+    base: np.ndarray,
+    budget: int,
+    tier: Tier | None,
+    per_layer: bool,
+    opts: RematSwapOptions,
+    link_s: float,
+    min_peak: bool = False,
+) -> _Formulation:
     """Columns: s_g for every group g, then r_g (then the peak P in MiB when `min_peak`); rows: memory (in
     MiB, for conditioning), one decision per group, recompute inputs, link. With `min_peak` the objective
     is the device peak itself, over every step: the lowest peak this pass can reach."""
@@ -180,16 +191,22 @@ def _formulate(cands: list[Candidate], base: np.ndarray, budget: int, tier: Tier
     n_cols = len(cost)
     cols, rows = np.nonzero(a.T)  # sorted by column, then row: CSC order
     problem = MilpProblem(
-        c=cost, lower=np.zeros(n_cols), upper=upper,
+        c=cost,
+        lower=np.zeros(n_cols),
+        upper=upper,
         integrality=np.array([1] * (2 * g_count) + [0] * extra, dtype=np.int8),
-        a_data=a[rows, cols], a_indices=rows, a_indptr=np.searchsorted(cols, np.arange(n_cols + 1)),
-        row_lower=np.full(len(rhs), -np.inf), row_upper=rhs,
+        a_data=a[rows, cols],
+        a_indices=rows,
+        a_indptr=np.searchsorted(cols, np.arange(n_cols + 1)),
+        row_lower=np.full(len(rhs), -np.inf),
+        row_upper=rhs,
     )
     return _Formulation(groups, problem)
 
 
-def _logic_rows(cands: list[Candidate], groups: list[list[int]], tier: Tier | None,
-                link_s: float) -> tuple[np.ndarray, np.ndarray]:
+def _logic_rows(
+    cands: list[Candidate], groups: list[list[int]], tier: Tier | None, link_s: float
+) -> tuple[np.ndarray, np.ndarray]:
     """s_g + r_g <= 1; a recompute's inputs stay available; swaps fit the link's time and the tier's bytes."""
     g_count = len(groups)
     group_of = {cands[i].value_id: g for g, ms in enumerate(groups) for i in ms}
@@ -236,111 +253,9 @@ def _decode(x: np.ndarray, groups: list[list[int]], n: int) -> list[Decision]:
     return out
 
 
-def _residency(graph: Graph, cands: list[Candidate], choice: list[Decision], tier: Tier | None) -> list[Interval]:
-    """Baseline intervals, with each swapped or recomputed candidate's replaced by its profile."""
-    moved = {c.value_id: (c, d) for c, d in zip(cands, choice, strict=True) if d != "keep"}
-    out = [iv for iv in device_intervals(graph) if iv.value_id not in moved]
-    for c, d in moved.values():
-        size = c.size_bytes
-        if d == "swap":
-            assert tier is not None
-            out.append(Interval(c.value_id, "device", c.produced, max(c.last_fwd_use + 1, c.swap_write_done), size))
-            out.append(Interval(c.value_id, tier.name, c.produced, c.first_bwd_use + 1, size))
-            out.append(Interval(c.value_id, "device", c.prefetch_step, c.last_use + 1, size))
-        else:
-            out.append(Interval(c.value_id, "device", c.produced, c.last_fwd_use + 1, size))
-            out.append(Interval(c.value_id, "device", c.first_bwd_use, c.last_use + 1, size))
-            for t in c.recompute_transient:
-                out.append(Interval(t, "device", c.first_bwd_use, c.first_bwd_use + 1, graph.value(t).size_bytes))
-    return _merge(out)
-
-
-def _merge(ivs: list[Interval]) -> list[Interval]:
-    """Join touching or overlapping intervals of the same value on the same tier."""
-    ivs = sorted(ivs, key=lambda iv: (iv.value_id, iv.tier, iv.start))
-    out: list[Interval] = []
-    for iv in ivs:
-        last = out[-1] if out else None
-        if last and last.value_id == iv.value_id and last.tier == iv.tier and iv.start <= last.end:
-            out[-1] = replace(last, end=max(last.end, iv.end))
-        else:
-            out.append(iv)
-    return out
-
-
-def _events(graph: Graph, hw: Hardware, cands: list[Candidate], choice: list[Decision],
-            tier: Tier | None) -> list[Event]:
-    """Compute events with recomputes inserted before their first backward use, and transfer events on one
-    link per direction (FIFO); a read not done by its use, or a write not done when its device copy is due
-    to be freed, stalls compute."""
-    by_step: dict[int, list[tuple[str, Candidate]]] = defaultdict(list)
-    for c, d in zip(cands, choice, strict=True):
-        if d == "swap":
-            by_step[c.produced + 1].append(("swap_out", c))
-            by_step[c.prefetch_step].append(("prefetch", c))
-            by_step[max(c.last_fwd_use + 1, c.swap_write_done)].append(("write_due", c))
-            by_step[c.first_bwd_use].append(("read_due", c))
-        elif d == "recompute":
-            by_step[c.first_bwd_use].append(("recompute", c))
-    events: list[Event] = []
-    now, link_out, link_in = 0.0, 0.0, 0.0
-    done: dict[tuple[str, int], float] = {}
-    for i, ce in enumerate(compute_events(graph, hw)):
-        for kind, c in sorted(by_step.get(i, []), key=lambda kc: kc[0]):
-            now, link_out, link_in = _event(kind, c, i, now, link_out, link_in, done, tier, events)
-        events.append(replace(ce, start_s=now))
-        now += ce.duration_s
-    return events
-
-
-def _event(kind: str, c: Candidate, step: int, now: float, link_out: float, link_in: float,
-           done: dict[tuple[str, int], float], tier: Tier | None, events: list[Event]) -> tuple[float, float, float]:
-    if kind == "recompute":  # one event for the value, zero-length ones for the transients rebuilt with it
-        events.append(Event("recompute", step, op_id=c.recompute_ops[-1], value_id=c.value_id, start_s=now,
-                            duration_s=c.recompute_s))
-        events.extend(Event("recompute", step, value_id=t, start_s=now) for t in c.recompute_transient)
-        return now + c.recompute_s, link_out, link_in
-    assert tier is not None
-    if kind == "swap_out":
-        start = max(now, link_out)
-        dur = c.size_bytes / tier.write_bw + tier.latency_s
-        events.append(Event("swap_out", step, value_id=c.value_id, src_tier="device", dst_tier=tier.name,
-                            start_s=start, duration_s=dur))
-        done[("w", c.value_id)] = start + dur
-        return now, start + dur, link_in
-    if kind == "prefetch":
-        start = max(now, link_in)
-        dur = c.size_bytes / tier.read_bw + tier.latency_s
-        events.append(Event("prefetch", step, value_id=c.value_id, src_tier=tier.name, dst_tier="device",
-                            start_s=start, duration_s=dur))
-        done[("r", c.value_id)] = start + dur
-        return now, link_out, start + dur
-    key = ("w", c.value_id) if kind == "write_due" else ("r", c.value_id)
-    return max(now, done.get(key, now)), link_out, link_in
-
-
-def _apply(graph: Graph, hw: Hardware, plan: Plan, cands: list[Candidate], choice: list[Decision],
-           tier: Tier | None) -> Plan:
-    residency = _residency(graph, cands, choice, tier)
-    events = _events(graph, hw, cands, choice, tier)
-    decisions = dict(plan.decisions)
-    decisions["remat_swap"] = {
-        "tier": tier.name if tier else None,
-        "tensors": [
-            {"value_id": c.value_id, "name": graph.value(c.value_id).name, "decision": d, "size_bytes": c.size_bytes,
-             "layer": c.layer, "produced": c.produced, "last_fwd_use": c.last_fwd_use,
-             "first_bwd_use": c.first_bwd_use, "last_use": c.last_use,
-             "write_done_step": max(c.last_fwd_use + 1, c.swap_write_done), "prefetch_step": c.prefetch_step,
-             "recompute_ops": list(c.recompute_ops) if d == "recompute" else [],
-             "view_ops": list(c.view_ops)}
-            for c, d in zip(cands, choice, strict=True)
-        ],
-    }
-    return plan.with_(residency=tuple(residency), events=tuple(events), decisions=decisions,
-                      predictions=predictions_for(graph, residency, events))
-
-
-def _notes(cands: list[Candidate], choice: list[Decision], per_layer: bool, tier: Tier | None) -> tuple[str, ...]:
+def _notes(
+    cands: list[Candidate], choice: list[Decision], per_layer: bool, tier: Tier | None
+) -> tuple[str, ...]:
     count: dict[str, int] = defaultdict(int)
     size: dict[str, int] = defaultdict(int)
     for c, d in zip(cands, choice, strict=True):
@@ -348,39 +263,67 @@ def _notes(cands: list[Candidate], choice: list[Decision], per_layer: bool, tier
         size[d] += c.size_bytes
     mib = 2**20
     split = ", ".join(f"{d} {count[d]} ({size[d] / mib:.1f} MiB)" for d in ("keep", "swap", "recompute"))
-    form = "per-layer (shared decisions across repeated layers)" if per_layer else "exact (one decision per tensor)"
-    return (f"{len(cands)} saved activations: {split}", f"formulation: {form}",
-            f"swap tier: {tier.name if tier else 'none'}")
+    form = (
+        "per-layer (shared decisions across repeated layers)"
+        if per_layer
+        else "exact (one decision per tensor)"
+    )
+    return (
+        f"{len(cands)} saved activations: {split}",
+        f"formulation: {form}",
+        f"swap tier: {tier.name if tier else 'none'}",
+    )
 
 
 def _solver_report(r: MilpResult) -> SolverReport:
     return SolverReport("highs-milp", r.status, r.objective, r.bound, r.gap, r.time_s, r.time_limit_s)
 
 
-def _raise_infeasible(graph: Graph, plan: Plan, cands: list[Candidate], base: np.ndarray, budget: int,
-                      result: MilpResult, tier: Tier | None, per_layer: bool, opts: RematSwapOptions,
-                      link_s: float) -> None:
+def _raise_infeasible(
+    graph: Graph,
+    plan: Plan,
+    cands: list[Candidate],
+    base: np.ndarray,
+    budget: int,
+    result: MilpResult,
+    tier: Tier | None,
+    per_layer: bool,
+    opts: RematSwapOptions,
+    link_s: float,
+) -> None:
     """No assignment fits: find the lowest peak any keep / swap / recompute plan reaches (a second MILP,
     objective = peak) and name the tensors that no decision can move at the step where it happens."""
     form = _formulate(cands, base, budget, tier, per_layer, opts, link_s, min_peak=True)
     low = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if low.x is not None:
         choice = _decode(low.x, form.groups, len(cands))
-        residency = _residency(graph, cands, choice, tier)
+        residency = decided_residency(graph, cands, choice, tier)
         live = timeline(residency, len(graph.ops))["device"]
         step, reach = int(np.argmax(live)), int(live.max())
     else:
         step, reach = int(np.argmax(base)), int(base.max())
     bound = int((low.bound or 0.0) * MIB)
     movable = {c.value_id for c in cands}
-    stuck = sorted((iv for iv in device_intervals(graph) if iv.start <= step < iv.end and iv.value_id not in movable),
-                   key=lambda iv: -iv.size_bytes)
-    names = [f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {format_size(iv.size_bytes)})"
-             for iv in stuck[:8]]
-    why = "proved infeasible" if result.status == "infeasible" else f"no plan found in {result.time_limit_s:.0f} s"
+    stuck = sorted(
+        (iv for iv in device_intervals(graph) if iv.start <= step < iv.end and iv.value_id not in movable),
+        key=lambda iv: -iv.size_bytes,
+    )
+    names = [
+        f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {format_size(iv.size_bytes)})"
+        for iv in stuck[:8]
+    ]
+    why = (
+        "proved infeasible"
+        if result.status == "infeasible"
+        else f"no plan found in {result.time_limit_s:.0f} s"
+    )
     raise InfeasibleBudget(
         f"budget {format_size(budget)} for {plan.model.name}: {why}. The lowest device peak a keep / swap / "
         f"recompute plan reaches is {format_size(reach)} (lower bound {format_size(bound)}, {low.status}), at step "
-        f"{step} ({graph.ops[step].name}), where tensors no decision can move hold: " + "; ".join(names) +
-        f". Raise the budget to at least {format_size(reach)}.",
-        max(reach, bound), budget, names)
+        f"{step} ({graph.ops[step].name}), where tensors no decision can move hold: "
+        + "; ".join(names)
+        + f". Raise the budget to at least {format_size(reach)}.",
+        max(reach, bound),
+        budget,
+        names,
+    )

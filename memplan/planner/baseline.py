@@ -40,8 +40,12 @@ def compute_events(graph: Graph, hw: Hardware) -> list[Event]:
     return events
 
 
-def predictions_for(graph: Graph, residency: Sequence[Interval], events: Sequence[Event],
-                    arena_bytes: dict[str, int] | None = None) -> Predictions:
+def predictions_for(
+    graph: Graph,
+    residency: Sequence[Interval],
+    events: Sequence[Event],
+    arena_bytes: dict[str, int] | None = None,
+) -> Predictions:
     """Peaks per tier from a residency, time from the events, and the two lower bounds."""
     n = max(len(graph.ops), 1)
     pk = peaks(residency, n)
@@ -58,15 +62,20 @@ def predictions_for(graph: Graph, residency: Sequence[Interval], events: Sequenc
     )
 
 
-def baseline_plan(graph: Graph, hardware: Hardware, workload: Workload, budget_bytes: dict[str, int],
-                  source: str) -> Plan:
+def baseline_plan(
+    graph: Graph, hardware: Hardware, workload: Workload, budget_bytes: dict[str, int], source: str
+) -> Plan:
     """Everything on the device, in the captured order."""
     t0 = time.perf_counter()
     residency = device_intervals(graph)
     events = compute_events(graph, hardware)
     params = sum(_numel(v.shape) for v in graph.values if v.role == Role.PARAMETER and v.alias_of is None)
-    report = PassReport("baseline", time.perf_counter() - t0, SolverReport("none", "trivial"),
-                        ("every storage on the device for its whole lifetime, captured op order",))
+    report = PassReport(
+        "baseline",
+        time.perf_counter() - t0,
+        SolverReport("none", "trivial"),
+        ("every storage on the device for its whole lifetime, captured op order",),
+    )
     return Plan(
         model=ModelInfo(graph.name, source, fingerprint(graph), params),
         hardware=hardware,

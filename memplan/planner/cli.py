@@ -17,8 +17,10 @@ COMMANDS = ("plan_cmd", "show_cmd", "verify_cmd", "export_cmd", "run_cmd", "allo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="memplan", description="Plan where every tensor of a model lives, "
-                                 "and prove the plan by running it.")
+    ap = argparse.ArgumentParser(
+        prog="memplan",
+        description="Plan where every tensor of a model lives, and prove the plan by running it.",
+    )
     ap.add_argument("--version", action="version", version=f"memplan {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in COMMANDS:

@@ -39,17 +39,29 @@ class LoadedModel:
     seq: int | None = None
 
 
-def load_model(spec: str | torch.nn.Module, mode: Mode, example_inputs: Sequence[Any] | None = None,
-               batch: int | None = None, seq: int | None = None, device: str = "meta",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    spec: str | torch.nn.Module,
+    mode: Mode,
+    example_inputs: Sequence[Any] | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    device: str = "meta",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
     """Resolve `spec` (see module docstring). `device="meta"` builds zoo models without allocating;
     `dtype` is the parameter dtype of zoo models."""
     if isinstance(spec, torch.nn.Module):
         if example_inputs is None:
-            raise InvalidInput("planning an nn.Module needs example_inputs (a tuple of tensors for its forward)")
+            raise InvalidInput(
+                "planning an nn.Module needs example_inputs (a tuple of tensors for its forward)"
+            )
         inputs = tuple(example_inputs)
-        b = batch or (inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1)
-        return LoadedModel(type(spec).__name__, f"module:{type(spec).__qualname__}", spec, inputs, None, b, seq)
+        b = batch or (
+            inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+        )
+        return LoadedModel(
+            type(spec).__name__, f"module:{type(spec).__qualname__}", spec, inputs, None, b, seq
+        )
     if spec.startswith("zoo:"):
         return _load_zoo(spec, mode, batch, seq, device, dtype)
     if spec.endswith(".onnx"):
@@ -65,8 +77,9 @@ def load_model(spec: str | torch.nn.Module, mode: Mode, example_inputs: Sequence
     )
 
 
-def _load_zoo(spec: str, mode: Mode, batch: int | None, seq: int | None, device: str,
-              dtype: torch.dtype) -> LoadedModel:
+def _load_zoo(
+    spec: str, mode: Mode, batch: int | None, seq: int | None, device: str, dtype: torch.dtype
+) -> LoadedModel:
     from memplan.planner import zoo
 
     entry = zoo.get(spec)
@@ -86,7 +99,9 @@ def _load_factory(spec: str, batch: int | None, seq: int | None) -> LoadedModel:
         raise InvalidInput(f"cannot load factory {spec!r}: {e}; give package.module:function") from e
     made = factory()
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise InvalidInput(f"factory {spec!r} must return (module, example_inputs), got {type(made).__name__}")
+        raise InvalidInput(
+            f"factory {spec!r} must return (module, example_inputs), got {type(made).__name__}"
+        )
     module, inputs = made
     return LoadedModel(attr, spec, module, tuple(inputs), None, batch or 1, seq)
 

@@ -22,9 +22,17 @@ from memplan.planner.verify import verify_plan
 Progress = Callable[[str], None]
 
 
-def run_pipeline(graph: Graph, hardware: Hardware, workload: Workload, budget_bytes: int, source: str,
-                 passes: Sequence[Pass] = (), options: dict[str, Any] | None = None,
-                 progress: Progress | None = None, check_every_pass: bool = True) -> Plan:
+def run_pipeline(
+    graph: Graph,
+    hardware: Hardware,
+    workload: Workload,
+    budget_bytes: int,
+    source: str,
+    passes: Sequence[Pass] = (),
+    options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    check_every_pass: bool = True,
+) -> Plan:
     """Plan `graph` on `hardware` for `workload` under a device budget of `budget_bytes`."""
     budgets = {t.name: t.capacity_bytes for t in hardware.tiers} | {"device": budget_bytes}
     plan = baseline_plan(graph, hardware, workload, budgets, source)
@@ -37,7 +45,9 @@ def run_pipeline(graph: Graph, hardware: Hardware, workload: Workload, budget_by
         except MemplanError:
             raise
         except Exception as e:
-            raise InternalError(f"pass {p.name!r} failed (after {', '.join(done)}): {type(e).__name__}: {e}") from e
+            raise InternalError(
+                f"pass {p.name!r} failed (after {', '.join(done)}): {type(e).__name__}: {e}"
+            ) from e
         plan = out.plan.with_(passes=(*out.plan.passes, out.report))
         done.append(p.name)
         if check_every_pass:
@@ -62,8 +72,10 @@ def check_budget(plan: Plan, graph: Graph, top: int = 8) -> None:
         return
     step = plan.predictions.peak_step["device"]
     live = live_at(plan.residency, step, "device")
-    names = [f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {format_size(iv.size_bytes)})"
-             for iv in live[:top]]
+    names = [
+        f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {format_size(iv.size_bytes)})"
+        for iv in live[:top]
+    ]
     ws = plan.predictions.working_set_bytes
     passes = ", ".join(p.name for p in plan.passes)
     op = graph.ops[step].name if graph.ops else "-"

@@ -55,7 +55,9 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
 def validate_plan_dict(d: Any, source: str) -> None:
     """Raise `PlanMismatch` unless `d` is a plan of this schema version that satisfies the schema."""
     if not isinstance(d, dict):
-        raise PlanMismatch(f"{source}: not a memplan plan (top level is {type(d).__name__}, expected an object)")
+        raise PlanMismatch(
+            f"{source}: not a memplan plan (top level is {type(d).__name__}, expected an object)"
+        )
     version = d.get("schema_version")
     if version != SCHEMA_VERSION:
         raise PlanMismatch(
@@ -77,7 +79,9 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     try:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlanMismatch(f"{p}: corrupted plan file, not valid JSON ({e}); re-create it with `memplan plan`") from e
+        raise PlanMismatch(
+            f"{p}: corrupted plan file, not valid JSON ({e}); re-create it with `memplan plan`"
+        ) from e
     validate_plan_dict(d, source=str(p))
     return plan_from_dict(d)
 
@@ -99,7 +103,8 @@ def plan_from_dict(d: dict[str, Any]) -> Plan:
         offsets={tier: {int(k): v for k, v in m.items()} for tier, m in d["offsets"].items()},
         decisions=d["decisions"],
         passes=tuple(
-            PassReport(p["name"], p["time_s"], SolverReport(**p["solver"]), tuple(p["notes"])) for p in d["passes"]
+            PassReport(p["name"], p["time_s"], SolverReport(**p["solver"]), tuple(p["notes"]))
+            for p in d["passes"]
         ),
         warnings=tuple(d["warnings"]),
         memplan_version=d["memplan_version"],
@@ -110,15 +115,41 @@ def plan_from_dict(d: dict[str, Any]) -> Plan:
 
 def _hardware_dict(h: dict[str, Any]) -> dict[str, Any]:
     tiers = [{k: v for k, v in t.items() if v is not None or k in ("numa_node", "path")} for t in h["tiers"]]
-    return {"name": h["name"], "device_kind": h["device_kind"], "flops": h["flops"], "mem_bw": h["mem_bw"],
-            "tiers": tiers, "emulated": list(h.get("emulated", []))}
+    return {
+        "name": h["name"],
+        "device_kind": h["device_kind"],
+        "flops": h["flops"],
+        "mem_bw": h["mem_bw"],
+        "tiers": tiers,
+        "emulated": list(h.get("emulated", [])),
+    }
 
 
 def _value(t: dict[str, Any]) -> Value:
-    return Value(t["id"], t["name"], t["size_bytes"], t["dtype"], tuple(t["shape"]), Role(t["role"]), t["alias_of"],
-                 t["module_path"], t["layer"])
+    return Value(
+        t["id"],
+        t["name"],
+        t["size_bytes"],
+        t["dtype"],
+        tuple(t["shape"]),
+        Role(t["role"]),
+        t["alias_of"],
+        t["module_path"],
+        t["layer"],
+    )
 
 
 def _op(o: dict[str, Any]) -> Op:
-    return Op(o["id"], o["name"], o["target"], tuple(o["inputs"]), tuple(o["outputs"]), o["flops"], o["bytes_read"],
-              o["bytes_written"], o["module_path"], o["layer"], o["cost_known"])
+    return Op(
+        o["id"],
+        o["name"],
+        o["target"],
+        tuple(o["inputs"]),
+        tuple(o["outputs"]),
+        o["flops"],
+        o["bytes_read"],
+        o["bytes_written"],
+        o["module_path"],
+        o["layer"],
+        o["cost_known"],
+    )

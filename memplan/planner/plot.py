@@ -33,9 +33,15 @@ BUDGET_OFF_SCALE = 3.0
 
 ROLES: tuple[Role, ...] = tuple(Role)
 ROLE_COLORS: dict[Role, str] = {
-    Role.PARAMETER: "#4c72b0", Role.BUFFER: "#8172b3", Role.GRADIENT: "#dd8452",
-    Role.OPTIMIZER_STATE: "#937860", Role.ACTIVATION: "#55a868", Role.INPUT: "#8c8c8c",
-    Role.OUTPUT: "#da8bc3", Role.KV_CACHE: "#c44e52", Role.WORKSPACE: "#ccb974",
+    Role.PARAMETER: "#4c72b0",
+    Role.BUFFER: "#8172b3",
+    Role.GRADIENT: "#dd8452",
+    Role.OPTIMIZER_STATE: "#937860",
+    Role.ACTIVATION: "#55a868",
+    Role.INPUT: "#8c8c8c",
+    Role.OUTPUT: "#da8bc3",
+    Role.KV_CACHE: "#c44e52",
+    Role.WORKSPACE: "#ccb974",
 }
 _UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 
@@ -58,8 +64,9 @@ def role_timelines(plan: Plan) -> list[TierTimeline]:
     """Live bytes per role per step for every tier in the residency, in memory-hierarchy order."""
     n = max([len(plan.ops), *(iv.end for iv in plan.residency)], default=0)
     role_of = {v.id: ROLES.index(v.role) for v in plan.tensors}
-    cols = np.array([(role_of[iv.value_id], iv.start, iv.end, iv.size_bytes) for iv in plan.residency],
-                    dtype=np.int64).reshape(-1, 4)
+    cols = np.array(
+        [(role_of[iv.value_id], iv.start, iv.end, iv.size_bytes) for iv in plan.residency], dtype=np.int64
+    ).reshape(-1, 4)
     tiers = np.array([iv.tier for iv in plan.residency], dtype=object)
     out = []
     for tier in ordered_tiers(tiers.tolist()):
@@ -102,8 +109,14 @@ def _draw_tier(ax: Axes, plan: Plan, tl: TierTimeline) -> None:
     used = [i for i in range(len(ROLES)) if tl.by_role[i].any()]
     # step="post": step s covers [s, s + 1); repeat the last sample at x = n so the last step is drawn too.
     ys = [np.append(tl.by_role[i, xs], tl.by_role[i, -1]) / scale for i in used]
-    ax.stackplot(np.append(xs, n), *ys, step="post", labels=[str(ROLES[i]) for i in used],
-                 colors=[ROLE_COLORS[ROLES[i]] for i in used], alpha=0.85)
+    ax.stackplot(
+        np.append(xs, n),
+        *ys,
+        step="post",
+        labels=[str(ROLES[i]) for i in used],
+        colors=[ROLE_COLORS[ROLES[i]] for i in used],
+        alpha=0.85,
+    )
     _mark_peak(ax, plan, peak_step, peak, scale, n)
     top = _draw_budget(ax, budget, peak, scale) if budget is not None else 0.0
     ax.set_ylim(0, max(top, peak / scale * 1.2) or 1)
@@ -125,9 +138,17 @@ def _draw_budget(ax: Axes, budget: int, peak: int, scale: int) -> float:
         ax.text(0.99, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#c44e52")
         return 0.0
     ax.axhline(budget / scale, color="#c44e52", linestyle="--", linewidth=1.2)
-    ax.annotate(f"budget {format_size(budget)}", (1, budget / scale), xycoords=("axes fraction", "data"),
-                textcoords="offset points", xytext=(-4, 3), ha="right", fontsize=8, color="#c44e52",
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+    ax.annotate(
+        f"budget {format_size(budget)}",
+        (1, budget / scale),
+        xycoords=("axes fraction", "data"),
+        textcoords="offset points",
+        xytext=(-4, 3),
+        ha="right",
+        fontsize=8,
+        color="#c44e52",
+        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+    )
     return budget / scale * 1.1
 
 
@@ -137,8 +158,14 @@ def _mark_peak(ax: Axes, plan: Plan, step: int, peak: int, scale: int, n: int) -
     ax.plot([x], [y], marker="v", color="black", markersize=8, zorder=5)
     right_half = step > 0.6 * n
     label = f"peak {format_size(peak)} at step {step}{_op_at(plan, step)}"
-    ax.annotate(label, (x, y), textcoords="offset points", xytext=(-6 if right_half else 6, 6),
-                ha="right" if right_half else "left", fontsize=8)
+    ax.annotate(
+        label,
+        (x, y),
+        textcoords="offset points",
+        xytext=(-6 if right_half else 6, 6),
+        ha="right" if right_half else "left",
+        fontsize=8,
+    )
 
 
 def _op_at(plan: Plan, step: int) -> str:
@@ -157,8 +184,10 @@ def plot_timeline(plan: Plan, path: str) -> None:
         axes[0].text(0.5, 0.5, "no storage is resident on any tier", ha="center", va="center")
     axes[-1].set_xlabel("schedule step (op index)")
     w = plan.workload
-    fig.suptitle(f"{plan.model.name}: {w.mode}, batch {w.batch}"
-                 f"{'' if w.seq is None else f', seq {w.seq}'} on {plan.hardware.name}")
+    fig.suptitle(
+        f"{plan.model.name}: {w.mode}, batch {w.batch}"
+        f"{'' if w.seq is None else f', seq {w.seq}'} on {plan.hardware.name}"
+    )
     _save_png(fig, path)
 
 

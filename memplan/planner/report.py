@@ -91,8 +91,13 @@ def summarize(plan: Plan, top: int = TOP_TENSORS) -> PlanSummary:
     live = live_at(plan.residency, device_step, "device") if device_step is not None else []
     by_id = {v.id: v for v in plan.tensors}
     tensors = [
-        LiveTensor(by_id[iv.value_id].name, str(by_id[iv.value_id].role), iv.size_bytes,
-                   by_id[iv.value_id].module_path, by_id[iv.value_id].layer)
+        LiveTensor(
+            by_id[iv.value_id].name,
+            str(by_id[iv.value_id].role),
+            iv.size_bytes,
+            by_id[iv.value_id].module_path,
+            by_id[iv.value_id].layer,
+        )
         for iv in live
     ]
     roles: dict[str, int] = defaultdict(int)
@@ -117,12 +122,20 @@ def _header(plan: Plan) -> tuple[tuple[str, str], ...]:
     return (
         ("model", f"{m.name} ({m.source}), {m.parameters:,} parameters, {m.fingerprint}"),
         ("workload", f"{w.mode}, batch {w.batch}{seq}, optimizer {w.optimizer}"),
-        ("hardware", f"{hw.name} ({hw.device_kind}), tiers {', '.join(t.name for t in hw.tiers)}"
-                     + (f"; EMULATED: {', '.join(hw.emulated)} (backed by host memory)" if hw.emulated else "")),
-        ("schedule", f"{len(plan.ops)} ops, {len(plan.tensors)} tensors, {len(plan.events)} events, "
-                     f"predicted step time {plan.predictions.time_s * 1e3:.3f} ms"),
-        ("memplan", f"{plan.memplan_version or '?'}, schema {plan.schema_version}, "
-                    f"created {plan.created or '?'}"),
+        (
+            "hardware",
+            f"{hw.name} ({hw.device_kind}), tiers {', '.join(t.name for t in hw.tiers)}"
+            + (f"; EMULATED: {', '.join(hw.emulated)} (backed by host memory)" if hw.emulated else ""),
+        ),
+        (
+            "schedule",
+            f"{len(plan.ops)} ops, {len(plan.tensors)} tensors, {len(plan.events)} events, "
+            f"predicted step time {plan.predictions.time_s * 1e3:.3f} ms",
+        ),
+        (
+            "memplan",
+            f"{plan.memplan_version or '?'}, schema {plan.schema_version}, created {plan.created or '?'}",
+        ),
     )
 
 
@@ -188,6 +201,7 @@ def _short(v: Any) -> str:
 
 # -- cell formatting shared by both renderers ---------------------------------------------------------
 
+
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.6g}"
 
@@ -204,8 +218,16 @@ def _tier_cells(t: TierPeak) -> list[str]:
     budget = "-" if t.budget_bytes is None else format_size(t.budget_bytes)
     used = "-" if not t.budget_bytes else f"{100 * t.peak_bytes / t.budget_bytes:.1f}%"
     step = "-" if t.step is None else str(t.step)
-    return [t.tier, format_size(t.peak_bytes), budget, used, step, t.op or "-",
-            _ratio(t.vs_max_load), _ratio(t.vs_working_set)]
+    return [
+        t.tier,
+        format_size(t.peak_bytes),
+        budget,
+        used,
+        step,
+        t.op or "-",
+        _ratio(t.vs_max_load),
+        _ratio(t.vs_working_set),
+    ]
 
 
 def _tensor_cells(t: LiveTensor) -> list[str]:
@@ -214,8 +236,16 @@ def _tensor_cells(t: LiveTensor) -> list[str]:
 
 
 def _pass_cells(p: PassRow) -> list[str]:
-    return [p.name, p.solver, p.status, _num(p.objective), _num(p.bound), _gap(p.gap), f"{p.time_s:.3f}s",
-            p.notes or "-"]
+    return [
+        p.name,
+        p.solver,
+        p.status,
+        _num(p.objective),
+        _num(p.bound),
+        _gap(p.gap),
+        f"{p.time_s:.3f}s",
+        p.notes or "-",
+    ]
 
 
 def _role_cells(s: PlanSummary) -> list[list[str]]:
@@ -235,8 +265,11 @@ def _sections(s: PlanSummary) -> list[tuple[str, list[str], list[list[str]]]]:
     shown = f"top {len(s.top_tensors)} of {s.live_tensor_count}"
     return [
         ("Peak per tier", TIER_HEADERS, [_tier_cells(t) for t in s.tiers]),
-        (f"Tensors live at the device peak{at}, {shown}", TENSOR_HEADERS,
-         [_tensor_cells(t) for t in s.top_tensors]),
+        (
+            f"Tensors live at the device peak{at}, {shown}",
+            TENSOR_HEADERS,
+            [_tensor_cells(t) for t in s.top_tensors],
+        ),
         (f"Bytes by role at the device peak{at}", ROLE_HEADERS, _role_cells(s)),
         ("Passes", PASS_HEADERS, [_pass_cells(p) for p in s.passes]),
         ("Decisions", ["pass", "summary"], [[n, d] for n, d in s.decisions]),
@@ -244,6 +277,7 @@ def _sections(s: PlanSummary) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 # -- renderers ---------------------------------------------------------------------------------------
+
 
 def summary_text(plan: Plan) -> str:
     """The summary as plain text: a header, then one aligned table per section, then the warnings."""

@@ -351,8 +351,10 @@ def _is_current(meta: dict[str, object]) -> bool:
     """Whether cached metadata has this format and this architecture."""
     cached, expected = meta.get("config"), tiny_lm_config().to_dict()
     keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-    return meta.get("format") == META_FORMAT and isinstance(cached, dict) and all(
-        cached.get(k) == expected[k] for k in keys
+    return (
+        meta.get("format") == META_FORMAT
+        and isinstance(cached, dict)
+        and all(cached.get(k) == expected[k] for k in keys)
     )
 
 

@@ -55,13 +55,23 @@ def verify_plan(plan: Plan, max_per_kind: int = 20) -> VerifyReport:
 
 def _references(plan: Plan, graph: Graph) -> list[Violation]:
     ids = {v.id for v in plan.tensors}
-    out = [Violation("bad-reference", f"residency names unknown value {iv.value_id}")
-           for iv in plan.residency if iv.value_id not in ids]
-    out += [Violation("bad-reference", f"offset on {t} for unknown value {vid}")
-            for t, m in plan.offsets.items() for vid in m if vid not in ids]
+    out = [
+        Violation("bad-reference", f"residency names unknown value {iv.value_id}")
+        for iv in plan.residency
+        if iv.value_id not in ids
+    ]
+    out += [
+        Violation("bad-reference", f"offset on {t} for unknown value {vid}")
+        for t, m in plan.offsets.items()
+        for vid in m
+        if vid not in ids
+    ]
     n = len(plan.ops)
-    out += [Violation("bad-reference", f"event {e.kind} at step {e.step} outside the schedule (0..{n - 1})")
-            for e in plan.events if not 0 <= e.step < max(n, 1)]
+    out += [
+        Violation("bad-reference", f"event {e.kind} at step {e.step} outside the schedule (0..{n - 1})")
+        for e in plan.events
+        if not 0 <= e.step < max(n, 1)
+    ]
     return out
 
 
@@ -83,11 +93,13 @@ def _uses(plan: Plan, graph: Graph) -> list[Violation]:
                 continue
             if not any(s <= step < e for s, e in spans.get(root, ())):
                 what = "reads" if vid in op.inputs else "writes"
-                out.append(Violation(
-                    "use-before-def",
-                    f"step {step} ({op.name}) {what} {graph.value(vid).name}, whose storage "
-                    f"{graph.value(root).name} is not on the device then",
-                ))
+                out.append(
+                    Violation(
+                        "use-before-def",
+                        f"step {step} ({op.name}) {what} {graph.value(vid).name}, whose storage "
+                        f"{graph.value(root).name} is not on the device then",
+                    )
+                )
     return out
 
 
@@ -104,8 +116,13 @@ def _capacity(plan: Plan, graph: Graph) -> list[Violation]:
         over = np.nonzero(live > limit)[0]
         if len(over):
             s = int(over[0])
-            out.append(Violation("over-capacity", f"{tier}: {int(live[s])} bytes live at step {s} "
-                                 f"(and {len(over) - 1} more steps) over its limit of {limit} bytes"))
+            out.append(
+                Violation(
+                    "over-capacity",
+                    f"{tier}: {int(live[s])} bytes live at step {s} "
+                    f"(and {len(over) - 1} more steps) over its limit of {limit} bytes",
+                )
+            )
     return out
 
 
@@ -119,8 +136,13 @@ def _offsets(plan: Plan, graph: Graph) -> list[Violation]:
         placed = [(iv, offs[iv.value_id]) for iv in by_tier.get(tier, []) if iv.value_id in offs]
         for iv, off in placed:
             if off < 0 or (arena is not None and off + iv.size_bytes > arena):
-                out.append(Violation("offset-bounds", f"{tier}: value {iv.value_id} at [{off}, "
-                                     f"{off + iv.size_bytes}) outside the arena of {arena} bytes"))
+                out.append(
+                    Violation(
+                        "offset-bounds",
+                        f"{tier}: value {iv.value_id} at [{off}, "
+                        f"{off + iv.size_bytes}) outside the arena of {arena} bytes",
+                    )
+                )
         out.extend(_overlaps(tier, placed))
     return out
 
@@ -134,8 +156,13 @@ def _overlaps(tier: str, placed: list[tuple[Interval, int]]) -> list[Violation]:
         active = [(a, o) for a, o in active if a.end > iv.start]
         for a, o in active:
             if a.value_id != iv.value_id and o < off + iv.size_bytes and off < o + a.size_bytes:
-                out.append(Violation("overlap", f"{tier}: values {a.value_id} [{o}, {o + a.size_bytes}) and "
-                                     f"{iv.value_id} [{off}, {off + iv.size_bytes}) overlap while both are live"))
+                out.append(
+                    Violation(
+                        "overlap",
+                        f"{tier}: values {a.value_id} [{o}, {o + a.size_bytes}) and "
+                        f"{iv.value_id} [{off}, {off + iv.size_bytes}) overlap while both are live",
+                    )
+                )
         active.append((iv, off))
     return out
 
@@ -156,6 +183,11 @@ def _arrivals(plan: Plan, graph: Graph) -> list[Violation]:
             if s == (born if born is not None else 0):
                 continue
             if not any(a <= s for a in arrivals.get(vid, ())):
-                out.append(Violation("prefetch-late", f"value {vid} ({graph.value(vid).name}) is on the device "
-                                     f"from step {s} with no prefetch, swap-in or recompute event by then"))
+                out.append(
+                    Violation(
+                        "prefetch-late",
+                        f"value {vid} ({graph.value(vid).name}) is on the device "
+                        f"from step {s} with no prefetch, swap-in or recompute event by then",
+                    )
+                )
     return out

@@ -48,8 +48,15 @@ from memplan.ir.analysis import Interval
 from memplan.ir.frontends.fx_lower import Capture
 from memplan.planner.plan import Plan, fingerprint
 from memplan.runtime.measure import bind_placeholders
-from memplan.runtime.out_variants import DIRECT_WRITERS, bind_arguments, options_fit, out_call_kwargs, out_variant
+from memplan.runtime.out_variants import (
+    DIRECT_WRITERS,
+    bind_arguments,
+    options_fit,
+    out_call_kwargs,
+    out_variant,
+)
 from memplan.runtime.tracker import LiveStorageTracker
+
 
 @dataclass(frozen=True, slots=True)
 class ArenaRun:
@@ -124,22 +131,28 @@ def _tier_of(plan: Plan) -> dict[int, str]:
         tiers[iv.value_id].add(iv.tier)
     moving = sorted(v for v, ts in tiers.items() if len(ts) > 1)
     if moving:
-        raise InvalidInput(f"this plan moves {len(moving)} storages between tiers (e.g. value {moving[0]}); "
-                           "the arena runner keeps each storage in one arena: run it with `memplan run`")
+        raise InvalidInput(
+            f"this plan moves {len(moving)} storages between tiers (e.g. value {moving[0]}); "
+            "the arena runner keeps each storage in one arena: run it with `memplan run`"
+        )
     return {v: next(iter(ts)) for v, ts in tiers.items()}
 
 
 def _slot(arena: torch.Tensor, offset: int, nbytes: int, meta: torch.Tensor) -> torch.Tensor:
     """The tensor living at `arena[offset:offset + nbytes]`, with the fake tensor's layout."""
     size = meta.element_size()
-    internal_assert(offset % size == 0 and nbytes % size == 0 and offset + nbytes <= arena.numel(),
-                    f"slot [{offset}, {offset + nbytes}) of a {meta.dtype} tensor is misaligned or outside "
-                    f"the {arena.numel()}-byte arena")
-    flat = arena[offset:offset + nbytes].view(meta.dtype)
+    internal_assert(
+        offset % size == 0 and nbytes % size == 0 and offset + nbytes <= arena.numel(),
+        f"slot [{offset}, {offset + nbytes}) of a {meta.dtype} tensor is misaligned or outside "
+        f"the {arena.numel()}-byte arena",
+    )
+    flat = arena[offset : offset + nbytes].view(meta.dtype)
     extent = meta.storage_offset() + sum((n - 1) * s for n, s in zip(meta.shape, meta.stride(), strict=True))
-    internal_assert(meta.numel() == 0 or extent < flat.numel(),
-                    f"a {tuple(meta.shape)} tensor with strides {meta.stride()} reaches element {extent}; "
-                    f"its slot holds {flat.numel()}")
+    internal_assert(
+        meta.numel() == 0 or extent < flat.numel(),
+        f"a {tuple(meta.shape)} tensor with strides {meta.stride()} reaches element {extent}; "
+        f"its slot holds {flat.numel()}",
+    )
     return flat.as_strided(meta.shape, meta.stride(), flat.storage_offset() + meta.storage_offset())
 
 
@@ -176,11 +189,15 @@ class _ArenaRunner:
         self.nodes = {n.name: n for n in cap.gm.graph.nodes}
         self.tier_of = _tier_of(plan)
         self.live = _live_by_step(plan.residency, len(plan.ops)) if debug else []
-        self.arenas = {t: torch.empty(plan.predictions.arena_bytes.get(t, 0), dtype=torch.uint8)
-                       for t in plan.offsets}
+        self.arenas = {
+            t: torch.empty(plan.predictions.arena_bytes.get(t, 0), dtype=torch.uint8) for t in plan.offsets
+        }
         meta = _value_meta(cap)
-        self.slots = {v: _slot(self.arenas[t], plan.offsets[t][v], self.graph.value(v).size_bytes, meta[v])
-                      for v, t in self.tier_of.items() if v in plan.offsets.get(t, {}) and v in meta}
+        self.slots = {
+            v: _slot(self.arenas[t], plan.offsets[t][v], self.graph.value(v).size_bytes, meta[v])
+            for v, t in self.tier_of.items()
+            if v in plan.offsets.get(t, {}) and v in meta
+        }
         self.env: dict[int, torch.Tensor] = {}
         self.counts = {"out": 0, "generated": 0, "copy": 0, "view": 0, "unplanned": 0}
         self.copied: set[str] = set()
@@ -230,8 +247,9 @@ class _ArenaRunner:
         if not (planned and self.in_place and self._write_in_place(node, args, kwargs, fresh)):
             self._copy_in(node, args, kwargs, op.outputs)
 
-    def _write_in_place(self, node: torch.fx.Node, args: Sequence[Any], kwargs: dict[str, Any],
-                        outs: list[int]) -> bool:
+    def _write_in_place(
+        self, node: torch.fx.Node, args: Sequence[Any], kwargs: dict[str, Any], outs: list[int]
+    ) -> bool:
         """Write the op's results straight into its slots; False when no direct writer nor out= fits."""
         target = node.target
         if not isinstance(target, OpOverload):
@@ -250,20 +268,25 @@ class _ArenaRunner:
             self.counts["generated"] += torch.Tag.generated in variant.tags
         else:
             return False
-        internal_assert(before == [(s.data_ptr(), s.shape, s.stride()) for s in slots],
-                        f"{node.name} resized or moved its out tensor: real shapes differ from the capture's")
+        internal_assert(
+            before == [(s.data_ptr(), s.shape, s.stride()) for s in slots],
+            f"{node.name} resized or moved its out tensor: real shapes differ from the capture's",
+        )
         self._bind_outputs(outs, tuple(slots))
         return True
 
-    def _copy_in(self, node: torch.fx.Node, args: Sequence[Any], kwargs: dict[str, Any],
-                 outs: tuple[int, ...]) -> None:
+    def _copy_in(
+        self, node: torch.fx.Node, args: Sequence[Any], kwargs: dict[str, Any], outs: tuple[int, ...]
+    ) -> None:
         """Run the op normally, copy each fresh result into its slot and drop the temporary."""
         tensors = _tensors(_call(node, args, kwargs))
         temporary = 0
         for i, (vid, t) in enumerate(zip(outs, tensors, strict=True)):
             if vid in self.slots and self.graph.value(vid).alias_of is None:
-                internal_assert(t.shape == self.slots[vid].shape,
-                                f"{node.name}: real shape {tuple(t.shape)} differs from the capture's")
+                internal_assert(
+                    t.shape == self.slots[vid].shape,
+                    f"{node.name}: real shape {tuple(t.shape)} differs from the capture's",
+                )
                 temporary += t.untyped_storage().nbytes()
                 tensors[i] = self.slots[vid].copy_(t)
         self._bind_outputs(outs, tensors)
@@ -298,7 +321,8 @@ class _ArenaRunner:
             if other < hi and lo < other + iv.size_bytes:
                 raise InternalError(
                     f"step {step}: writing value {vid} to {tier} bytes [{lo}, {hi}) would overwrite value "
-                    f"{iv.value_id} at [{other}, {other + iv.size_bytes}), live over [{iv.start}, {iv.end})")
+                    f"{iv.value_id} at [{other}, {other + iv.size_bytes}), live over [{iv.start}, {iv.end})"
+                )
 
     def _check_reads(self, step: int, inputs: Sequence[int]) -> None:
         """Every arena storage an op reads must be resident at its step (else its bytes may be reused)."""
@@ -306,12 +330,20 @@ class _ArenaRunner:
         for vid in inputs:
             root = self.graph.storage_of(vid)
             if root in self.slots and root not in live:
-                raise InternalError(f"step {step} ({self.plan.ops[step].name}) reads value {vid}, whose "
-                                    f"storage {root} is not resident then: its arena bytes may be reused")
+                raise InternalError(
+                    f"step {step} ({self.plan.ops[step].name}) reads value {vid}, whose "
+                    f"storage {root} is not resident then: its arena bytes may be reused"
+                )
 
 
-def run_in_arena(plan: Plan, cap: Capture, module: torch.nn.Module, inputs: Sequence[Any],
-                 debug: bool = True, in_place: bool = True) -> ArenaRun:
+def run_in_arena(
+    plan: Plan,
+    cap: Capture,
+    module: torch.nn.Module,
+    inputs: Sequence[Any],
+    debug: bool = True,
+    in_place: bool = True,
+) -> ArenaRun:
     """Run the captured inference graph of `module` on `inputs` inside the plan's arenas, under the
     live-storage tracker (see the module docstring). `debug` checks every write and read against the plan's
     residency (`InternalError` on a clash); `in_place=False` copies every result into place instead."""
@@ -332,13 +364,26 @@ def run_in_arena(plan: Plan, cap: Capture, module: torch.nn.Module, inputs: Sequ
         t2 = time.perf_counter()
     c = runner.counts
     arenas = {t: a.numel() for t, a in runner.arenas.items()}
-    return ArenaRun(runner.outputs(), arenas, c["out"], c["generated"], c["copy"], c["view"], c["unplanned"],
-                    tuple(sorted(runner.copied)), state, runner.max_temporary, tracker.result.peak_bytes,
-                    t2 - t1, t1 - t0)
+    return ArenaRun(
+        runner.outputs(),
+        arenas,
+        c["out"],
+        c["generated"],
+        c["copy"],
+        c["view"],
+        c["unplanned"],
+        tuple(sorted(runner.copied)),
+        state,
+        runner.max_temporary,
+        tracker.result.peak_bytes,
+        t2 - t1,
+        t1 - t0,
+    )
 
 
-def check_arena_run(run: ArenaRun, plan: Plan, cap: Capture, module: torch.nn.Module,
-                    inputs: Sequence[Any]) -> ArenaCheck:
+def check_arena_run(
+    run: ArenaRun, plan: Plan, cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]
+) -> ArenaCheck:
     """Compare an arena run with the same graph run normally and with the eager module (see `ArenaCheck`)."""
     from memplan.planner.verify import verify_plan
 
@@ -362,8 +407,10 @@ def run_arena_for_plan(plan: Plan) -> str:
 
     w = plan.workload
     if not plan.model.source.startswith("zoo:"):
-        raise InvalidInput(f"plan for {plan.model.source!r}: `--arena` rebuilds zoo models only; call "
-                           "memplan.runtime.arena.run_in_arena with the module and its inputs")
+        raise InvalidInput(
+            f"plan for {plan.model.source!r}: `--arena` rebuilds zoo models only; call "
+            "memplan.runtime.arena.run_in_arena with the module and its inputs"
+        )
     if w.mode != "infer":
         raise InvalidInput("`--arena` runs inference plans; this one is a training plan")
     loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))

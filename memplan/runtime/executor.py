@@ -46,7 +46,6 @@ class _Schedule:
 
 def _schedule(plan: Plan) -> _Schedule:
     """Drop points from the device residency; swap and recompute points from the pass's decisions."""
-    graph = plan.graph()
     sch = _Schedule()
     decided = {t["value_id"]: t for t in plan.decisions.get("remat_swap", {}).get("tensors", [])}
     moved = {vid for vid, t in decided.items() if t["decision"] != "keep"}
@@ -56,24 +55,35 @@ def _schedule(plan: Plan) -> _Schedule:
             sch.drop_after[iv.end - 1].append(iv.value_id)
     for vid, t in decided.items():
         if t["decision"] == "swap":
-            sch.swap_out[t["produced"] + 1].append(vid)
-            sch.release[t["write_done_step"]].append(vid)
-            sch.prefetch[t["prefetch_step"]].append(vid)
-            sch.arrive[t["first_bwd_use"]].append(vid)
-            sch.views[vid] = tuple(t["view_ops"])
+            _schedule_swap(sch, vid, t)
         elif t["decision"] == "recompute":
-            sch.drop_after[t["last_fwd_use"]].append(vid)
-            sch.recompute[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"])))
+            _schedule_recompute(sch, plan, vid, t, decided)
         if t["decision"] != "keep" and t["last_use"] + 1 < n:
             sch.drop_after[t["last_use"]].append(vid)
-    for vid, t in decided.items():  # transients of a recompute: dropped right after their use at that step
-        if t["decision"] == "recompute":
-            for op in t["recompute_ops"]:
-                for out in graph.ops[op].outputs:
-                    root = graph.storage_of(out)
-                    if root != vid and root not in decided:
-                        sch.drop_after[t["first_bwd_use"]].append(root)
     return sch
+
+
+def _schedule_swap(sch: _Schedule, vid: int, t: dict[str, Any]) -> None:
+    sch.swap_out[t["produced"] + 1].append(vid)
+    sch.release[t["write_done_step"]].append(vid)
+    sch.prefetch[t["prefetch_step"]].append(vid)
+    sch.arrive[t["first_bwd_use"]].append(vid)
+    sch.views[vid] = tuple(t["view_ops"])
+
+
+def _schedule_recompute(
+    sch: _Schedule, plan: Plan, vid: int, t: dict[str, Any], decided: dict[int, Any]
+) -> None:
+    """Dropped after its last forward use, rebuilt before its first backward use; the values rebuilt on the
+    way (not saved activations themselves) are dropped right after that step."""
+    sch.drop_after[t["last_fwd_use"]].append(vid)
+    sch.recompute[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"])))
+    graph = plan.graph()
+    for op in t["recompute_ops"]:
+        for out in plan.ops[op].outputs:
+            root = graph.storage_of(out)
+            if root != vid and root not in decided:
+                sch.drop_after[t["first_bwd_use"]].append(root)
 
 
 class PlannedStep:
@@ -81,7 +91,9 @@ class PlannedStep:
 
     def __init__(self, plan: Plan, cap: Capture, store: TierStore | None) -> None:
         if plan.model.fingerprint != fingerprint(cap.graph):
-            raise PlanMismatch("the captured step differs from the plan's model; re-plan it with `memplan plan`")
+            raise PlanMismatch(
+                "the captured step differs from the plan's model; re-plan it with `memplan plan`"
+            )
         self.plan, self.cap, self.store = plan, cap, store
         self.graph = plan.graph()
         self.phases = phases(self.graph)
@@ -134,7 +146,7 @@ class PlannedStep:
             self._start_prefetch(vid)
         for vid in self.sched.arrive.get(step, ()):
             self._arrive(vid)
-        for vid, ops in self.sched.recompute.get(step, ()):
+        for _, ops in self.sched.recompute.get(step, ()):
             for i in ops:
                 self._execute(i)
 

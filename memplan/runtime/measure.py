@@ -14,14 +14,16 @@ from typing import Any
 import torch
 
 from memplan.errors import InvalidInput, PlanMismatch
-from memplan.planner.compare import Comparison, compare
 from memplan.ir.frontends.fx_lower import Capture
+from memplan.planner.compare import Comparison, compare
 from memplan.planner.models import LoadedModel, capture, load_model
 from memplan.planner.plan import Plan, fingerprint
 from memplan.runtime.tracker import LiveStorageTracker, Measurement
 
 
-def _optimizer(params: list[torch.nn.Parameter], name: str) -> tuple[torch.optim.Optimizer | None, list[torch.Tensor]]:
+def _optimizer(
+    params: list[torch.nn.Parameter], name: str
+) -> tuple[torch.optim.Optimizer | None, list[torch.Tensor]]:
     """The optimizer of the step, with its state created up front (as the captured step assumes)."""
     if name == "none":
         return None, []
@@ -38,8 +40,10 @@ def _optimizer(params: list[torch.nn.Parameter], name: str) -> tuple[torch.optim
 
 def bind_placeholders(cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]) -> list[Any]:
     """Arguments for the captured graph module: real parameters and buffers by name, then the inputs."""
-    state = {**dict(module.named_parameters(remove_duplicate=False)),
-             **dict(module.named_buffers(remove_duplicate=False))}
+    state = {
+        **dict(module.named_parameters(remove_duplicate=False)),
+        **dict(module.named_buffers(remove_duplicate=False)),
+    }
     user = iter(inputs)
     args = []
     for node in cap.gm.graph.nodes:
@@ -65,7 +69,9 @@ def run_inference(cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]) 
     return tracker.result
 
 
-def run_step(module: torch.nn.Module, inputs: Sequence[Any], mode: str, optimizer: str = "none") -> Measurement:
+def run_step(
+    module: torch.nn.Module, inputs: Sequence[Any], mode: str, optimizer: str = "none"
+) -> Measurement:
     """Run one eager step under the tracker; parameters, inputs and optimizer state count as live."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt, state = _optimizer(params, optimizer) if mode == "train" else (None, [])
@@ -97,8 +103,12 @@ def check_fingerprint(plan: Plan, loaded: LoadedModel) -> Capture | None:
     return cap
 
 
-def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
-             emulate: Sequence[str] = ()) -> tuple[Measurement, Comparison]:
+def run_plan(
+    plan: Plan,
+    module: torch.nn.Module | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    emulate: Sequence[str] = (),
+) -> tuple[Measurement, Comparison]:
     """Check the model is the plan's, run the step the plan describes, and compare with its prediction.
 
     Inference runs the captured graph in the planned schedule; training runs the step (forward, backward,
@@ -109,7 +119,9 @@ def run_plan(plan: Plan, module: torch.nn.Module | None = None, example_inputs: 
     w = plan.workload
     if module is None:
         if not plan.model.source.startswith("zoo:"):
-            raise InvalidInput(f"plan for {plan.model.source!r}: pass the module and example inputs to run it")
+            raise InvalidInput(
+                f"plan for {plan.model.source!r}: pass the module and example inputs to run it"
+            )
         loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
     else:
         loaded = load_model(module, w.mode, example_inputs, w.batch, w.seq)

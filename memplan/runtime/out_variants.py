@@ -48,7 +48,9 @@ def out_variant(op: OpOverload) -> OpOverload | None:
     return None
 
 
-def bind_arguments(schema: torch._C.FunctionSchema, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+def bind_arguments(
+    schema: torch._C.FunctionSchema, args: Sequence[Any], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """Argument name -> value, as the node passed them (defaults left out)."""
     return {**{a.name: v for a, v in zip(schema.arguments, args, strict=False)}, **kwargs}
 
@@ -56,12 +58,17 @@ def bind_arguments(schema: torch._C.FunctionSchema, args: Sequence[Any], kwargs:
 def options_fit(bound: dict[str, Any], out: torch.Tensor) -> bool:
     """Tensor options an out overload drops are safe to drop only when the out tensor agrees with them."""
     dtype, device = bound.get("dtype"), bound.get("device")
-    return ((dtype is None or dtype == out.dtype) and bound.get("layout") in (None, torch.strided)
-            and (device is None or torch.device(device) == out.device) and not bound.get("pin_memory"))
+    return (
+        (dtype is None or dtype == out.dtype)
+        and bound.get("layout") in (None, torch.strided)
+        and (device is None or torch.device(device) == out.device)
+        and not bound.get("pin_memory")
+    )
 
 
-def out_call_kwargs(schema: torch._C.FunctionSchema, bound: dict[str, Any],
-              slots: list[torch.Tensor]) -> dict[str, Any]:
+def out_call_kwargs(
+    schema: torch._C.FunctionSchema, bound: dict[str, Any], slots: list[torch.Tensor]
+) -> dict[str, Any]:
     """Keyword arguments of an out overload: the node's arguments it takes, then the slots as its outs."""
     call = {a.name: bound[a.name] for a in schema.arguments if not _is_out_arg(a) and a.name in bound}
     outs = [a.name for a in schema.arguments if _is_out_arg(a)]
@@ -89,5 +96,3 @@ DIRECT_WRITERS: dict[OpOverload, Callable[[torch.Tensor, dict[str, Any]], bool]]
     torch.ops.aten.embedding.default: _write_embedding,
 }
 """Single-output ops whose out overload is a generated wrapper, written in place without it."""
-
-

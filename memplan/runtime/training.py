@@ -51,14 +51,22 @@ def _state_args(model: torch.nn.Module, step: PlannedStep, inputs: tuple[Any, ..
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     buffers = [*model.buffers(), *frozen]
-    n_state = sum(1 for n in step.cap.gm.graph.nodes if n.op == "placeholder") - len(params) - len(buffers) - len(inputs)
-    state = [torch.empty(0)] * n_state  # the optimizer's update ops are not run here; the user's optimizer runs
+    n_state = (
+        sum(1 for n in step.cap.gm.graph.nodes if n.op == "placeholder")
+        - len(params)
+        - len(buffers)
+        - len(inputs)
+    )
+    state = [
+        torch.empty(0)
+    ] * n_state  # the optimizer's update ops are not run here; the user's optimizer runs
     return [*params, *buffers, *state, *inputs]
 
 
 @contextmanager
-def applied(plan: Plan, model: torch.nn.Module, store: TierStore | None = None,
-            emulate: frozenset[str] = frozenset()) -> Iterator[None]:
+def applied(
+    plan: Plan, model: torch.nn.Module, store: TierStore | None = None, emulate: frozenset[str] = frozenset()
+) -> Iterator[None]:
     """Run `model`'s training step under `plan` inside the block (see module docstring)."""
     if plan.workload.mode != "train":
         raise InvalidInput("memplan.applied takes a training plan (mode='train'); this plan is for inference")
@@ -87,8 +95,9 @@ def applied(plan: Plan, model: torch.nn.Module, store: TierStore | None = None,
             del model.forward
 
 
-def _capture(plan: Plan, model: torch.nn.Module, original: Any, inputs: tuple[Any, ...],
-             store: TierStore | None) -> PlannedStep:
+def _capture(
+    plan: Plan, model: torch.nn.Module, original: Any, inputs: tuple[Any, ...], store: TierStore | None
+) -> PlannedStep:
     patched = model.forward
     model.forward = original  # type: ignore[method-assign]
     try:  # capture on fake tensors, outside any measuring dispatch mode the caller runs

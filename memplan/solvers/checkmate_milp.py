@@ -92,14 +92,23 @@ def formulate(problem: RematProblem, budget: int) -> tuple[MilpProblem, _Index]:
     lower, upper = np.zeros(ix.cols), np.ones(ix.cols)
     for t in range(ix.n):
         lower[ix.r(t, t)] = 1.0
-        upper[ix.u(t, 0):ix.u(t, t) + 1] = (budget + 0.5) / budget
+        upper[ix.u(t, 0) : ix.u(t, t) + 1] = (budget + 0.5) / budget
     integrality = np.ones(ix.cols, dtype=np.int8)
-    integrality[ix.u0:ix.f0] = 0
+    integrality[ix.u0 : ix.f0] = 0
     rows, cols, vals = (np.array(a) for a in (ix.rows, ix.colidx, ix.vals))
     order = np.lexsort((rows, cols))
     indptr = np.searchsorted(cols[order], np.arange(ix.cols + 1))
-    return MilpProblem(c, lower, upper, integrality, vals[order].astype(np.float64), rows[order], indptr,
-                       np.array(ix.lo), np.array(ix.hi)), ix
+    return MilpProblem(
+        c,
+        lower,
+        upper,
+        integrality,
+        vals[order].astype(np.float64),
+        rows[order],
+        indptr,
+        np.array(ix.lo),
+        np.array(ix.hi),
+    ), ix
 
 
 def _stage_rows(problem: RematProblem, ix: _Index, t: int, m: list[float], users: list[list[int]]) -> None:
@@ -143,16 +152,28 @@ def decode(problem: RematProblem, ix: _Index, x: np.ndarray) -> Schedule:
     return Schedule(compute, keep)
 
 
-def solve_checkmate(problem: RematProblem, budget: int, time_limit_s: float, mip_rel_gap: float = 1e-4,
-                    max_columns: int = MAX_COLUMNS) -> RematResult:
+def solve_checkmate(
+    problem: RematProblem,
+    budget: int,
+    time_limit_s: float,
+    mip_rel_gap: float = 1e-4,
+    max_columns: int = MAX_COLUMNS,
+) -> RematResult:
     """Solve the MILP with HiGHS; the schedule is decoded and checked in bytes against the budget (a schedule
     that fails the check, from numerical tolerance, is reported as no schedule). Above `max_columns` columns
     the MILP is not attempted (status timeout, the solver name says why)."""
     t0 = time.perf_counter()
     cols = milp_columns(problem)
     if cols > max_columns:
-        return RematResult("timeout", None, None, float(sum(problem.cost)), None, time.perf_counter() - t0,
-                           f"checkmate-milp (skipped: {cols} columns > {max_columns})")
+        return RematResult(
+            "timeout",
+            None,
+            None,
+            float(sum(problem.cost)),
+            None,
+            time.perf_counter() - t0,
+            f"checkmate-milp (skipped: {cols} columns > {max_columns})",
+        )
     milp, ix = formulate(problem, budget)
     left = max(time_limit_s - (time.perf_counter() - t0), 0.5)
     res = solve_milp(milp, left, mip_rel_gap=mip_rel_gap)

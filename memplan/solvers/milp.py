@@ -50,7 +50,9 @@ class MilpResult:
     time_limit_s: float
 
 
-def solve_milp(problem: MilpProblem, time_limit_s: float, mip_rel_gap: float = 1e-4, threads: int = 1) -> MilpResult:
+def solve_milp(
+    problem: MilpProblem, time_limit_s: float, mip_rel_gap: float = 1e-4, threads: int = 1
+) -> MilpResult:
     """Solve with HiGHS within `time_limit_s` seconds; never hangs, always reports what it found."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
@@ -69,8 +71,9 @@ def solve_milp(problem: MilpProblem, time_limit_s: float, mip_rel_gap: float = 1
     lp.a_matrix_.start_ = problem.a_indptr.astype(np.int32)
     lp.a_matrix_.index_ = problem.a_indices.astype(np.int32)
     lp.a_matrix_.value_ = problem.a_data.astype(np.float64)
-    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
-                       for i in problem.integrality]
+    lp.integrality_ = [
+        highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in problem.integrality
+    ]
     h.passModel(lp)
     t0 = time.perf_counter()
     h.run()

@@ -168,8 +168,9 @@ def check(problem: RematProblem, evs: list[Event], budget: int | None = None) ->
         cost += problem.cost[i]
         peak = max(peak, live)
         if budget is not None and live > budget:
-            bad.append(f"event {step}: {live} bytes resident after computing node {i}, over the budget "
-                       f"{budget}")
+            bad.append(
+                f"event {step}: {live} bytes resident after computing node {i}, over the budget {budget}"
+            )
     bad += [f"node {i} is never computed" for i in sorted(set(range(problem.n)) - computed)]
     return CheckReport(tuple(bad), peak, cost)
 
@@ -181,7 +182,8 @@ def check_budget(problem: RematProblem, budget: int) -> None:
         k = max(range(problem.n), key=lambda j: _working_set(problem, j))
         raise InvalidInput(
             f"budget {budget} bytes is below the working set of node {problem.names[k]!r} ({bound} bytes: "
-            f"its output plus its inputs), so no schedule exists; the budget must be at least {bound} bytes")
+            f"its output plus its inputs), so no schedule exists; the budget must be at least {bound} bytes"
+        )
 
 
 def greedy_schedule(problem: RematProblem, budget: int, score: str = "dtr") -> Schedule | None:
@@ -200,7 +202,7 @@ def greedy_schedule(problem: RematProblem, budget: int, score: str = "dtr") -> S
             if not _make_room(problem, users, resident, pinned, problem.size[k], budget, t, SCORES[score]):
                 return None
             resident.add(k)
-            later = {i for j in stage[pos + 1:] for i in problem.preds[j]}
+            later = {i for j in stage[pos + 1 :] for i in problem.preds[j]}
             resident -= {i for i in resident if i not in later and (not users[i] or users[i][-1] <= t)}
         compute.append(tuple(stage))
     return Schedule(tuple(compute), tuple(keep))
@@ -218,13 +220,23 @@ def _closure(problem: RematProblem, t: int, resident: set[int]) -> list[int]:
     return sorted(need)
 
 
-def _make_room(problem: RematProblem, users: list[list[int]], resident: set[int], pinned: set[int],
-               extra: int, budget: int, t: int, score: Score) -> bool:
+def _make_room(
+    problem: RematProblem,
+    users: list[list[int]],
+    resident: set[int],
+    pinned: set[int],
+    extra: int,
+    budget: int,
+    t: int,
+    score: Score,
+) -> bool:
     live = sum(problem.size[i] for i in resident)
     if live + extra <= budget:
         return True
-    victims = sorted(resident - pinned, key=lambda i: score(problem, _rebuild(problem, i, resident), i,
-                                                           _distance(problem, users, i, t)))
+    victims = sorted(
+        resident - pinned,
+        key=lambda i: score(problem, _rebuild(problem, i, resident), i, _distance(problem, users, i, t)),
+    )
     for v in victims:
         resident.remove(v)
         live -= problem.size[v]
@@ -260,8 +272,13 @@ def best_greedy(problem: RematProblem, budget: int) -> Schedule | None:
     return min(found, key=lambda s: s.cost(problem), default=None)
 
 
-def solve(problem: RematProblem, budget: int, time_limit_s: float = 60.0, method: Method = "auto",
-          mip_rel_gap: float = 1e-4) -> RematResult:
+def solve(
+    problem: RematProblem,
+    budget: int,
+    time_limit_s: float = 60.0,
+    method: Method = "auto",
+    mip_rel_gap: float = 1e-4,
+) -> RematResult:
     """Best schedule within `budget` bytes: the greedy pass, then (method auto or milp) the Checkmate MILP in
     the time left; the better objective wins, with the better of the two bounds."""
     from memplan.solvers.checkmate_milp import solve_checkmate
@@ -293,8 +310,11 @@ def _merge(greedy: RematResult | None, milp: RematResult, trivial: float, elapse
     if milp.status == "infeasible":
         return RematResult("infeasible", None, None, bound, None, elapsed, milp.solver)
     pick = milp
-    if greedy is not None and greedy.objective is not None and (
-            milp.objective is None or greedy.objective < milp.objective):
+    if (
+        greedy is not None
+        and greedy.objective is not None
+        and (milp.objective is None or greedy.objective < milp.objective)
+    ):
         pick = greedy
     if pick.objective is None:
         return RematResult("timeout", None, None, bound, None, elapsed, milp.solver)

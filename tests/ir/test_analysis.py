@@ -41,6 +41,7 @@ def test_working_set_bound():
     g = chain([10, 20, 30], param_bytes=4)
     assert working_set_bound(g) == (54, 1)  # op1 reads v1 (20) and w (4) and writes v2 (30)
 
+
 def _brute_force_live(g: Graph) -> np.ndarray:
     """Live bytes at each step by definition: a storage is live at t if some alias is produced at or before t
     (or exists before op 0) and is read at or after t, or is an output / persistent state."""

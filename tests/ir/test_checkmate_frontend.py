@@ -34,21 +34,38 @@ def test_networkx_round_trip_with_attribute_aliases(tmp_path: Path) -> None:
 
 
 def test_order_is_made_topological_keeping_the_document_order() -> None:
-    d = from_node_link(doc([{"id": 2, "cost": 1, "size": 1}, {"id": 1, "cost": 1, "size": 1},
-                            {"id": 0, "cost": 1, "size": 1}], [(0, 2), (1, 2)], key="edges"))
+    d = from_node_link(
+        doc(
+            [
+                {"id": 2, "cost": 1, "size": 1},
+                {"id": 1, "cost": 1, "size": 1},
+                {"id": 0, "cost": 1, "size": 1},
+            ],
+            [(0, 2), (1, 2)],
+            key="edges",
+        )
+    )
     assert d.names == ("1", "0", "2") and d.preds == ((), (), (0, 1))
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ([1, 2], "JSON object with a \"nodes\" list"),
-    (doc([{"id": "a", "cost": 1}], []), "no output size"),
-    (doc([{"id": "a", "size": 1}], []), "no compute cost"),
-    (doc([{"id": "a", "cost": -1, "size": 1}], []), "must be a finite number >= 0"),
-    (doc([{"id": "a", "cost": "x", "size": 1}], []), "must be a finite number >= 0"),
-    (doc([{"id": "a", "cost": 1, "size": 1}], [("a", "z")]), "not in \"nodes\""),
-    (doc([{"id": "a", "cost": 1, "size": 1}, {"id": "b", "cost": 1, "size": 1}], [("a", "b"), ("b", "a")]),
-     "has a cycle"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([1, 2], 'JSON object with a "nodes" list'),
+        (doc([{"id": "a", "cost": 1}], []), "no output size"),
+        (doc([{"id": "a", "size": 1}], []), "no compute cost"),
+        (doc([{"id": "a", "cost": -1, "size": 1}], []), "must be a finite number >= 0"),
+        (doc([{"id": "a", "cost": "x", "size": 1}], []), "must be a finite number >= 0"),
+        (doc([{"id": "a", "cost": 1, "size": 1}], [("a", "z")]), 'not in "nodes"'),
+        (
+            doc(
+                [{"id": "a", "cost": 1, "size": 1}, {"id": "b", "cost": 1, "size": 1}],
+                [("a", "b"), ("b", "a")],
+            ),
+            "has a cycle",
+        ),
+    ],
+)
 def test_user_errors(data: Any, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         from_node_link(data)

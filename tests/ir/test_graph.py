@@ -28,11 +28,21 @@ def test_alias_chain_resolves_to_root():
 @pytest.mark.parametrize(
     "values, ops, message",
     [
-        ((Value(0, "a", 1, "f", (), Role.INPUT), Value(0, "b", 1, "f", (), Role.INPUT)), (), "duplicate value ids"),
+        (
+            (Value(0, "a", 1, "f", (), Role.INPUT), Value(0, "b", 1, "f", (), Role.INPUT)),
+            (),
+            "duplicate value ids",
+        ),
         ((Value(0, "a", 1, "f", (), Role.INPUT),), (Op(0, "o", "t", (5,), ()),), "reads unknown value id 5"),
         ((Value(0, "a", 1, "f", (), Role.INPUT),), (Op(0, "o", "t", (), (7,)),), "writes unknown value id 7"),
-        ((Value(0, "a", 0, "f", (), Role.INPUT, alias_of=1), Value(1, "b", 0, "f", (), Role.INPUT, alias_of=0)), (),
-         "alias cycle"),
+        (
+            (
+                Value(0, "a", 0, "f", (), Role.INPUT, alias_of=1),
+                Value(1, "b", 0, "f", (), Role.INPUT, alias_of=0),
+            ),
+            (),
+            "alias cycle",
+        ),
         ((Value(0, "a", 0, "f", (), Role.INPUT, alias_of=9),), (), "aliases unknown value 9"),
     ],
 )

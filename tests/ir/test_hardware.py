@@ -17,10 +17,23 @@ def test_presets_ship_and_load():
 
 
 def _desc(**over):
-    d = {"name": "mine", "device_kind": "cuda", "flops": 1e14, "mem_bw": 1e12,
-         "tiers": [{"name": "device", "capacity_bytes": 2**30, "read_bw": 1e12, "write_bw": 1e12, "latency_s": 0},
-                   {"name": "cxl", "capacity_bytes": 2**34, "read_bw": 6e10, "write_bw": 6e10, "latency_s": 3e-7,
-                    "numa_node": 2}]}
+    d = {
+        "name": "mine",
+        "device_kind": "cuda",
+        "flops": 1e14,
+        "mem_bw": 1e12,
+        "tiers": [
+            {"name": "device", "capacity_bytes": 2**30, "read_bw": 1e12, "write_bw": 1e12, "latency_s": 0},
+            {
+                "name": "cxl",
+                "capacity_bytes": 2**34,
+                "read_bw": 6e10,
+                "write_bw": 6e10,
+                "latency_s": 3e-7,
+                "numa_node": 2,
+            },
+        ],
+    }
     d.update(over)
     return d
 
@@ -37,10 +50,17 @@ def test_hardware_file(tmp_path):
     [
         (_desc(flops=-1), "invalid at flops"),
         (_desc(tiers=[]), "invalid at tiers"),
-        (_desc(tiers=[{"name": "host", "capacity_bytes": 1, "read_bw": 1, "write_bw": 1, "latency_s": 0}]),
-         "needs a tier named 'device'"),
-        (_desc(tiers=[{"name": "device", "capacity_bytes": 1, "read_bw": 1, "write_bw": 1, "latency_s": 0}] * 2),
-         "unique"),
+        (
+            _desc(tiers=[{"name": "host", "capacity_bytes": 1, "read_bw": 1, "write_bw": 1, "latency_s": 0}]),
+            "needs a tier named 'device'",
+        ),
+        (
+            _desc(
+                tiers=[{"name": "device", "capacity_bytes": 1, "read_bw": 1, "write_bw": 1, "latency_s": 0}]
+                * 2
+            ),
+            "unique",
+        ),
         (_desc(bogus=1), "Additional properties"),
     ],
 )

@@ -37,7 +37,9 @@ def test_roles_and_tied_weights():
     params = [v for v in graph.values if v.role == Role.PARAMETER]
     real = dict(loaded.module.named_parameters())
     roots = [v for v in params if v.alias_of is None]
-    assert sum(v.size_bytes for v in roots) == sum(p.numel() * 4 for p in real.values())  # lm_head tied to wte
+    assert sum(v.size_bytes for v in roots) == sum(
+        p.numel() * 4 for p in real.values()
+    )  # lm_head tied to wte
     grads = [graph.value(graph.storage_of(o)) for o in graph.outputs[1:]]
     assert len(graph.outputs) == 1 + len(real)
     assert all(g.role in (Role.GRADIENT, Role.PARAMETER) or g.alias_of is None for g in grads)

@@ -15,10 +15,15 @@ from memplan.solvers.packing import validate
 
 def chain_graph(n_ops: int = 6) -> Graph:
     """x -> op0 -> a0 -> op1 -> a1 ... with a weight read by every op; sizes vary so packing matters."""
-    values = [Value(0, "x", 4096, "float32", (1024,), Role.INPUT), Value(1, "w", 8192, "float32", (2048,), Role.PARAMETER)]
+    values = [
+        Value(0, "x", 4096, "float32", (1024,), Role.INPUT),
+        Value(1, "w", 8192, "float32", (2048,), Role.PARAMETER),
+    ]
     ops = []
     for i in range(n_ops):
-        out = Value(2 + i, f"a{i}", 1024 * (1 + (i * 7) % 5), "float32", (256 * (1 + (i * 7) % 5),), Role.ACTIVATION)
+        out = Value(
+            2 + i, f"a{i}", 1024 * (1 + (i * 7) % 5), "float32", (256 * (1 + (i * 7) % 5),), Role.ACTIVATION
+        )
         values.append(out)
         src = 0 if i == 0 else 2 + i - 1
         extra = (2 + i - 3,) if i >= 3 else ()  # a skip connection keeps an older activation alive
@@ -48,18 +53,22 @@ def test_offsets_pass_the_plan_verifier() -> None:
 
 def test_several_intervals_share_one_offset_and_ssd_is_page_aligned() -> None:
     ivs = [
-        Interval(1, "device", 0, 2, 3000), Interval(1, "device", 5, 8, 3000),  # swapped out over [2, 5)
+        Interval(1, "device", 0, 2, 3000),
+        Interval(1, "device", 5, 8, 3000),  # swapped out over [2, 5)
         Interval(1, "ssd", 2, 5, 3000),
         Interval(2, "device", 2, 5, 5000),  # may reuse value 1's bytes while it is away
         Interval(3, "device", 0, 8, 1000),
-        Interval(4, "ssd", 0, 8, 10000), Interval(5, "ssd", 3, 4, 100),
+        Interval(4, "ssd", 0, 8, 10000),
+        Interval(5, "ssd", 3, 4, 100),
     ]
     allocs = allocate.allocate_intervals(ivs, {"device": 64}, timeout_s=2.0)
     dev, ssd = allocs["device"], allocs["ssd"]
     assert dev.solution.height_bytes == dev.solution.lower_bound_bytes  # 5000 + 1000 (aligned) at best
     assert all(o % 4096 == 0 for o in ssd.offsets_bytes.values())
     for tier, a in allocs.items():
-        problem, ids = allocate.tier_problem([iv for iv in ivs if iv.tier == tier], 4096 if tier == "ssd" else 64)
+        problem, ids = allocate.tier_problem(
+            [iv for iv in ivs if iv.tier == tier], 4096 if tier == "ssd" else 64
+        )
         assert validate(problem, [a.offsets_bytes[v] for v in ids]) == []
 
 

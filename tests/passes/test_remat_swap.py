@@ -22,7 +22,9 @@ def graph():
 
 
 def _plan(graph, budget, **opts):
-    base = baseline_plan(graph, HW, Workload("train", 4, 64), {"device": budget, "ssd": 2**36}, "zoo:gpt2-tiny")
+    base = baseline_plan(
+        graph, HW, Workload("train", 4, 64), {"device": budget, "ssd": 2**36}, "zoo:gpt2-tiny"
+    )
     return run(graph, HW, base, RematSwapOptions(**opts)).plan, base
 
 
@@ -64,7 +66,9 @@ def test_budget_held_and_plan_valid(graph, fraction, opts):
 
 def test_peak_monotone_in_budget(graph):
     _, base = _plan(graph, 2**40)
-    peaks = [_peak(_plan(graph, int(base.predictions.peak_bytes["device"] * f))[0]) for f in (0.9, 0.75, 0.6, 0.45)]
+    peaks = [
+        _peak(_plan(graph, int(base.predictions.peak_bytes["device"] * f))[0]) for f in (0.9, 0.75, 0.6, 0.45)
+    ]
     assert peaks == sorted(peaks, reverse=True)
 
 

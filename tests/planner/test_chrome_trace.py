@@ -32,11 +32,14 @@ def offloaded(plan: Plan) -> Plan:
     """The plan with an activation swapped to host and back, a weight prefetched from SSD, a recompute, a
     free, and predictions recomputed from that residency."""
     by_id = {v.id: v for v in plan.tensors}
-    acts = [iv for iv in plan.residency
-            if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start >= 6]
+    acts = [
+        iv for iv in plan.residency if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start >= 6
+    ]
     swapped = max(acts, key=lambda iv: (iv.size_bytes, iv.end - iv.start))
-    streamed = max((iv for iv in plan.residency if by_id[iv.value_id].role == Role.PARAMETER),
-                   key=lambda iv: iv.size_bytes)
+    streamed = max(
+        (iv for iv in plan.residency if by_id[iv.value_id].role == Role.PARAMETER),
+        key=lambda iv: iv.size_bytes,
+    )
     s, e, mid = swapped.start, swapped.end, (swapped.start + swapped.end) // 2
     residency = [iv for iv in plan.residency if iv not in (swapped, streamed)] + [
         Interval(swapped.value_id, "device", s, s + 2, swapped.size_bytes),
@@ -49,19 +52,49 @@ def offloaded(plan: Plan) -> Plan:
     rebuilt = next(op for op in plan.ops[mid:] if by_id[op.outputs[0]].size_bytes > 0)
     step_r = plan.ops.index(rebuilt)
     extra = [
-        Event("swap_out", s + 1, value_id=swapped.value_id, src_tier="device", dst_tier="host",
-              start_s=t[s + 1], duration_s=2e-6),
-        Event("swap_in", e - 3, value_id=swapped.value_id, src_tier="host", dst_tier="device",
-              start_s=t[e - 3], duration_s=2e-6),
-        Event("prefetch", mid - 1, value_id=streamed.value_id, src_tier="ssd", dst_tier="device",
-              start_s=t[mid - 1], duration_s=5e-6),
-        Event("recompute", step_r, op_id=rebuilt.id, value_id=rebuilt.outputs[0], start_s=t[step_r],
-              duration_s=1e-6),
+        Event(
+            "swap_out",
+            s + 1,
+            value_id=swapped.value_id,
+            src_tier="device",
+            dst_tier="host",
+            start_s=t[s + 1],
+            duration_s=2e-6,
+        ),
+        Event(
+            "swap_in",
+            e - 3,
+            value_id=swapped.value_id,
+            src_tier="host",
+            dst_tier="device",
+            start_s=t[e - 3],
+            duration_s=2e-6,
+        ),
+        Event(
+            "prefetch",
+            mid - 1,
+            value_id=streamed.value_id,
+            src_tier="ssd",
+            dst_tier="device",
+            start_s=t[mid - 1],
+            duration_s=5e-6,
+        ),
+        Event(
+            "recompute",
+            step_r,
+            op_id=rebuilt.id,
+            value_id=rebuilt.outputs[0],
+            start_s=t[step_r],
+            duration_s=1e-6,
+        ),
         Event("free", step_r + 1, value_id=rebuilt.outputs[0], src_tier="device", start_s=t[step_r + 1]),
     ]
     events = tuple(sorted((*plan.events, *extra), key=lambda ev: (ev.start_s, ev.step)))
-    return plan.with_(residency=tuple(residency), events=events,
-                      predictions=predictions_for(plan.graph(), residency, events))
+    return plan.with_(
+        residency=tuple(residency),
+        events=events,
+        predictions=predictions_for(plan.graph(), residency, events),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +198,10 @@ def test_huge_plan_is_capped(plan: Plan) -> None:
     starts = rng.integers(0, n - 1, size=k)
     ends = np.minimum(starts + rng.integers(1, 2000, size=k), n).tolist()
     sizes = rng.integers(1, 10**8, size=k).tolist()
-    res = tuple(Interval(vids[i], "device" if i % 3 else "host", s, ends[i], sizes[i])
-                for i, s in enumerate(starts.tolist()))
+    res = tuple(
+        Interval(vids[i], "device" if i % 3 else "host", s, ends[i], sizes[i])
+        for i, s in enumerate(starts.tolist())
+    )
     events = tuple(Event("compute", i, start_s=i * 1e-5, duration_s=1e-5) for i in range(0, n, 10))
     big = plan.with_(residency=res, events=events)
     counters = [e for e in json.loads(chrome_trace(big))["traceEvents"] if e["ph"] == "C"]
@@ -177,7 +212,9 @@ def test_huge_plan_is_capped(plan: Plan) -> None:
 
 
 def test_step_times_fill_gaps_and_never_decrease(plan: Plan) -> None:
-    events = (Event("compute", 0, start_s=0.0, duration_s=1.0),
-              Event("compute", 3, start_s=2.0, duration_s=0.5))
+    events = (
+        Event("compute", 0, start_s=0.0, duration_s=1.0),
+        Event("compute", 3, start_s=2.0, duration_s=0.5),
+    )
     times = step_times_s(plan.with_(events=events), 4)
     assert times.tolist() == [0.0, 0.0, 0.0, 2.0, 2.5]

@@ -10,8 +10,22 @@ from memplan.planner.cli import main
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "plan.json"
-    rc = main(["plan", "zoo:gpt2-tiny", "--mode", "train", "--budget", "64MiB", "--batch", "2", "--seq", "16",
-               "-o", str(path)])
+    rc = main(
+        [
+            "plan",
+            "zoo:gpt2-tiny",
+            "--mode",
+            "train",
+            "--budget",
+            "64MiB",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "-o",
+            str(path),
+        ]
+    )
     assert rc == 0
     return path
 
@@ -40,7 +54,9 @@ def test_verify_fails_on_a_broken_plan(plan_file, tmp_path, capsys):
 
 
 def test_infeasible_exit_code(tmp_path, capsys):
-    rc = main(["plan", "zoo:gpt2-tiny", "--mode", "infer", "--budget", "1KiB", "-o", str(tmp_path / "p.json")])
+    rc = main(
+        ["plan", "zoo:gpt2-tiny", "--mode", "infer", "--budget", "1KiB", "-o", str(tmp_path / "p.json")]
+    )
     assert rc == 3
     assert "infeasible" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
@@ -73,6 +89,9 @@ def test_zoo_lists_models(capsys):
 
 def test_run_inside_the_arena(tmp_path, capsys):
     path = tmp_path / "infer.json"
-    assert main(["plan", "zoo:gpt2-tiny", "--mode", "infer", "--batch", "2", "--seq", "16", "-o", str(path)]) == 0
+    assert (
+        main(["plan", "zoo:gpt2-tiny", "--mode", "infer", "--batch", "2", "--seq", "16", "-o", str(path)])
+        == 0
+    )
     assert main(["run", str(path), "--arena"]) == 0
     assert "arena run OK" in capsys.readouterr().out

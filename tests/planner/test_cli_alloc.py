@@ -49,7 +49,9 @@ def test_infeasible_capacity_exit_code(small: Path, capsys: pytest.CaptureFixtur
 
 
 def test_no_packing_in_time_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run([str(DATA / "J.1048576.csv"), "--capacity", "1048576", "--timeout", "0.05"]) == alloc.EXIT_TIMEOUT
+    assert (
+        run([str(DATA / "J.1048576.csv"), "--capacity", "1048576", "--timeout", "0.05"]) == alloc.EXIT_TIMEOUT
+    )
     assert "no packing found in 0.05 s" in capsys.readouterr().err
 
 

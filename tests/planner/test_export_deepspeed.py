@@ -15,8 +15,14 @@ from memplan.planner.exporters import EXPORTERS
 from memplan.planner.exporters.deepspeed import deepspeed_config
 from memplan.planner.plan import Plan
 
-AC_KEYS = {"partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
-           "number_checkpoints", "synchronize_checkpoint_boundary", "profile"}
+AC_KEYS = {
+    "partition_activations",
+    "cpu_checkpointing",
+    "contiguous_memory_optimization",
+    "number_checkpoints",
+    "synchronize_checkpoint_boundary",
+    "profile",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +33,10 @@ def swap_plan() -> Plan:
 
 def with_decisions(plan: Plan, tier: str | None, change: dict[str, str]) -> Plan:
     """The plan with some tensors' decisions replaced (by name) and the swap tier set."""
-    tensors = [t | {"decision": change.get(t["name"], t["decision"])}
-               for t in plan.decisions["remat_swap"]["tensors"]]
+    tensors = [
+        t | {"decision": change.get(t["name"], t["decision"])}
+        for t in plan.decisions["remat_swap"]["tensors"]
+    ]
     return plan.with_(decisions={"remat_swap": {"tier": tier, "tensors": tensors}})
 
 

@@ -31,8 +31,15 @@ def recompute_plan() -> Plan:
     loaded = load_model("zoo:gpt2-tiny", "train", batch=BATCH, seq=SEQ)
     graph, _ = capture(loaded, "train", "none")
     workload = Workload("train", BATCH, SEQ)
-    return run_pipeline(graph, load_hardware("cpu"), workload, 4 * 2**20, "zoo:gpt2-tiny", [RematSwap()],
-                        options={"remat_swap": RematSwapOptions(allow_swap=False)})
+    return run_pipeline(
+        graph,
+        load_hardware("cpu"),
+        workload,
+        4 * 2**20,
+        "zoo:gpt2-tiny",
+        [RematSwap()],
+        options={"remat_swap": RematSwapOptions(allow_swap=False)},
+    )
 
 
 def load_module(text: str, tmp_path: Path) -> types.ModuleType:
@@ -103,8 +110,10 @@ def test_module_does_not_import_memplan(recompute_plan: Plan) -> None:
 
 
 def test_block_without_recompute_runs_plain(recompute_plan: Plan, tmp_path: Path) -> None:
-    tensors = [t | {"decision": "keep", "recompute_ops": []} if t["layer"] == 1 else t
-               for t in recompute_plan.decisions["remat_swap"]["tensors"]]
+    tensors = [
+        t | {"decision": "keep", "recompute_ops": []} if t["layer"] == 1 else t
+        for t in recompute_plan.decisions["remat_swap"]["tensors"]
+    ]
     plan = recompute_plan.with_(decisions={"remat_swap": {"tier": None, "tensors": tensors}})
     sac = load_module(torch_sac(plan), tmp_path)
     block = zoo.get("gpt2-tiny").build("cpu").transformer.h[1]

@@ -97,11 +97,13 @@ def test_reader_without_memplan(plan: Plan, tmp_path: Path) -> None:
     script, path = tmp_path / "peak.py", tmp_path / "plan.json"
     script.write_text(code)
     plan.save(str(path))
-    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=True,
-                         cwd=tmp_path).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout.splitlines()
     step = plan.predictions.peak_step["device"]
-    assert out[0] == (f"device peak {plan.predictions.peak_bytes['device']} bytes at step {step} "
-                      f"({plan.ops[step].name})")
+    assert out[0] == (
+        f"device peak {plan.predictions.peak_bytes['device']} bytes at step {step} ({plan.ops[step].name})"
+    )
     assert len(out) == 11
     by_name = {v.name: v for v in plan.tensors}
     sizes = [int(line.split()[0]) for line in out[1:]]

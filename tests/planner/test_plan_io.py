@@ -6,8 +6,8 @@ import pytest
 from memplan.errors import PlanMismatch
 from memplan.ir.hardware import load_hardware
 from memplan.planner.baseline import baseline_plan
-from memplan.planner.plan import Plan, Workload, fingerprint
 from memplan.planner.files import atomic_write_text
+from memplan.planner.plan import Plan, Workload, fingerprint
 from memplan.planner.plan_io import load_plan, plan_to_dict, save_plan
 from tests.graphs import chain
 
@@ -15,7 +15,9 @@ from tests.graphs import chain
 @pytest.fixture
 def plan() -> Plan:
     g = chain([64, 128, 256, 64], param_bytes=512)
-    return baseline_plan(g, load_hardware("a100-40gb"), Workload("infer", 1, 8), {"device": 4096}, "test:chain")
+    return baseline_plan(
+        g, load_hardware("a100-40gb"), Workload("infer", 1, 8), {"device": 4096}, "test:chain"
+    )
 
 
 def test_round_trip(plan, tmp_path):

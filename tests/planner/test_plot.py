@@ -27,13 +27,16 @@ def plan() -> Plan:
 def two_tiers(plan: Plan) -> Plan:
     """The largest activation moved to the host for the middle of its life."""
     by_id = {v.id: v for v in plan.tensors}
-    acts = [iv for iv in plan.residency
-            if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start > 4]
+    acts = [
+        iv for iv in plan.residency if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start > 4
+    ]
     iv = max(acts, key=lambda iv: iv.size_bytes)
     rest = [r for r in plan.residency if r != iv]
-    moved = [Interval(iv.value_id, "device", iv.start, iv.start + 1, iv.size_bytes),
-             Interval(iv.value_id, "host", iv.start + 1, iv.end - 1, iv.size_bytes),
-             Interval(iv.value_id, "device", iv.end - 1, iv.end, iv.size_bytes)]
+    moved = [
+        Interval(iv.value_id, "device", iv.start, iv.start + 1, iv.size_bytes),
+        Interval(iv.value_id, "host", iv.start + 1, iv.end - 1, iv.size_bytes),
+        Interval(iv.value_id, "device", iv.end - 1, iv.end, iv.size_bytes),
+    ]
     return plan.with_(residency=tuple(rest + moved))
 
 
@@ -47,8 +50,9 @@ def test_png_written_atomically(plan: Plan, tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["timeline.png"]
 
 
-def test_failed_write_keeps_the_old_file_and_leaves_no_temp(plan: Plan, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(
+    plan: Plan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "timeline.png"
     out.write_bytes(b"old")
 
@@ -81,8 +85,11 @@ def test_role_stacks_add_up_to_the_timeline(two_tiers: Plan) -> None:
     assert int(host.by_role[ROLES.index(Role.ACTIVATION)].max()) == host_iv.size_bytes
     assert int(host.total[host_iv.start - 1]) == 0 and int(host.total[host_iv.end]) == 0
     by_id = {v.id: v for v in two_tiers.tensors}
-    params = sum(iv.size_bytes for iv in two_tiers.residency
-                 if iv.tier == "device" and by_id[iv.value_id].role == Role.PARAMETER and iv.start == 0)
+    params = sum(
+        iv.size_bytes
+        for iv in two_tiers.residency
+        if iv.tier == "device" and by_id[iv.value_id].role == Role.PARAMETER and iv.start == 0
+    )
     assert int(device.by_role[ROLES.index(Role.PARAMETER), 0]) == params
 
 

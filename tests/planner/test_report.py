@@ -25,23 +25,26 @@ def plan() -> Plan:
 def rich_plan(plan: Plan) -> Plan:
     """The plan with its largest activation on the host mid-life, a solver pass, decisions, warnings."""
     by_id = {v.id: v for v in plan.tensors}
-    acts = [iv for iv in plan.residency
-            if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start > 4]
+    acts = [
+        iv for iv in plan.residency if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start > 4
+    ]
     iv = max(acts, key=lambda iv: iv.size_bytes)
     residency = [r for r in plan.residency if r != iv] + [
         Interval(iv.value_id, "device", iv.start, iv.start + 1, iv.size_bytes),
         Interval(iv.value_id, "host", iv.start + 1, iv.end - 1, iv.size_bytes),
         Interval(iv.value_id, "device", iv.end - 1, iv.end, iv.size_bytes),
     ]
-    solver = SolverReport("highs", "feasible", objective=1234.5, bound=1200.0, gap=0.0279, time_s=0.5,
-                          time_limit_s=10)
+    solver = SolverReport(
+        "highs", "feasible", objective=1234.5, bound=1200.0, gap=0.0279, time_s=0.5, time_limit_s=10
+    )
     extra = PassReport("remat_swap", 0.75, solver, ("swap 1 activation to host", "saves [64 KiB]"))
     return plan.with_(
         residency=tuple(residency),
         predictions=predictions_for(plan.graph(), residency, plan.events),
         passes=(*plan.passes, extra),
-        decisions={"remat_swap": {"swapped": [iv.value_id], "kept": 12, "policy": "greedy",
-                                  "ratio": 0.123456}},
+        decisions={
+            "remat_swap": {"swapped": [iv.value_id], "kept": 12, "policy": "greedy", "ratio": 0.123456}
+        },
         warnings=("op foo had no cost formula [estimated]",),
     )
 
@@ -81,8 +84,17 @@ def test_summary_text(plan: Plan) -> None:
     text = summary_text(plan)
     assert plan.summary() == text
     s = summarize(plan)
-    for needle in ("gpt2-tiny", "train, batch 2", "Peak per tier", "device", "1.00 GiB",
-                   format_size(plan.predictions.peak_bytes["device"]), "baseline", "trivial", "Warnings (0)"):
+    for needle in (
+        "gpt2-tiny",
+        "train, batch 2",
+        "Peak per tier",
+        "device",
+        "1.00 GiB",
+        format_size(plan.predictions.peak_bytes["device"]),
+        "baseline",
+        "trivial",
+        "Warnings (0)",
+    ):
         assert needle in text, needle
     for t in s.top_tensors:
         assert t.name in text
@@ -93,11 +105,26 @@ def test_passes_decisions_and_warnings(rich_plan: Plan) -> None:
     s = summarize(rich_plan)
     row = s.passes[-1]
     assert (row.name, row.solver, row.status, row.objective, row.bound, row.gap) == (
-        "remat_swap", "highs", "feasible", 1234.5, 1200.0, 0.0279)
+        "remat_swap",
+        "highs",
+        "feasible",
+        1234.5,
+        1200.0,
+        0.0279,
+    )
     assert dict(s.decisions)["remat_swap"] == 'swapped=[1 items], kept=12, policy="greedy", ratio=0.1235'
     text = summary_text(rich_plan)
-    for needle in ("remat_swap", "highs", "feasible", "1234.5", "2.79%", "swap 1 activation to host",
-                   "kept=12", "Warnings (1)", "op foo had no cost formula [estimated]"):
+    for needle in (
+        "remat_swap",
+        "highs",
+        "feasible",
+        "1234.5",
+        "2.79%",
+        "swap 1 activation to host",
+        "kept=12",
+        "Warnings (1)",
+        "op foo had no cost formula [estimated]",
+    ):
         assert needle in text, needle
     host = next(t for t in s.tiers if t.tier == "host")
     assert host.peak_bytes > 0 and host.budget_bytes is None and host.vs_max_load is None
@@ -114,7 +141,16 @@ def test_render_summary_shows_the_same_tables(rich_plan: Plan) -> None:
     render_summary(rich_plan, console)
     out = console.export_text()
     s = summarize(rich_plan)
-    needles = ["Peak per tier", "host", "remat_swap", "2.79%", "kept=12", "swapped=[1 items]",
-               "op foo had no cost formula [estimated]", "saves [64 KiB]", *(t.name for t in s.top_tensors)]
+    needles = [
+        "Peak per tier",
+        "host",
+        "remat_swap",
+        "2.79%",
+        "kept=12",
+        "swapped=[1 items]",
+        "op foo had no cost formula [estimated]",
+        "saves [64 KiB]",
+        *(t.name for t in s.top_tensors),
+    ]
     for needle in needles:
         assert needle in out, needle

@@ -6,8 +6,16 @@ from memplan.planner.sizes import format_size, parse_size
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("512MiB", 512 * 2**20), ("16GiB", 16 * 2**30), ("2GB", 2 * 10**9), ("1048576", 1048576),
-     ("1.5KiB", 1536), (" 3 gib ", 3 * 2**30), (4096, 4096), ("10b", 10)],
+    [
+        ("512MiB", 512 * 2**20),
+        ("16GiB", 16 * 2**30),
+        ("2GB", 2 * 10**9),
+        ("1048576", 1048576),
+        ("1.5KiB", 1536),
+        (" 3 gib ", 3 * 2**30),
+        (4096, 4096),
+        ("10b", 10),
+    ],
 )
 def test_parse(text, expected):
     assert parse_size(text) == expected

@@ -10,7 +10,9 @@ from tests.graphs import chain
 
 def _plan(budget=10**6):
     g = chain([64, 128, 256, 64])
-    return baseline_plan(g, load_hardware("a100-40gb"), Workload("infer", 1), {"device": budget, "ssd": 10**9}, "t")
+    return baseline_plan(
+        g, load_hardware("a100-40gb"), Workload("infer", 1), {"device": budget, "ssd": 10**9}, "t"
+    )
 
 
 def _kinds(plan):
@@ -55,6 +57,7 @@ def test_offsets_overlap_and_bounds():
 
 def test_bad_references():
     p = _plan()
-    bad = p.with_(residency=(*p.residency, Interval(99, "device", 0, 1, 8)),
-                  events=(*p.events, Event("compute", 50)))
+    bad = p.with_(
+        residency=(*p.residency, Interval(99, "device", 0, 1, 8)), events=(*p.events, Event("compute", 50))
+    )
     assert "bad-reference" in _kinds(bad)

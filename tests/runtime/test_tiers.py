@@ -153,7 +153,9 @@ class GatedBackend(MemoryBackend):
         assert self.gate.wait(10)
         return super().write(key, data, ready)
 
-    def read(self, stored: torch.Tensor, device: torch.device, consumer: Any, out: Any = None) -> torch.Tensor:
+    def read(
+        self, stored: torch.Tensor, device: torch.device, consumer: Any, out: Any = None
+    ) -> torch.Tensor:
         assert self.gate.wait(10)
         time.sleep(self.delay_s)
         return super().read(stored, device, consumer, out)

@@ -35,7 +35,9 @@ def _step(model, inputs, plan=None):
     return loss.detach(), [p.grad.clone() for p in params], tracker.result.peak_bytes
 
 
-@pytest.mark.parametrize("fraction, opts", [(0.75, {"allow_swap": False}), (0.5, {}), (0.6, {"per_layer": True})])
+@pytest.mark.parametrize(
+    "fraction, opts", [(0.75, {"allow_swap": False}), (0.5, {}), (0.6, {"per_layer": True})]
+)
 def test_same_gradients_and_peak_under_budget(setup, fraction, opts):
     model, inputs, base_peak, ref_loss, ref_grads, ref_peak = setup
     budget = int(base_peak * fraction)
@@ -46,13 +48,22 @@ def test_same_gradients_and_peak_under_budget(setup, fraction, opts):
 
     loaded = load_model(model, "train", inputs)
     graph, _ = capture(loaded, "train")
-    plan = run_pipeline(graph, memplan.ir.load_hardware("cpu"), Workload("train", 4, 64), budget,
-                        "module", [RematSwap()], {"remat_swap": RematSwapOptions(**opts)})
+    plan = run_pipeline(
+        graph,
+        memplan.ir.load_hardware("cpu"),
+        Workload("train", 4, 64),
+        budget,
+        "module",
+        [RematSwap()],
+        {"remat_swap": RematSwapOptions(**opts)},
+    )
     moved = {t["decision"] for t in plan.decisions["remat_swap"]["tensors"]} - {"keep"}
     assert moved
     loss, grads, peak = _step(model, inputs, plan)
     assert torch.equal(loss, ref_loss)
-    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))  # bitwise: same ops, same order
+    assert all(
+        torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True)
+    )  # bitwise: same ops, same order
     assert peak <= budget < ref_peak
     assert abs(peak - plan.predictions.peak_bytes["device"]) <= 0.05 * peak
 
@@ -74,7 +85,10 @@ def test_wrong_model_or_mode_refused(setup):
     model, inputs, *_ = setup
     plan = memplan.plan(model, inputs, mode="train", budget="1GiB")
     other = load_model("zoo:llama-tiny", "train", batch=4, seq=64, device="cpu")
-    with pytest.raises(PlanMismatch, match="not the one the plan was made for"), memplan.applied(plan, other.module):
+    with (
+        pytest.raises(PlanMismatch, match="not the one the plan was made for"),
+        memplan.applied(plan, other.module),
+    ):
         other.module(*other.example_inputs)
     infer = memplan.plan("zoo:gpt2-tiny", mode="infer", budget="1GiB")
     with pytest.raises(InvalidInput, match="training plan"), memplan.applied(infer, model):

@@ -67,8 +67,9 @@ def from_node_link(data: Any, name: str = "graph") -> DagGraph:
         order = list(nx.lexicographical_topological_sort(g, key=pos.__getitem__))
     except nx.NetworkXUnfeasible:
         cycle = " -> ".join(str(u) for u, _ in nx.find_cycle(g))
-        raise InvalidInput(f"graph {name!r} has a cycle ({cycle}); a recomputation problem needs a DAG") \
-            from None
+        raise InvalidInput(
+            f"graph {name!r} has a cycle ({cycle}); a recomputation problem needs a DAG"
+        ) from None
     index = {node: i for i, node in enumerate(order)}
     cost = tuple(_number(g.nodes[v], COST_KEYS, v, "compute cost") for v in order)
     size = tuple(math.ceil(_number(g.nodes[v], SIZE_KEYS, v, "output size")) for v in order)
@@ -79,19 +80,23 @@ def from_node_link(data: Any, name: str = "graph") -> DagGraph:
 
 def _digraph(data: Any) -> nx.DiGraph:
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
-        raise InvalidInput("a node-link graph is a JSON object with a \"nodes\" list and a \"links\" (or "
-                           "\"edges\") list, as written by networkx.node_link_data")
+        raise InvalidInput(
+            'a node-link graph is a JSON object with a "nodes" list and a "links" (or '
+            '"edges") list, as written by networkx.node_link_data'
+        )
     edges = "edges" if "edges" in data else "links"
     doc = {**data, "directed": True, "multigraph": False, edges: data.get(edges, [])}
     try:
         g = nx.node_link_graph(doc, edges=edges)
     except (KeyError, TypeError, nx.NetworkXError) as e:
-        raise InvalidInput(f"malformed node-link graph: {type(e).__name__}: {e} (every node needs an \"id\", "
-                           "every link a \"source\" and a \"target\")") from e
+        raise InvalidInput(
+            f'malformed node-link graph: {type(e).__name__}: {e} (every node needs an "id", '
+            'every link a "source" and a "target")'
+        ) from e
     known = {n["id"] for n in data["nodes"] if isinstance(n, dict) and "id" in n}
     stray = [e for e in doc[edges] if e.get("source") not in known or e.get("target") not in known]
     if stray:
-        raise InvalidInput(f"link {stray[0]} names a node that is not in \"nodes\"")
+        raise InvalidInput(f'link {stray[0]} names a node that is not in "nodes"')
     return g
 
 
@@ -115,8 +120,9 @@ def graph_to_node_link(graph: Graph) -> dict[str, Any]:
             continue
         owner.update({v: i for v in fresh})
         size = sum(graph.value(v).size_bytes for v in fresh)
-        nodes.append({"id": op.name, "cost": float(op.flops), "size": size, "target": op.target,
-                      "layer": op.layer})
+        nodes.append(
+            {"id": op.name, "cost": float(op.flops), "size": size, "target": op.target, "layer": op.layer}
+        )
     links: set[tuple[str, str]] = set()
     for i, op in enumerate(graph.ops):
         if i not in owner.values():
@@ -129,5 +135,10 @@ def graph_to_node_link(graph: Graph) -> dict[str, Any]:
     if outs:
         nodes.append({"id": SINK, "cost": 0.0, "size": 0, "target": "output", "layer": None})
         links |= {(graph.ops[p].name, SINK) for p in outs}
-    return {"directed": True, "multigraph": False, "graph": {"name": graph.name}, "nodes": nodes,
-            "links": [{"source": s, "target": t} for s, t in sorted(links)]}
+    return {
+        "directed": True,
+        "multigraph": False,
+        "graph": {"name": graph.name},
+        "nodes": nodes,
+        "links": [{"source": s, "target": t} for s, t in sorted(links)],
+    }

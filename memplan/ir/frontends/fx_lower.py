@@ -103,7 +103,9 @@ def _alias_sources(node: torch.fx.Node) -> list[torch.fx.Node | None]:
 class _Builder:
     """Accumulates values and ops while walking the FX graph once, in node order."""
 
-    def __init__(self, roles: Mapping[str, Role], state_names: Mapping[str, str], ties: Mapping[str, str]) -> None:
+    def __init__(
+        self, roles: Mapping[str, Role], state_names: Mapping[str, str], ties: Mapping[str, str]
+    ) -> None:
         self.roles, self.state_names, self.ties = roles, state_names, ties
         self.values: list[Value] = []
         self.ops: list[Op] = []
@@ -119,10 +121,32 @@ class _Builder:
         name = base if idx == 0 else f"{base}.{idx}"
         size = 0 if alias_of is not None else _storage_bytes(t)
         self.values.append(
-            Value(vid, name, size, _dtype_name(t), tuple(int(d) for d in t.shape), role, alias_of, path,
-                  layer_of(path))
+            Value(
+                vid,
+                name,
+                size,
+                _dtype_name(t),
+                tuple(int(d) for d in t.shape),
+                role,
+                alias_of,
+                path,
+                layer_of(path),
+            )
         )
         return vid
+
+    def visit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+        """Lower one node that is not the output."""
+        if node.op == "placeholder":
+            self.placeholder(node)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            self.getitem(node)
+        elif node.op == "call_function":
+            self.call(node)
+        elif node.op == "get_attr":
+            val = getattr(gm, str(node.target), None)
+            if isinstance(val, torch.Tensor):
+                self.node_values[node.name] = (self.new_value(node, val, 0, None),)
 
     def placeholder(self, node: torch.fx.Node) -> None:
         val = node.meta.get("val")
@@ -154,7 +178,9 @@ class _Builder:
             sources = sources * len(outs)
         for i in positions:
             src = sources[i] if i < len(sources) else None
-            alias = self.node_values[src.name][0] if src is not None and src.name in self.node_values else None
+            alias = (
+                self.node_values[src.name][0] if src is not None and src.name in self.node_values else None
+            )
             ids.append(self.new_value(node, outs[i], i, alias))
         self.node_values[node.name] = tuple(ids)
         self.add_op(node, ids, val, aliasing=all(self.values[v].alias_of is not None for v in ids))
@@ -172,8 +198,19 @@ class _Builder:
             self.unknown[target] += 1
         path = _module_path(node)
         self.ops.append(
-            Op(len(self.ops), node.name, target, tuple(ins), tuple(out_ids), cost.flops, cost.bytes_read,
-               cost.bytes_written, path, layer_of(path), cost.known)
+            Op(
+                len(self.ops),
+                node.name,
+                target,
+                tuple(ins),
+                tuple(out_ids),
+                cost.flops,
+                cost.bytes_read,
+                cost.bytes_written,
+                path,
+                layer_of(path),
+                cost.known,
+            )
         )
 
 
@@ -214,21 +251,12 @@ def lower_fx(
     b = _Builder(roles or {}, state_names or {}, ties or {})
     out_ids: list[int] = []
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            b.placeholder(node)
-        elif node.op == "call_function" and node.target is operator.getitem:
-            b.getitem(node)
-        elif node.op == "call_function":
-            b.call(node)
-        elif node.op == "output":
+        if node.op == "output":
             for a in torch.utils._pytree.tree_leaves(node.args):
                 if isinstance(a, torch.fx.Node):
                     out_ids.extend(b.node_values.get(a.name, ()))
-        elif node.op == "get_attr":
-            val = getattr(gm, str(node.target), None)
-            if isinstance(val, torch.Tensor):
-                vid = b.new_value(node, val, 0, None)
-                b.node_values[node.name] = (vid,)
+        else:
+            b.visit(gm, node)
     _apply_output_roles(b.values, out_ids, output_roles or ())
     warnings = []
     if b.unknown:

@@ -54,11 +54,15 @@ def from_exported(ep: ExportedProgram, name: str, state_ties: dict[str, str] | N
         Role.OUTPUT if s.kind == OutputKind.USER_OUTPUT else None for s in ep.graph_signature.output_specs
     ]
     by_target = {t: n for n, t in state.items()}
-    ties = {by_target[a]: by_target[b] for a, b in (state_ties or {}).items() if a in by_target and b in by_target}
+    ties = {
+        by_target[a]: by_target[b] for a, b in (state_ties or {}).items() if a in by_target and b in by_target
+    }
     return lower_fx(ep.graph_module, name, roles, state, out_roles, ties)
 
 
-def capture_inference(model: torch.nn.Module, example_inputs: Sequence[Any], name: str | None = None) -> Capture:
+def capture_inference(
+    model: torch.nn.Module, example_inputs: Sequence[Any], name: str | None = None
+) -> Capture:
     """Capture one inference forward of `model` on `example_inputs` (no autograd) into the IR."""
     was_training = model.training
     model.eval()

@@ -25,7 +25,9 @@ def _is_aten_with_meta(gm: torch.fx.GraphModule) -> bool:
     )
 
 
-def from_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str | None = None) -> Capture:
+def from_fx(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str | None = None
+) -> Capture:
     """Lower `gm` into the IR (directly if it is ATen-level with metadata, else through torch.export)."""
     name = name or type(gm).__name__
     if not _is_aten_with_meta(gm):

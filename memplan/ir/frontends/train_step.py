@@ -36,9 +36,15 @@ def _adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     p.addcdiv_(m, denom, value=-lr / (1 - b1))
 
 
-def _make_step(model: torch.nn.Module, loss_fn: LossFn, names: list[str], optimizer: Optimizer) -> Callable[..., Any]:
-    def step(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], state: list[torch.Tensor],
-             *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _make_step(
+    model: torch.nn.Module, loss_fn: LossFn, names: list[str], optimizer: Optimizer
+) -> Callable[..., Any]:
+    def step(
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        state: list[torch.Tensor],
+        *inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         loss = torch.func.functional_call(model, (params, buffers), inputs, tie_weights=True, strict=False)
         loss = loss_fn(loss, *inputs) if loss_fn is not None else loss
         grads = torch.autograd.grad(loss, [params[n] for n in names])
@@ -74,7 +80,9 @@ def capture_train_step(
     step = _make_step(model, loss_fn, names, optimizer)  # type: ignore[arg-type]
     try:
         with _module_spans(model) as spans:
-            gm = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(params, buffers, state, *example_inputs)
+            gm = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(
+                params, buffers, state, *example_inputs
+            )
     except Exception as e:
         raise CaptureError(
             f"could not trace a training step of {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}\n"
@@ -107,8 +115,10 @@ def _module_spans(model: torch.nn.Module) -> Iterator[list[tuple[int, int, str]]
             path, start = stack.pop()
             spans.append((start, _node_count(), path))
 
-    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-             torch.nn.modules.module.register_module_forward_hook(post)]
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(pre),
+        torch.nn.modules.module.register_module_forward_hook(post),
+    ]
     try:
         yield spans
     finally:
@@ -136,22 +146,32 @@ def _annotate_modules(gm: torch.fx.GraphModule, spans: list[tuple[int, int, str]
             path = best[i][1]
             forward.add(node.name)
         else:  # backward: the deepest path among the forward values it reads (a layer's beats the model's)
-            inherited = [paths[a.name] for a in node.all_input_nodes if a.name in forward and paths.get(a.name)]
+            inherited = [
+                paths[a.name] for a in node.all_input_nodes if a.name in forward and paths.get(a.name)
+            ]
             path = max(inherited, key=lambda q: (layer_of(q) is not None, len(q)), default=prev)
         paths[node.name] = prev = path
         if path:
             node.meta["nn_module_stack"] = {path: (path, "")}
 
 
-def _lower_step(gm: torch.fx.GraphModule, name: str, params: list[str], buffers: list[str], n_state: int,
-                ties: dict[str, str]) -> Capture:
+def _lower_step(
+    gm: torch.fx.GraphModule,
+    name: str,
+    params: list[str],
+    buffers: list[str],
+    n_state: int,
+    ties: dict[str, str],
+) -> Capture:
     """Name the placeholders (flattened in call order: params, buffers, state, inputs) and outputs."""
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     roles: dict[str, Role] = {}
     state_names: dict[str, str] = {}
     kinds = [(p, Role.PARAMETER) for p in params] + [(b, Role.BUFFER) for b in buffers]
-    kinds += [(f"optimizer_state.{params[i // 2]}.{'exp_avg_sq' if i % 2 else 'exp_avg'}", Role.OPTIMIZER_STATE)
-              for i in range(n_state)]
+    kinds += [
+        (f"optimizer_state.{params[i // 2]}.{'exp_avg_sq' if i % 2 else 'exp_avg'}", Role.OPTIMIZER_STATE)
+        for i in range(n_state)
+    ]
     for ph, (qual, role) in zip(placeholders, kinds, strict=False):
         roles[ph] = role
         state_names[ph] = qual

@@ -23,8 +23,12 @@ EXIT_INVALID, EXIT_INFEASIBLE, EXIT_TIMEOUT = 1, 3, 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("alloc", help="offsets for buffers in a MiniMalloc CSV (static memory allocation)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "alloc",
+        help="offsets for buffers in a MiniMalloc CSV (static memory allocation)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("problem", help="CSV with id,lower,upper,size[,alignment] (and offset, for --validate)")
     p.add_argument("--capacity", help="arena size in bytes (e.g. 1048576 or 1MiB); default: minimise")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for the solver (default 10)")
@@ -68,15 +72,21 @@ def _summary(problem: Problem, sol: Solution, timeout_s: float) -> str:
     n = len(problem.buffers)
     cap = problem.capacity_bytes
     if sol.status is Status.INFEASIBLE:
-        return (f"[red]infeasible[/red] at capacity {cap}: no packing of the {n} buffers fits "
-                f"(proven lower bound {sol.lower_bound_bytes} bytes, by {sol.solver})")
+        return (
+            f"[red]infeasible[/red] at capacity {cap}: no packing of the {n} buffers fits "
+            f"(proven lower bound {sol.lower_bound_bytes} bytes, by {sol.solver})"
+        )
     if sol.status is Status.TIMEOUT:
         best = f"; lowest packing found needs {sol.height_bytes} bytes" if sol.height_bytes else ""
-        return (f"[yellow]no packing found in {timeout_s:g} s[/yellow] within capacity {cap} "
-                f"(lower bound {sol.lower_bound_bytes}{best})")
+        return (
+            f"[yellow]no packing found in {timeout_s:g} s[/yellow] within capacity {cap} "
+            f"(lower bound {sol.lower_bound_bytes}{best})"
+        )
     ratio = sol.height_bytes / sol.lower_bound_bytes if sol.lower_bound_bytes and sol.height_bytes else 1.0
-    return (f"[green]{sol.status.value}[/green]: {n} buffers, height {sol.height_bytes} bytes, lower bound "
-            f"{sol.lower_bound_bytes} ({ratio:.4f}x), {sol.time_s:.2f} s, by {sol.solver}")
+    return (
+        f"[green]{sol.status.value}[/green]: {n} buffers, height {sol.height_bytes} bytes, lower bound "
+        f"{sol.lower_bound_bytes} ({ratio:.4f}x), {sol.time_s:.2f} s, by {sol.solver}"
+    )
 
 
 def _validate(problem: Problem, offsets: list[int] | None, source: str, err: Console) -> int:

@@ -24,15 +24,27 @@ EXIT_INFEASIBLE, EXIT_TIMEOUT = 3, 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("remat", help="optimal recomputation schedule for a DAG (Checkmate)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "remat",
+        help="optimal recomputation schedule for a DAG (Checkmate)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("graph", help="networkx node-link JSON: nodes with cost and size, links as dependencies")
-    p.add_argument("--budget-fraction", type=float, default=0.8,
-                   help="budget as a fraction of the no-recompute peak (default 0.8)")
+    p.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.8,
+        help="budget as a fraction of the no-recompute peak (default 0.8)",
+    )
     p.add_argument("--budget", help="budget in bytes (e.g. 4MiB); overrides --budget-fraction")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for the solvers (default 60)")
-    p.add_argument("--method", choices=("auto", "milp", "greedy"), default="auto",
-                   help="auto: greedy then the MILP, keep the better (default)")
+    p.add_argument(
+        "--method",
+        choices=("auto", "milp", "greedy"),
+        default="auto",
+        help="auto: greedy then the MILP, keep the better (default)",
+    )
     p.set_defaults(func=run)
 
 

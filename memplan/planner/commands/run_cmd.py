@@ -13,12 +13,22 @@ from memplan.planner.api import load
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("run", help="run a zoo model's planned step and measure its real peak", description=__doc__)
+    p = sub.add_parser(
+        "run", help="run a zoo model's planned step and measure its real peak", description=__doc__
+    )
     p.add_argument("plan", help="a plan file written by `memplan plan` for a zoo:NAME model")
-    p.add_argument("--arena", action="store_true",
-                   help="inference plans: run inside one preallocated arena per tier at the planned offsets")
-    p.add_argument("--emulate", action="append", default=[], choices=["cxl"],
-                   help="back this tier with host memory (reported as emulated)")
+    p.add_argument(
+        "--arena",
+        action="store_true",
+        help="inference plans: run inside one preallocated arena per tier at the planned offsets",
+    )
+    p.add_argument(
+        "--emulate",
+        action="append",
+        default=[],
+        choices=["cxl"],
+        help="back this tier with host memory (reported as emulated)",
+    )
     p.set_defaults(func=run)
 
 
@@ -34,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
             text = run_arena_for_plan(plan)
         console.print(text, highlight=False)
         return 0 if text.startswith("arena run OK") else 1
-    with console.status(f"running {plan.model.name} ({plan.workload.mode}) under the live-storage tracker..."):
+    with console.status(
+        f"running {plan.model.name} ({plan.workload.mode}) under the live-storage tracker..."
+    ):
         _, comparison = run_plan(plan, emulate=args.emulate)
     console.print(comparison.describe(), highlight=False)
     if args.emulate:

@@ -10,8 +10,11 @@ from memplan.planner.api import verify
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("verify", help="check a plan's invariants (uses after defs, capacities, overlaps, "
-                       "prefetches)", description=__doc__)
+    p = sub.add_parser(
+        "verify",
+        help="check a plan's invariants (uses after defs, capacities, overlaps, prefetches)",
+        description=__doc__,
+    )
     p.add_argument("plan", help="a plan file written by `memplan plan`")
     p.set_defaults(func=run)
 

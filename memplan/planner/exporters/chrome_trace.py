@@ -84,15 +84,30 @@ def _slice(ev: Event, tracks: dict[str, int], ops: dict[int, Op], values: dict[i
     value = values.get(ev.value_id) if ev.value_id is not None else None
     args: dict[str, Any] = {"step": ev.step}
     if op is not None:
-        args |= {"op_id": op.id, "op": op.name, "target": op.target, "module": op.module_path,
-                 "layer": op.layer}
+        args |= {
+            "op_id": op.id,
+            "op": op.name,
+            "target": op.target,
+            "module": op.module_path,
+            "layer": op.layer,
+        }
     if value is not None:
-        args |= {"value_id": value.id, "value": value.name, "role": str(value.role),
-                 "size_bytes": value.size_bytes}
+        args |= {
+            "value_id": value.id,
+            "value": value.name,
+            "role": str(value.role),
+            "size_bytes": value.size_bytes,
+        }
     if ev.src_tier or ev.dst_tier:
         args |= {"src_tier": ev.src_tier, "dst_tier": ev.dst_tier}
-    out: TraceEvent = {"name": _name(ev, op, value), "cat": ev.kind, "pid": PID, "tid": tracks[track_of(ev)],
-                       "ts": _us(ev.start_s), "args": args}
+    out: TraceEvent = {
+        "name": _name(ev, op, value),
+        "cat": ev.kind,
+        "pid": PID,
+        "tid": tracks[track_of(ev)],
+        "ts": _us(ev.start_s),
+        "args": args,
+    }
     if ev.kind == "free":
         return out | {"ph": "i", "s": "t"}
     return out | {"ph": "X", "dur": _us(ev.duration_s)}
@@ -107,13 +122,19 @@ def _name(ev: Event, op: Op | None, value: Value | None) -> str:
 
 def _metadata(plan: Plan, tracks: dict[str, int]) -> list[TraceEvent]:
     meta: list[TraceEvent] = [
-        {"name": "process_name", "ph": "M", "pid": PID, "tid": 0,
-         "args": {"name": f"memplan {plan.model.name} ({plan.workload.mode})"}},
+        {
+            "name": "process_name",
+            "ph": "M",
+            "pid": PID,
+            "tid": 0,
+            "args": {"name": f"memplan {plan.model.name} ({plan.workload.mode})"},
+        },
     ]
     for name, tid in tracks.items():
         meta.append({"name": "thread_name", "ph": "M", "pid": PID, "tid": tid, "args": {"name": name}})
-        meta.append({"name": "thread_sort_index", "ph": "M", "pid": PID, "tid": tid,
-                     "args": {"sort_index": tid}})
+        meta.append(
+            {"name": "thread_sort_index", "ph": "M", "pid": PID, "tid": tid, "args": {"sort_index": tid}}
+        )
     return meta
 
 
@@ -155,8 +176,15 @@ def _counters(plan: Plan) -> list[TraceEvent]:
     for tier in tiers:
         live = lives[tier]
         for s in counter_steps(live, cap):
-            out.append({"name": f"live bytes {tier}", "ph": "C", "pid": PID, "ts": _us(float(times[s])),
-                        "args": {"bytes": int(live[s])}})
+            out.append(
+                {
+                    "name": f"live bytes {tier}",
+                    "ph": "C",
+                    "pid": PID,
+                    "ts": _us(float(times[s])),
+                    "args": {"bytes": int(live[s])},
+                }
+            )
     return out
 
 

@@ -69,7 +69,8 @@ def _tensors(plan: Plan) -> list[dict[str, Any]]:
     if plan.workload.mode != "train" or not decisions:
         raise InvalidInput(
             f"plan of {plan.model.name} ({plan.workload.mode}) has no remat_swap decisions: the deepspeed "
-            "export needs a training plan (memplan plan MODEL --mode train --budget ...)")
+            "export needs a training plan (memplan plan MODEL --mode train --budget ...)"
+        )
     tensors: list[dict[str, Any]] = decisions["tensors"]
     return tensors
 
@@ -90,8 +91,13 @@ def _offload(plan: Plan) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _notes(plan: Plan, tensors: list[dict[str, Any]], layers: list[int], tier: str | None,
-           offload: dict[str, dict[str, Any]]) -> list[str]:
+def _notes(
+    plan: Plan,
+    tensors: list[dict[str, Any]],
+    layers: list[int],
+    tier: str | None,
+    offload: dict[str, dict[str, Any]],
+) -> list[str]:
     count = Counter(t["decision"] for t in tensors)
     size: Counter[str] = Counter()
     for t in tensors:
@@ -109,20 +115,29 @@ def _notes(plan: Plan, tensors: list[dict[str, Any]], layers: list[int], tier: s
     ]
     notes += _swap_notes(count["swap"], tier)
     if not offload:
-        notes.append("zero_optimization.offload_param / offload_optimizer omitted: the plan keeps parameters "
-                     "and optimizer state on the device (no memplan pass offloads model state today).")
-    notes.append("partition_activations and contiguous_memory_optimization are false: the plan is for one "
-                 "device and memplan's allocate pass, not DeepSpeed, assigns offsets.")
+        notes.append(
+            "zero_optimization.offload_param / offload_optimizer omitted: the plan keeps parameters "
+            "and optimizer state on the device (no memplan pass offloads model state today)."
+        )
+    notes.append(
+        "partition_activations and contiguous_memory_optimization are false: the plan is for one "
+        "device and memplan's allocate pass, not DeepSpeed, assigns offsets."
+    )
     return notes
 
 
 def _swap_notes(n_swapped: int, tier: str | None) -> list[str]:
     if n_swapped == 0:
         return ["cpu_checkpointing = false: the plan swaps no activation."]
-    lost = ("lost: swap of individual activations and prefetch timing. The plan copies each swapped tensor "
-            "out after its last forward use and prefetches it back just before its first backward use; "
-            "DeepSpeed only moves checkpointed block inputs to CPU, with no prefetch schedule.")
+    lost = (
+        "lost: swap of individual activations and prefetch timing. The plan copies each swapped tensor "
+        "out after its last forward use and prefetches it back just before its first backward use; "
+        "DeepSpeed only moves checkpointed block inputs to CPU, with no prefetch schedule."
+    )
     if tier in HOST_TIERS:
         return [f"cpu_checkpointing = true: the plan swaps {n_swapped} activations to {tier}.", lost]
-    return [f"cpu_checkpointing = false: the plan swaps {n_swapped} activations to {tier}, which DeepSpeed "
-            "activation checkpointing cannot target (it offloads to CPU memory only).", lost]
+    return [
+        f"cpu_checkpointing = false: the plan swaps {n_swapped} activations to {tier}, which DeepSpeed "
+        "activation checkpointing cannot target (it offloads to CPU memory only).",
+        lost,
+    ]

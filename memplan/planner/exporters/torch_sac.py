@@ -103,7 +103,8 @@ def _remat_tensors(plan: Plan) -> list[dict[str, Any]]:
     if plan.workload.mode != "train" or not decisions:
         raise InvalidInput(
             f"plan of {plan.model.name} ({plan.workload.mode}) has no remat_swap decisions: the torch-sac "
-            "export needs a training plan (memplan plan MODEL --mode train --budget ...)")
+            "export needs a training plan (memplan plan MODEL --mode train --budget ...)"
+        )
     tensors: list[dict[str, Any]] = decisions["tensors"]
     return tensors
 
@@ -116,14 +117,18 @@ def _header(plan: Plan, tensors: list[dict[str, Any]]) -> str:
         if p is not None:
             producer[t["value_id"]] = p
     keys = _occurrence_keys(graph)
-    lines = [f"Selective activation checkpointing policy for {plan.model.name} ({plan.model.source}),",
-             f"exported by memplan {plan.memplan_version or '?'} from a plan made {plan.created or '?'}",
-             f"for batch {plan.workload.batch}, seq {plan.workload.seq},",
-             f"device budget {plan.budget_bytes.get('device')} B.",
-             ""]
+    lines = [
+        f"Selective activation checkpointing policy for {plan.model.name} ({plan.model.source}),",
+        f"exported by memplan {plan.memplan_version or '?'} from a plan made {plan.created or '?'}",
+        f"for batch {plan.workload.batch}, seq {plan.workload.seq},",
+        f"device budget {plan.budget_bytes.get('device')} B.",
+        "",
+    ]
     count = Counter(t["decision"] for t in tensors)
-    lines.append(f"Plan: {len(tensors)} saved activations: keep {count['keep']}, swap {count['swap']}, "
-                 f"recompute {count['recompute']}; checkpointed layers: {checkpoint_layers(plan) or 'none'}.")
+    lines.append(
+        f"Plan: {len(tensors)} saved activations: keep {count['keep']}, swap {count['swap']}, "
+        f"recompute {count['recompute']}; checkpointed layers: {checkpoint_layers(plan) or 'none'}."
+    )
     swapped = [t for t in tensors if t["decision"] == "swap"]
     lines += ["", "Swapped by the plan, saved on the device here (SAC cannot swap):"]
     lines += [f"  {_describe(t, keys.get(producer.get(t['value_id'], -1)))}" for t in swapped] or ["  (none)"]

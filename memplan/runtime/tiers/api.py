@@ -110,8 +110,13 @@ class Backend(Protocol[S]):
         """Store flat `uint8` bytes (on any device; `ready`: the CUDA event to wait for first)."""
         ...
 
-    def read(self, stored: S, device: torch.device, consumer: torch.cuda.Stream | None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        self,
+        stored: S,
+        device: torch.device,
+        consumer: torch.cuda.Stream | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """A fresh flat `uint8` copy of the stored bytes on `device`, owned by the caller."""
         ...
 

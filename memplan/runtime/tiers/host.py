@@ -80,7 +80,10 @@ class MemoryBackend:
         return buf
 
     def read(
-        self, stored: torch.Tensor, device: torch.device, consumer: torch.cuda.Stream | None,
+        self,
+        stored: torch.Tensor,
+        device: torch.device,
+        consumer: torch.cuda.Stream | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if out is not None:

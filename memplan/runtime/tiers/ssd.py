@@ -105,9 +105,18 @@ class SsdBackend:
             raise
         return SsdFile(key, path, nbytes, checksum)
 
-    def read(self, stored: SsdFile, device: torch.device, consumer: torch.cuda.Stream | None,
-             into: torch.Tensor | None = None) -> torch.Tensor:
-        out = into if into is not None and into.device.type == "cpu" else torch.empty(stored.nbytes, dtype=torch.uint8)
+    def read(
+        self,
+        stored: SsdFile,
+        device: torch.device,
+        consumer: torch.cuda.Stream | None,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = (
+            into
+            if into is not None and into.device.type == "cpu"
+            else torch.empty(stored.nbytes, dtype=torch.uint8)
+        )
         try:
             fd, _ = open_file(stored.path, os.O_RDONLY, self._direct)
         except OSError as e:

@@ -174,7 +174,10 @@ class _State(Generic[S]):
             raise
 
     def read_job(
-        self, entry: _Entry[S], device: torch.device, consumer: torch.cuda.Stream | None,
+        self,
+        entry: _Entry[S],
+        device: torch.device,
+        consumer: torch.cuda.Stream | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         stored = entry.written.result()
@@ -240,7 +243,9 @@ class AsyncTierStore(Generic[S]):
             entry = self._entry(handle)
             if entry.fetched is None:
                 device = entry.meta.device
-                job = self._state.pool.submit(self._state.read_job, entry, device, consumer_stream(device), out_bytes)
+                job = self._state.pool.submit(
+                    self._state.read_job, entry, device, consumer_stream(device), out_bytes
+                )
                 entry.fetched = job
 
     def wait(self, handle: Handle) -> None:

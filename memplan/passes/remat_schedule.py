@@ -1,0 +1,180 @@
+"""Turn `remat_swap`'s keep / swap / recompute decisions into a plan: the residency of every storage on
+every tier, the event schedule (recomputes before their first backward use, transfers on one link per
+direction, stalls where a transfer is late), and the decisions in `Plan.decisions["remat_swap"]`, which
+the executor (`memplan.runtime.executor`) follows.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+from typing import Literal
+
+from memplan.ir.analysis import Interval, device_intervals
+from memplan.ir.graph import Graph
+from memplan.ir.hardware import Hardware, Tier
+from memplan.passes.remat_candidates import Candidate
+from memplan.planner.baseline import compute_events, predictions_for
+from memplan.planner.plan import Event, Plan
+
+Decision = Literal["keep", "swap", "recompute"]
+
+
+def decided_residency(
+    graph: Graph, cands: list[Candidate], choice: list[Decision], tier: Tier | None
+) -> list[Interval]:
+    """Baseline intervals, with each swapped or recomputed candidate's replaced by its profile."""
+    moved = {c.value_id: (c, d) for c, d in zip(cands, choice, strict=True) if d != "keep"}
+    out = [iv for iv in device_intervals(graph) if iv.value_id not in moved]
+    for c, d in moved.values():
+        size = c.size_bytes
+        if d == "swap":
+            assert tier is not None
+            out.append(
+                Interval(c.value_id, "device", c.produced, max(c.last_fwd_use + 1, c.swap_write_done), size)
+            )
+            out.append(Interval(c.value_id, tier.name, c.produced, c.first_bwd_use + 1, size))
+            out.append(Interval(c.value_id, "device", c.prefetch_step, c.last_use + 1, size))
+        else:
+            out.append(Interval(c.value_id, "device", c.produced, c.last_fwd_use + 1, size))
+            out.append(Interval(c.value_id, "device", c.first_bwd_use, c.last_use + 1, size))
+            for t in c.recompute_transient:
+                out.append(
+                    Interval(t, "device", c.first_bwd_use, c.first_bwd_use + 1, graph.value(t).size_bytes)
+                )
+    return _merge(out)
+
+
+def _merge(ivs: list[Interval]) -> list[Interval]:
+    """Join touching or overlapping intervals of the same value on the same tier."""
+    ivs = sorted(ivs, key=lambda iv: (iv.value_id, iv.tier, iv.start))
+    out: list[Interval] = []
+    for iv in ivs:
+        last = out[-1] if out else None
+        if last and last.value_id == iv.value_id and last.tier == iv.tier and iv.start <= last.end:
+            out[-1] = replace(last, end=max(last.end, iv.end))
+        else:
+            out.append(iv)
+    return out
+
+
+def _events(
+    graph: Graph, hw: Hardware, cands: list[Candidate], choice: list[Decision], tier: Tier | None
+) -> list[Event]:
+    """Compute events with recomputes inserted before their first backward use, and transfer events on one
+    link per direction (FIFO); a read not done by its use, or a write not done when its device copy is due
+    to be freed, stalls compute."""
+    by_step: dict[int, list[tuple[str, Candidate]]] = defaultdict(list)
+    for c, d in zip(cands, choice, strict=True):
+        if d == "swap":
+            by_step[c.produced + 1].append(("swap_out", c))
+            by_step[c.prefetch_step].append(("prefetch", c))
+            by_step[max(c.last_fwd_use + 1, c.swap_write_done)].append(("write_due", c))
+            by_step[c.first_bwd_use].append(("read_due", c))
+        elif d == "recompute":
+            by_step[c.first_bwd_use].append(("recompute", c))
+    events: list[Event] = []
+    now, link_out, link_in = 0.0, 0.0, 0.0
+    done: dict[tuple[str, int], float] = {}
+    for i, ce in enumerate(compute_events(graph, hw)):
+        for kind, c in sorted(by_step.get(i, []), key=lambda kc: kc[0]):
+            now, link_out, link_in = _event(kind, c, i, now, link_out, link_in, done, tier, events)
+        events.append(replace(ce, start_s=now))
+        now += ce.duration_s
+    return events
+
+
+def _event(
+    kind: str,
+    c: Candidate,
+    step: int,
+    now: float,
+    link_out: float,
+    link_in: float,
+    done: dict[tuple[str, int], float],
+    tier: Tier | None,
+    events: list[Event],
+) -> tuple[float, float, float]:
+    if kind == "recompute":  # one event for the value, zero-length ones for the transients rebuilt with it
+        events.append(
+            Event(
+                "recompute",
+                step,
+                op_id=c.recompute_ops[-1],
+                value_id=c.value_id,
+                start_s=now,
+                duration_s=c.recompute_s,
+            )
+        )
+        events.extend(Event("recompute", step, value_id=t, start_s=now) for t in c.recompute_transient)
+        return now + c.recompute_s, link_out, link_in
+    assert tier is not None
+    if kind == "swap_out":
+        start = max(now, link_out)
+        dur = c.size_bytes / tier.write_bw + tier.latency_s
+        events.append(
+            Event(
+                "swap_out",
+                step,
+                value_id=c.value_id,
+                src_tier="device",
+                dst_tier=tier.name,
+                start_s=start,
+                duration_s=dur,
+            )
+        )
+        done[("w", c.value_id)] = start + dur
+        return now, start + dur, link_in
+    if kind == "prefetch":
+        start = max(now, link_in)
+        dur = c.size_bytes / tier.read_bw + tier.latency_s
+        events.append(
+            Event(
+                "prefetch",
+                step,
+                value_id=c.value_id,
+                src_tier=tier.name,
+                dst_tier="device",
+                start_s=start,
+                duration_s=dur,
+            )
+        )
+        done[("r", c.value_id)] = start + dur
+        return now, link_out, start + dur
+    key = ("w", c.value_id) if kind == "write_due" else ("r", c.value_id)
+    return max(now, done.get(key, now)), link_out, link_in
+
+
+def apply_decisions(
+    graph: Graph, hw: Hardware, plan: Plan, cands: list[Candidate], choice: list[Decision], tier: Tier | None
+) -> Plan:
+    residency = decided_residency(graph, cands, choice, tier)
+    events = _events(graph, hw, cands, choice, tier)
+    decisions = dict(plan.decisions)
+    decisions["remat_swap"] = {
+        "tier": tier.name if tier else None,
+        "tensors": [
+            {
+                "value_id": c.value_id,
+                "name": graph.value(c.value_id).name,
+                "decision": d,
+                "size_bytes": c.size_bytes,
+                "layer": c.layer,
+                "produced": c.produced,
+                "last_fwd_use": c.last_fwd_use,
+                "first_bwd_use": c.first_bwd_use,
+                "last_use": c.last_use,
+                "write_done_step": max(c.last_fwd_use + 1, c.swap_write_done),
+                "prefetch_step": c.prefetch_step,
+                "recompute_ops": list(c.recompute_ops) if d == "recompute" else [],
+                "view_ops": list(c.view_ops),
+            }
+            for c, d in zip(cands, choice, strict=True)
+        ],
+    }
+    return plan.with_(
+        residency=tuple(residency),
+        events=tuple(events),
+        decisions=decisions,
+        predictions=predictions_for(graph, residency, events),
+    )
