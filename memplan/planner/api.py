@@ -45,8 +45,8 @@ def plan(
     """Capture the model's step, run the passes and return a plan that fits `budget` on the device tier.
 
     `budget` is a peak in bytes on the device (`"16GiB"`, `"512MiB"`, or an int); None means the device
-    tier's capacity. `dtype` (fp32, bf16, fp16) is the parameter dtype of zoo models. Raises `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no
-    plan the passes can make fits.
+    tier's capacity. `dtype` (fp32, bf16, fp16) is the parameter dtype of zoo models. Raises
+    `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no plan the passes make fits.
     """
     if mode not in ("train", "infer"):
         raise InvalidInput(f"mode must be 'train' or 'infer', got {mode!r}")

@@ -1,8 +1,8 @@
 """Run a model's step for real on the CPU and measure it with the live-storage tracker.
 
 `run_inference` executes the captured inference graph in its schedule; `run_step` runs an eager training
-step (forward + backward + optimizer update) on real tensors; `run_plan` first checks that the model is the one the plan was made
-for (fingerprint), then runs and compares the measurement with the plan's prediction.
+step (forward + backward + optimizer update) on real tensors; `run_plan` first checks that the model is
+the one the plan was made for (fingerprint), then runs and compares the measurement with the prediction.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def run_plan(
 
     Inference runs the captured graph in the planned schedule; training runs the step (forward, backward,
     optimizer) from an ordinary eager loop, under `memplan.applied` when the plan moves activations.
-    `emulate` names tiers to back with host memory (`cxl`), said so in every report. Zoo plans rebuild their model from `plan.model.source`; any other plan needs
-    `module` and `example_inputs`.
+    `emulate` names tiers to back with host memory (`cxl`), said so in every report. Zoo plans rebuild
+    their model from `plan.model.source`; any other plan needs `module` and `example_inputs`.
     """
     w = plan.workload
     if module is None:
