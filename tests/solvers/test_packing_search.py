@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -59,11 +60,47 @@ def test_challenging_instances_fit_the_capacity(name: str) -> None:
     assert max_load(problem) <= sol.height_bytes <= 1048576
 
 
+OFF = SearchParams(canonical_only=False, dominance=False, section_inference=False, unallocated_floor=False,
+                   symmetry=False, dynamic_decomposition=False, hatless_pruning=False, dynamic_preorder=False,
+                   preorderings=("A",))
+
+
 def test_every_technique_can_be_switched_off() -> None:
-    off = SearchParams(canonical_only=False, dominance=False, section_inference=False, unallocated_floor=False,
-                       symmetry=False, dynamic_decomposition=False, preorderings=("A",))
-    res = search(TIGHT, OPT, 5.0, off)
+    res = search(TIGHT, OPT, 5.0, OFF)
     assert res.outcome is Outcome.FOUND and validate(Problem(TIGHT.buffers, OPT), res.offsets_bytes) == []
+    assert search(TIGHT, OPT - 1, 5.0, OFF).outcome is Outcome.INFEASIBLE
+
+
+def _random_problem(rng: random.Random, n: int) -> Problem:
+    bufs = []
+    for i in range(n):
+        lo = rng.randrange(0, 12)
+        bufs.append(make_buffer(f"b{i}", [(lo, lo + rng.randrange(1, 6))], rng.randrange(1, 9)))
+    return Problem(tuple(bufs), None, rng.choice([1, 1, 2]))
+
+
+@pytest.mark.parametrize("params", [SearchParams(), SearchParams(dynamic_preorder=False),
+                                    SearchParams(hatless_pruning=False, dynamic_preorder_max=0),
+                                    SearchParams(parallel=True, parallel_min_buffers=0)],
+                         ids=["default", "static-preorder", "no-hatless", "race"])
+def test_every_setting_agrees_with_the_plain_search(params: SearchParams) -> None:
+    """Complete searches must agree on found / infeasible; every packing must be valid (seeded instances,
+    capacities around the max load, where pruning matters most)."""
+    rng = random.Random(7)
+    for _ in range(25):
+        problem = _random_problem(rng, rng.randrange(2, 10))
+        cap = max_load(problem) + rng.randrange(0, 4)
+        res, ref = search(problem, cap, 5.0, params), search(problem, cap, 5.0, OFF)
+        assert res.outcome is ref.outcome, (problem, cap)
+        if res.offsets_bytes is not None:
+            assert validate(Problem(problem.buffers, cap, problem.alignment_bytes), res.offsets_bytes) == []
+
+
+def test_race_returns_the_first_answer_and_proves_infeasibility() -> None:
+    race = SearchParams(parallel=True, parallel_min_buffers=0)
+    res = search(TIGHT, OPT, 5.0, race)
+    assert res.outcome is Outcome.FOUND and validate(Problem(TIGHT.buffers, OPT), res.offsets_bytes) == []
+    assert search(TIGHT, OPT - 1, 5.0, race).outcome is Outcome.INFEASIBLE
 
 
 def test_minimise_reaches_the_optimum_and_says_so() -> None:

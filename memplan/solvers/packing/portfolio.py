@@ -4,11 +4,15 @@
 by alignment) and a status:
 
 1. a bound above the capacity proves infeasibility at once;
-2. buffers live over the whole horizon are stacked at the bottom, and the rest splits into partitions
-   that share no time (`decompose`); each partition only has to reach the capacity left, or, when
-   minimising, the largest partition bound (a lower partition cannot lower the arena);
+2. when minimising, or when the problem is too large for the exact search, buffers live over the whole
+   horizon are stacked at the bottom, and the rest splits into partitions that share no time
+   (`decompose`); each partition only has to reach the capacity left, or, when minimising, the largest
+   partition bound (a lower partition cannot lower the arena). When a capacity must be met and the exact
+   search may run, the problem stays whole: the search decomposes it by itself, and a hard partition
+   then gets the time an easy one did not need (and its order is not perturbed by the bottom stack);
 3. per partition: the first greedy ordering; if it misses, an exact search (`search.search`) at the
-   target on half the time (on real traces it dives straight to the bound); then the other orderings;
+   target on 90% of the time when a capacity must be met (an "infeasible" there ends the partition), or
+   on half of it when minimising (on real traces it dives straight to the bound); then the other orderings;
    then the exact search on what is left, at the capacity, or when minimising bisecting between the
    bound and the best height, so every "infeasible" raises the bound and every packing lowers the height.
 
@@ -29,15 +33,24 @@ from memplan.solvers.packing.search import Outcome, SearchParams, search
 from memplan.solvers.packing.sweep import lower_bound, partitions, sweep
 
 
+FIT_SHARE = 0.9
+"""Share of a partition's time the first exact search gets when a capacity must be met: a search restarted
+later begins again from nothing, and the greedy orderings left to run take milliseconds."""
+DIVE_SHARE = 0.5
+"""Share of the time the first exact search at the lower bound gets when minimising (it either dives
+straight to the bound or is better spent on greedy and bisection)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PortfolioOptions:
     """Which members run. `exact_max_buffers`: larger problems get greedy only (the search's nodes cost
-    O(buffers + sections) each)."""
+    O(buffers + sections) each). `search`: the exact search's switches; by default two differently ordered
+    searches race on two processes (`SearchParams.parallel`)."""
 
     greedy_orderings: tuple[str, ...] = ORDERINGS
     exact: bool = True
     exact_max_buffers: int = 5000
-    search: SearchParams = SearchParams()
+    search: SearchParams = SearchParams(parallel=True)
 
 
 def _greedy(problem: Problem, opts: PortfolioOptions, lb: int, deadline: float) -> GreedyResult:
@@ -63,8 +76,9 @@ def solve(problem: Problem, timeout_s: float, capacity: int | None = None,
 
     Without a capacity the height is minimised. The returned packing is the lowest found even when it
     does not fit the capacity; the status says whether it does (FEASIBLE / OPTIMAL) or not (TIMEOUT,
-    INFEASIBLE). Buffers live over the whole horizon go to the bottom first; the rest splits into
-    partitions (no shared time) solved one by one (see `decompose`).
+    INFEASIBLE). When minimising (or beyond `exact_max_buffers`), buffers live over the whole horizon go
+    to the bottom first and the rest splits into partitions (no shared time) solved one by one (see
+    `decompose`); with a capacity the exact search gets the whole problem.
     """
     t0 = time.perf_counter()
     cap = capacity if capacity is not None else problem.capacity_bytes
@@ -75,7 +89,8 @@ def solve(problem: Problem, timeout_s: float, capacity: int | None = None,
     if cap is not None and lb > cap:
         return Solution(None, None, Status.INFEASIBLE, lb, time.perf_counter() - t0, "max-load")
     base, bottom, parts = decompose(problem)
-    if not bottom and len(parts) == 1:
+    whole = cap is not None and options.exact and len(problem.buffers) <= options.exact_max_buffers
+    if whole or not bottom and len(parts) == 1:  # the exact search decomposes by itself, with shared time
         return _solve_part(problem, lb, cap, options, t0, t0 + timeout_s)
     offsets = [0] * len(problem.buffers)
     for i, off in bottom.items():
@@ -142,17 +157,22 @@ def _solve_part(problem: Problem, lb: int, cap: int | None, options: PortfolioOp
     (a partition's share of the capacity, or the height another partition already forces), else minimise.
 
     Order: the first greedy ordering; if it misses the target, a first exact search at the target with
-    half the time (it often dives straight to a packing); then the other orderings; then the rest."""
+    `FIT_SHARE` (capacity) or `DIVE_SHARE` (minimising) of the time; then the other orderings; then the
+    rest."""
     target = lb if cap is None else cap
     first = replace(options, greedy_orderings=options.greedy_orderings[:1])
     g = _greedy(problem, first, target, deadline)
     can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
     if g.height_bytes > target and can_search:
-        r = search(problem, target, (deadline - time.perf_counter()) / 2, options.search)
+        share = FIT_SHARE if cap is not None else DIVE_SHARE
+        r = search(problem, target, (deadline - time.perf_counter()) * share, options.search)
         if r.outcome is Outcome.FOUND and r.offsets_bytes is not None:
             h = height_of(problem, r.offsets_bytes)
             return Solution(r.offsets_bytes, h, Status.OPTIMAL if h == lb else Status.FEASIBLE, lb,
                             time.perf_counter() - t0, "exact", r.nodes)
+        if r.outcome is Outcome.INFEASIBLE and cap is not None:  # a proof: no greedy can fit either
+            return Solution(g.offsets_bytes, g.height_bytes, Status.INFEASIBLE, max(lb, cap + 1),
+                            time.perf_counter() - t0, f"greedy-{g.ordering}", r.nodes)
     if g.height_bytes > target:
         rest = replace(options, greedy_orderings=options.greedy_orderings[1:])
         if rest.greedy_orderings:
