@@ -58,12 +58,19 @@ def _merge(ivs: list[Interval]) -> list[Interval]:
     return out
 
 
+def copies_overlap(hw: Hardware) -> bool:
+    """Whether transfers run beside compute (a GPU's copy engines) or on the compute cores themselves (a CPU
+    device: the memcpy and checksum of a swap take the same cores the ops need)."""
+    return hw.device_kind == "cuda"
+
+
 def _events(
     graph: Graph, hw: Hardware, cands: list[Candidate], choice: list[Decision], tier: Tier | None
 ) -> list[Event]:
     """Compute events with recomputes inserted before their first backward use, and transfer events on one
     link per direction (FIFO); a read not done by its use, or a write not done when its device copy is due
-    to be freed, stalls compute."""
+    to be freed, stalls compute. Where copies do not overlap compute (`copies_overlap`), each transfer
+    delays compute by its duration."""
     by_step: dict[int, list[tuple[str, Candidate]]] = defaultdict(list)
     for c, d in zip(cands, choice, strict=True):
         if d == "swap":
@@ -79,6 +86,8 @@ def _events(
     for i, ce in enumerate(compute_events(graph, hw)):
         for kind, c in sorted(by_step.get(i, []), key=lambda kc: kc[0]):
             now, link_out, link_in = _event(kind, c, i, now, link_out, link_in, done, tier, events)
+            if kind in ("swap_out", "prefetch") and not copies_overlap(hw):
+                now = max(now, events[-1].start_s + events[-1].duration_s)
         events.append(replace(ce, start_s=now))
         now += ce.duration_s
     return events

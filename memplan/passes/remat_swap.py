@@ -30,14 +30,15 @@ from memplan.ir.graph import Graph
 from memplan.ir.hardware import TIER_ORDER, Hardware, Tier
 from memplan.passes.base import PassOutput
 from memplan.passes.remat_candidates import Candidate, find_candidates
-from memplan.passes.remat_schedule import Decision, apply_decisions, decided_residency
+from memplan.passes.remat_schedule import Decision, apply_decisions, copies_overlap, decided_residency
 from memplan.planner.plan import PassReport, Plan, SolverReport
 from memplan.planner.sizes import format_size
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
 
 MIB = float(2**20)
 SWAP_COST_FRACTION = 0.01
-"""Swaps hidden under compute still cost this share of their transfer time (contention, sync)."""
+"""Swaps hidden under compute (GPU copy engines) still cost this share of their transfer time (contention,
+sync); where copies run on the compute cores (a CPU device) they cost all of it."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
         return PassOutput(plan, report)
     per_layer = opts.per_layer if opts.per_layer is not None else len(cands) > opts.exact_limit
     clock = sum(e.duration_s for e in plan.events if e.kind == "compute")
-    form = _formulate(cands, base, budget, tier, per_layer, opts, link_s=clock)
+    swap_cost = SWAP_COST_FRACTION if copies_overlap(hardware) else 1.0
+    form = _formulate(cands, base, budget, tier, per_layer, opts, link_s=clock, swap_cost=swap_cost)
     result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if result.x is None:
         _raise_infeasible(graph, plan, cands, base, budget, result, tier, per_layer, opts, clock)
@@ -163,11 +165,14 @@ def _formulate(
     per_layer: bool,
     opts: RematSwapOptions,
     link_s: float,
+    swap_cost: float = SWAP_COST_FRACTION,
     min_peak: bool = False,
 ) -> _Formulation:
     """Columns: s_g for every group g, then r_g (then the peak P in MiB when `min_peak`); rows: memory (in
     MiB, for conditioning), one decision per group, recompute inputs, link. With `min_peak` the objective
-    is the device peak itself, over every step: the lowest peak this pass can reach."""
+    is the device peak itself, over every step: the lowest peak this pass can reach. A swap costs
+    `swap_cost` times its transfer seconds (a small share where copies overlap compute, all of it where
+    they run on the compute cores)."""
     groups = _groups(cands, per_layer)
     g_count = len(groups)
     mem, mem_rhs = _coefficients(cands, groups, base, 0 if min_peak else budget, tier)
@@ -181,7 +186,7 @@ def _formulate(
     upper = np.ones(2 * g_count + extra)
     for g, members in enumerate(groups):
         ms = [cands[i] for i in members]
-        cost[g] = SWAP_COST_FRACTION * sum(c.swap_s for c in ms)
+        cost[g] = swap_cost * sum(c.swap_s for c in ms)
         cost[g_count + g] = sum(c.recompute_s for c in ms)
         upper[g] = float(tier is not None and all(c.can_swap for c in ms))
         upper[g_count + g] = float(opts.allow_recompute and all(c.can_recompute for c in ms))
