@@ -106,8 +106,27 @@ def _traces() -> list[dict[str, Any]]:
     return rows
 
 
+ZOO_TRACES = (("llama2-7b", 1, 4096), ("llama2-70b", 1, 4096))
+"""Training steps of the zoo's largest models (meta device), as device-tier traces."""
+
+
+def zoo_trace(name: str, batch: int, seq: int) -> Problem:
+    """The device tier of a zoo model's whole training step (every storage on the device for its lifetime),
+    captured on the meta device, as a packing problem with 64-byte alignment."""
+    import memplan
+    from memplan.passes.allocate import tier_problem
+
+    plan = memplan.plan(f"zoo:{name}", mode="train", batch=batch, seq=seq, budget="100TiB", passes=[])
+    problem, _ = tier_problem([iv for iv in plan.residency if iv.tier == "device"], 64)
+    return problem
+
+
 def _scale(quick: bool) -> list[dict[str, Any]]:
     rows = []
+    for name, batch, seq in () if quick else ZOO_TRACES:
+        problem = zoo_trace(name, batch, seq)
+        sol = solve(problem, TIMEOUT_SCALE_S)
+        rows.append(_row(f"zoo/{name}-train-b{batch}-s{seq}", "scale", problem, sol, None))
     for n in (5_000,) if quick else (20_000, 50_000, 100_000):
         problem = training_trace(n, seed=n)
         sol = solve(problem, TIMEOUT_SCALE_S)
@@ -131,7 +150,8 @@ def run(quick: bool) -> Result:
         f"synthetic {TIMEOUT_SCALE_S:g} s; status timeout-without-solution = nothing fit in the limit.",
         "greedy_size = best fit ordered by size (TFLite/XLA baseline) on the same instance; "
         "valid = the independent checker found no overlap, misalignment or out-of-bounds buffer.",
-        "synthetic/train-N: `training_trace(N, seed=N)` in this module.",
+        "synthetic/train-N: `training_trace(N, seed=N)` in this module; zoo/NAME-train: the device tier of "
+        "that zoo model's whole training step, captured on the meta device (`zoo_trace`).",
         "nodes = exact-search nodes of this process, plus the forked rival's when the rival answered first; "
         "nodes_per_s = nodes / time_s, wall clock (the machine may be shared).",
     ]

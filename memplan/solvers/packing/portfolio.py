@@ -33,9 +33,6 @@ from memplan.solvers.packing.search import Outcome, SearchParams, search
 from memplan.solvers.packing.sweep import lower_bound, partitions, sweep
 
 
-FIT_SHARE = 0.9
-"""Share of a partition's time the first exact search gets when a capacity must be met: a search restarted
-later begins again from nothing, and the greedy orderings left to run take milliseconds."""
 DIVE_SHARE = 0.5
 """Share of the time the first exact search at the lower bound gets when minimising (it either dives
 straight to the bound or is better spent on greedy and bisection)."""
@@ -156,31 +153,31 @@ def _solve_part(problem: Problem, lb: int, cap: int | None, options: PortfolioOp
     """Greedy, then exact search, on a problem that does not decompose further: fit `cap` if given
     (a partition's share of the capacity, or the height another partition already forces), else minimise.
 
-    Order: the first greedy ordering; if it misses the target, a first exact search at the target with
-    `FIT_SHARE` (capacity) or `DIVE_SHARE` (minimising) of the time; then the other orderings; then the
-    rest."""
+    Fitting a capacity: all greedy orderings, then one exact search with all the time left (a search cut
+    short and restarted would redo its work). Minimising: the first greedy ordering; if it misses the
+    bound, a first exact search at the bound with `DIVE_SHARE` of the time; then the other orderings; then
+    the bisection on heights."""
     target = lb if cap is None else cap
+    if cap is not None:  # fitting: every greedy ordering first (milliseconds), then one search, all the time left
+        g = _greedy(problem, options, target, deadline)
+        can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
+        return _fit(problem, cap, lb, (g.offsets_bytes, g.height_bytes, f"greedy-{g.ordering}"), can_search,
+                    options, t0, deadline)
     first = replace(options, greedy_orderings=options.greedy_orderings[:1])
     g = _greedy(problem, first, target, deadline)
     can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
     if g.height_bytes > target and can_search:
-        share = FIT_SHARE if cap is not None else DIVE_SHARE
-        r = search(problem, target, (deadline - time.perf_counter()) * share, options.search)
+        r = search(problem, target, (deadline - time.perf_counter()) * DIVE_SHARE, options.search)
         if r.outcome is Outcome.FOUND and r.offsets_bytes is not None:
             h = height_of(problem, r.offsets_bytes)
             return Solution(r.offsets_bytes, h, Status.OPTIMAL if h == lb else Status.FEASIBLE, lb,
                             time.perf_counter() - t0, "exact", r.nodes)
-        if r.outcome is Outcome.INFEASIBLE and cap is not None:  # a proof: no greedy can fit either
-            return Solution(g.offsets_bytes, g.height_bytes, Status.INFEASIBLE, max(lb, cap + 1),
-                            time.perf_counter() - t0, f"greedy-{g.ordering}", r.nodes)
     if g.height_bytes > target:
         rest = replace(options, greedy_orderings=options.greedy_orderings[1:])
         if rest.greedy_orderings:
             g2 = _greedy(problem, rest, target, deadline)
             g = g2 if g2.height_bytes < g.height_bytes else g
     best = (g.offsets_bytes, g.height_bytes, f"greedy-{g.ordering}")
-    if cap is not None:
-        return _fit(problem, cap, lb, best, can_search, options, t0, deadline)
     return _minimise(problem, lb, best, can_search, options, t0, deadline)
 
 
