@@ -3,7 +3,8 @@
 One memory model serves every pass: a storage is live from the first op that writes it (or from before op 0
 when nothing in the graph produces it) to just after the last op that reads any of its aliases; graph
 outputs and persistent state (parameters, buffers, optimizer state) stay live to the end. Intervals are
-half-open over schedule positions: `[start, end)`, with `0 <= start < end <= len(graph.ops)`.
+half-open over schedule positions: `[start, end)`, with `0 <= start < end <= len(graph.ops)`. The step's
+inputs (and a training step's autograd seed) stay live to the end too: the caller still holds them.
 
 A plan can move a storage off the device for part of its life; it says so with `Interval`s on other tiers,
 and `timeline` adds every interval to its tier.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memplan.ir.graph import PERSISTENT_ROLES, Graph
+from memplan.ir.graph import PERSISTENT_ROLES, Graph, Role
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,8 @@ def lifetimes(graph: Graph) -> dict[int, tuple[int, int]]:
     for root, (s, e) in span.items():
         if graph.value(root).role in PERSISTENT_ROLES:
             span[root] = [0, n]
+        elif graph.value(root).role == Role.INPUT:  # the caller holds it until the step returns
+            span[root] = [s, n]
         else:
             span[root] = [s, min(e, n)]
     return {k: (s, e) for k, (s, e) in span.items()}

@@ -176,6 +176,7 @@ def apply_decisions(
                 "write_done_step": max(c.last_fwd_use + 1, c.swap_write_done),
                 "prefetch_step": c.prefetch_step,
                 "recompute_ops": list(c.recompute_ops) if d == "recompute" else [],
+                "recompute_transient": list(c.recompute_transient) if d == "recompute" else [],
                 "view_ops": list(c.view_ops),
             }
             for c, d in zip(cands, choice, strict=True)

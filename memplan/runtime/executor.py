@@ -39,7 +39,10 @@ class _Schedule:
     release: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
     prefetch: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
     arrive: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    recompute: dict[int, list[tuple[int, tuple[int, ...]]]] = field(default_factory=lambda: defaultdict(list))
+    recompute: dict[int, list[tuple[int, tuple[int, ...], frozenset[int]]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    """Step -> (value, ops to re-run, the storages those ops may rebuild: the value and its transients)."""
     views: dict[int, tuple[int, ...]] = field(default_factory=dict)
     """Ops that rebuild the views of a swapped value once it is back."""
 
@@ -77,13 +80,10 @@ def _schedule_recompute(
     """Dropped after its last forward use, rebuilt before its first backward use; the values rebuilt on the
     way (not saved activations themselves) are dropped right after that step."""
     sch.drop_after[t["last_fwd_use"]].append(vid)
-    sch.recompute[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"])))
-    graph = plan.graph()
-    for op in t["recompute_ops"]:
-        for out in plan.ops[op].outputs:
-            root = graph.storage_of(out)
-            if root != vid and root not in decided:
-                sch.drop_after[t["first_bwd_use"]].append(root)
+    sch.recompute[t["first_bwd_use"]].append(
+        (vid, tuple(t["recompute_ops"]), frozenset([vid, *t["recompute_transient"]]))
+    )
+    sch.drop_after[t["first_bwd_use"]].extend(t["recompute_transient"])
 
 
 class PlannedStep:
@@ -105,6 +105,15 @@ class PlannedStep:
         self.env: dict[int, torch.Tensor] = {}
         self.handles: dict[int, Handle] = {}
         self.pending: dict[int, torch.Tensor] = {}
+        self.seed: torch.Tensor | None = None
+        self.seed_step = next(
+            (
+                i
+                for i in range(self.phases.fwd_end, self.phases.bwd_end)
+                if self.graph.ops[i].target == "aten.ones_like.default"
+            ),
+            -1,
+        )
 
     # -- running ---------------------------------------------------------------------------------------
     def bind(self, args: Sequence[Any]) -> None:
@@ -118,8 +127,14 @@ class PlannedStep:
         self._run(0, self.phases.fwd_end)
         return self.env[self.graph.outputs[0]] if self.graph.outputs[0] in self.env else self._loss()
 
-    def backward(self) -> list[torch.Tensor]:
+    def backward(self, seed: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Run the backward ops and return the gradients. `seed`, the gradient of the loss autograd passes
+        in, stands for the graph's own `ones_like` seed, so gradients scale with it (loss scaling) and no
+        second seed is allocated."""
+        if seed is not None:
+            self.seed = seed
         self._run(self.phases.fwd_end, self.phases.bwd_end)
+        self.seed = None
         grads = [self.env[g] for g in self.graph.outputs[1:]]
         if self.store is not None:
             self.store.flush()
@@ -134,7 +149,10 @@ class PlannedStep:
     def _run(self, start: int, end: int) -> None:
         for step in range(start, end):
             self._before(step)
-            self._execute(step)
+            if step == self.seed_step and self.seed is not None:
+                self.env[self.graph.ops[step].outputs[0]] = self.seed
+            else:
+                self._execute(step)
             self._after(step)
 
     def _before(self, step: int) -> None:
@@ -146,9 +164,9 @@ class PlannedStep:
             self._start_prefetch(vid)
         for vid in self.sched.arrive.get(step, ()):
             self._arrive(vid)
-        for _, ops in self.sched.recompute.get(step, ()):
+        for _, ops, rebuilt in self.sched.recompute.get(step, ()):
             for i in ops:
-                self._execute(i)
+                self._execute(i, only=rebuilt)
 
     def _after(self, step: int) -> None:
         for vid in self.sched.swap_out.get(step + 1, ()):
@@ -157,7 +175,10 @@ class PlannedStep:
         for vid in self.sched.drop_after.get(step, ()):
             self._drop(vid)
 
-    def _execute(self, index: int) -> None:
+    def _execute(self, index: int, only: frozenset[int] | None = None) -> None:
+        """Run op `index` on the values in the environment. A recompute passes `only`: the storages it may
+        rebuild; its op's other outputs (say, the statistics of a layer norm rebuilt for its output) are
+        dropped at once, and values still on the device are not replaced."""
         op = self.graph.ops[index]
         node = self.nodes[op.name]
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), self._lookup)
@@ -165,8 +186,10 @@ class PlannedStep:
         del args, kwargs
         outs = out if isinstance(out, (tuple, list)) else (out,)
         tensors = [t for t in outs if isinstance(t, torch.Tensor)]
+        del out, outs
         for vid, t in zip(op.outputs, tensors, strict=True):
-            self.env[vid] = t
+            if only is None or (self.graph.storage_of(vid) in only and vid not in self.env):
+                self.env[vid] = t
 
     def _lookup(self, node: torch.fx.Node) -> Any:
         if node.op == "call_function" and node.target is operator.getitem:

@@ -28,8 +28,8 @@ from memplan.runtime.tiers.api import TierStore
 
 
 class _StepFunction(torch.autograd.Function):
-    """Forward: the planned forward ops, returning the loss. Backward: the planned backward ops, returning
-    the gradients of the trainable parameters (scaled by the incoming gradient when it is not 1)."""
+    """Forward: the planned forward ops, returning the loss. Backward: the planned backward ops, seeded with
+    the incoming gradient, returning the gradients of the trainable parameters."""
 
     @staticmethod
     def forward(ctx: Any, step: PlannedStep, args: list[Any], *params: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,7 @@ class _StepFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         step: PlannedStep = ctx.step
-        grads: list[torch.Tensor | None] = list(step.backward())
-        if not bool(torch.all(grad_out == 1)):
-            grads = [g * grad_out if g is not None else None for g in grads]
-        return (None, None, *grads)
+        return (None, None, *step.backward(seed=grad_out))
 
 
 def _state_args(model: torch.nn.Module, step: PlannedStep, inputs: tuple[Any, ...]) -> list[Any]:

@@ -11,16 +11,17 @@ from memplan.ir.analysis import (
     timeline,
     working_set_bound,
 )
-from memplan.ir.graph import PERSISTENT_ROLES, Graph
+from memplan.ir.graph import PERSISTENT_ROLES, Graph, Role
 from tests.graphs import chain, random_graphs
 
 
 def test_chain_lifetimes_are_half_open():
     g = chain([10, 20, 30, 40])
-    # x read by op0; v1 produced by op0 and read by op1; v3 is the output, live to the end.
-    assert lifetimes(g) == {0: (0, 1), 1: (0, 2), 2: (1, 3), 3: (2, 3)}
+    # x (the step's input, held by the caller) lives throughout; v1 produced by op0 and read by op1;
+    # v3 is the output, live to the end.
+    assert lifetimes(g) == {0: (0, 3), 1: (0, 2), 2: (1, 3), 3: (2, 3)}
     pk = peaks(device_intervals(g), len(g.ops))["device"]
-    assert (pk.bytes, pk.step) == (70, 2)  # v2 (30) + v3 (40) while op2 runs
+    assert (pk.bytes, pk.step) == (80, 2)  # x (10) + v2 (30) + v3 (40) while op2 runs
 
 
 def test_parameters_live_throughout():
@@ -55,7 +56,7 @@ def _brute_force_live(g: Graph) -> np.ndarray:
         end = max([*uses, *births]) + 1
         if any(v.id in g.outputs for v in members):
             end = n
-        if root.role in PERSISTENT_ROLES:
+        if root.role in PERSISTENT_ROLES or root.role == Role.INPUT:
             start, end = 0, n
         live[start:end] += root.size_bytes
     return live

@@ -27,8 +27,18 @@ AC_KEYS = {
 
 @pytest.fixture(scope="module")
 def swap_plan() -> Plan:
-    """gpt2-tiny under 3 MiB on the cpu preset: some activations swapped (to the SSD tier), none recomputed"""
-    return memplan.plan("zoo:gpt2-tiny", mode="train", budget="3MiB", batch=4, seq=64)
+    """gpt2-tiny under 3 MiB on the cpu preset with recomputation switched off: some activations swapped (to
+    the SSD tier), none recomputed"""
+    from memplan.ir.hardware import load_hardware
+    from memplan.passes.registry import RematSwap
+    from memplan.passes.remat_swap import RematSwapOptions
+    from memplan.planner.models import capture, load_model
+    from memplan.planner.pipeline import run_pipeline
+    from memplan.planner.plan import Workload
+
+    graph, _ = capture(load_model("zoo:gpt2-tiny", "train", batch=4, seq=64), "train")
+    return run_pipeline(graph, load_hardware("cpu"), Workload("train", 4, 64), 3 * 2**20, "zoo:gpt2-tiny",
+                        [RematSwap()], {"remat_swap": RematSwapOptions(allow_recompute=False)})
 
 
 def with_decisions(plan: Plan, tier: str | None, change: dict[str, str]) -> Plan:

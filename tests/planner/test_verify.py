@@ -49,8 +49,8 @@ def test_offsets_overlap_and_bounds():
     pred = replace(p.predictions, arena_bytes={"device": 1000})
     overlapping = p.with_(offsets={"device": {0: 0, 1: 32, 2: 0, 3: 0}}, predictions=pred)
     assert "overlap" in _kinds(overlapping)
-    disjoint = p.with_(offsets={"device": {0: 0, 1: 64, 2: 192, 3: 0}}, predictions=pred)
-    assert _kinds(disjoint) == set()  # 0 and 3 share bytes but are never live together
+    disjoint = p.with_(offsets={"device": {0: 0, 1: 64, 2: 192, 3: 64}}, predictions=pred)
+    assert _kinds(disjoint) == set()  # 1 and 3 share bytes but are never live together
     out = p.with_(offsets={"device": {0: 0, 1: 64, 2: 900, 3: 0}}, predictions=pred)
     assert "offset-bounds" in _kinds(out)
 

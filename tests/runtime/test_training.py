@@ -93,3 +93,15 @@ def test_wrong_model_or_mode_refused(setup):
     infer = memplan.plan("zoo:gpt2-tiny", mode="infer", budget="1GiB")
     with pytest.raises(InvalidInput, match="training plan"), memplan.applied(infer, model):
         pass
+
+
+def test_measured_peak_holds_at_the_lowest_feasible_budget(setup):
+    """At the exact lower bound the pass reports, the run's real peak is still within the budget (no slack
+    hides a modelling error: recompute siblings, the autograd seed and held inputs are all accounted)."""
+    model, inputs, *_ = setup
+    with pytest.raises(memplan.InfeasibleBudget) as err:
+        memplan.plan(model, inputs, mode="train", budget=1000)
+    budget = err.value.lower_bound_bytes
+    plan = memplan.plan(model, inputs, mode="train", budget=budget)
+    _, _, peak = _step(model, inputs, plan)
+    assert peak <= budget

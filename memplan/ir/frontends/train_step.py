@@ -177,5 +177,20 @@ def _lower_step(
         state_names[ph] = qual
     by_qual = {q: ph for ph, q in state_names.items()}
     ph_ties = {by_qual[a]: by_qual[b] for a, b in ties.items() if a in by_qual and b in by_qual}
+    seed = _autograd_seed(gm)
+    if seed is not None:  # held by the caller's backward (autograd's grad_output) until it ends: an input
+        roles[seed] = Role.INPUT
     out_roles: list[Role | None] = [Role.OUTPUT] + [Role.GRADIENT] * len(params)
     return lower_fx(gm, name, roles, state_names, out_roles, ph_ties)
+
+
+def _autograd_seed(gm: torch.fx.GraphModule) -> str | None:
+    """The node that makes the gradient of the loss (`ones_like` of the loss, the first op of backward)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    loss = output.args[0][0]
+    while loss.op == "call_function" and loss.target == torch.ops.aten.detach.default:
+        loss = loss.args[0]
+    return next(
+        (u.name for u in loss.users if u.op == "call_function" and u.target == torch.ops.aten.ones_like.default),
+        None,
+    )

@@ -1,0 +1,223 @@
+"""Helpers of `bench/train.py`: the models, one measured training step, and the two peers.
+
+- `load_bench_model` builds a model whose `module(*inputs)` returns the loss: a zoo model, or
+  `llama-gpt2size`, a Llama-style model of GPT-2 small's size (12 x 768, 12 heads, MLP 2048, vocab 32000,
+  134M parameters) wrapped the way the zoo wraps its models.
+- `measure` runs warm-up steps (compilation), then one step under the live-storage tracker (peak, loss,
+  gradients), then `reps` steps outside the tracker whose median wall time is the step time: the tracker's
+  per-op Python hook costs every method time in proportion to its op count, so it measures memory, never
+  speed.
+- `StepTracker` is the live-storage tracker with `ignore_compile_internals()` true. Dynamo refuses to run
+  compiled code while a non-infra dispatch mode is on the stack (it silently runs the eager frame instead);
+  with this flag it runs the compiled artifact under the mode, and with the aot_eager backends that
+  artifact calls aten ops one by one, so the tracker sees every storage of the compiled graph. Eager and
+  memplan steps never enter dynamo, so for them it is the plain tracker.
+- Peer 1, `checkpointed`: every transformer block's forward wrapped in
+  `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`.
+- Peer 2, `compiled`: `torch.compile(backend="aot_eager_decomp_partition")` under one value of
+  `torch._functorch.config.activation_memory_budget`, dynamo reset before and after.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch._functorch.config
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import LlamaForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from memplan.planner.models import load_model
+from memplan.planner.zoo import INPUT_SEED, build_from_config, llama_config
+from memplan.runtime.tracker import LiveStorageTracker
+
+MiB = 2**20
+RTOL, ATOL = 1e-5, 1e-6
+"""Tolerance for a step whose ops differ from the plain step's (recomputation, decompositions)."""
+LLAMA_GPT2SIZE = "llama-gpt2size"
+"""A Llama-style model of GPT-2 small's size; every other name is a zoo model."""
+
+LossCall = Callable[..., torch.Tensor]
+
+
+class StepTracker(LiveStorageTracker):
+    """`LiveStorageTracker` that lets compiled code run under it (see the module docstring)."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+
+class _LossModule(nn.Module):
+    """`module(input_ids, labels)` is the causal-LM loss of `model` (as `ZooModel.loss_module` does)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss: torch.Tensor = self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        return loss
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model ready to step: `module(*inputs)` returns the loss; `blocks` are its transformer blocks."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    blocks: tuple[nn.Module, ...]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+
+def load_bench_model(name: str, batch: int, seq: int) -> BenchModel:
+    """Build `name` on the CPU (seeded init) in train mode, with inputs of `batch` x `seq` tokens."""
+    if name == LLAMA_GPT2SIZE:
+        config = llama_config(768, 2048, 12, 12, 12, vocab=32000, max_positions=1024)
+        module: nn.Module = _LossModule(build_from_config(LlamaForCausalLM, config, "cpu", torch.float32))
+        gen = torch.Generator().manual_seed(INPUT_SEED)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)  # [batch, seq] token ids
+        inputs: tuple[torch.Tensor, ...] = (ids, ids.clone())  # the model shifts labels itself
+    else:
+        loaded = load_model(f"zoo:{name}", "train", batch=batch, seq=seq, device="cpu")
+        assert loaded.module is not None
+        module, inputs = loaded.module, loaded.example_inputs
+    module.train()
+    blocks = tuple(m for m in module.modules() if isinstance(m, GradientCheckpointingLayer))
+    return BenchModel(name, module, inputs, blocks)
+
+
+@dataclass
+class StepRun:
+    """One method's measured step: peak (tracked step), step times (untracked steps), correctness."""
+
+    peak_bytes: int
+    times: list[float]
+    """Wall seconds of each timed step (outside the tracker)."""
+    warmup_s: float
+    """Wall time of the first warm-up step (includes compilation), 0 without one."""
+    ops: int
+    """Aten ops the tracker saw in the tracked step."""
+    loss: torch.Tensor
+    grads: list[torch.Tensor | None]
+    """Kept only when asked (the reference step); empty otherwise."""
+    equal: str = "-"
+    """How loss and gradients compare with the reference: bitwise, allclose, or DIFFERENT (...)."""
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.times)
+
+
+def _one_step(call: LossCall, model: BenchModel) -> torch.Tensor:
+    for p in model.params:
+        p.grad = None
+    loss = call(*model.inputs)
+    loss.backward()
+    return loss.detach()
+
+
+def time_steps(call: LossCall, model: BenchModel, reps: int) -> list[float]:
+    """Wall seconds of `reps` steps, outside any tracker; gradients are dropped after."""
+    times = []
+    for _ in range(reps):
+        gc.collect()
+        t0 = time.perf_counter()
+        _one_step(call, model)
+        times.append(time.perf_counter() - t0)
+    for p in model.params:
+        p.grad = None
+    return times
+
+
+def measure(call: LossCall, model: BenchModel, warmup: int, reps: int,
+            reference: StepRun | None = None, keep_grads: bool = False) -> StepRun:
+    """Warm up, track one step, time `reps` more (see the module docstring); compare with `reference`."""
+    warm = time_steps(call, model, warmup)
+    gc.collect()
+    with StepTracker(record_timeline=False) as tracker:
+        tracker.track([*model.params, *model.module.buffers(), *model.inputs])
+        loss = call(*model.inputs)
+        loss.backward()
+    loss = loss.detach()
+    grads = [p.grad for p in model.params]
+    equal = compare_step(loss, grads, reference.loss, reference.grads) if reference is not None else "-"
+    for p in model.params:
+        p.grad = None
+    times = time_steps(call, model, max(reps, 1))
+    return StepRun(tracker.result.peak_bytes, times, warm[0] if warm else 0.0, tracker.result.ops, loss,
+                   grads if keep_grads else [], equal)
+
+
+def compare_step(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
+                 ref_grads: Sequence[torch.Tensor | None], rtol: float = RTOL, atol: float = ATOL) -> str:
+    """'bitwise' if loss and every gradient are identical, 'allclose' if within tolerance, else
+    'DIFFERENT (...)' with the largest absolute difference."""
+    pairs = [(loss, ref_loss), *zip(grads, ref_grads, strict=True)]
+    if any((a is None) != (b is None) for a, b in pairs):
+        return "DIFFERENT (a gradient is missing)"
+    tensors = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if all(torch.equal(a, b) for a, b in tensors):
+        return "bitwise"
+    if all(torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in tensors):
+        return "allclose"
+    worst = max(float((a - b).abs().max()) for a, b in tensors)
+    return f"DIFFERENT (max |diff| {worst:.3g})"
+
+
+@contextmanager
+def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside the block, every block's forward runs under non-reentrant `torch.utils.checkpoint`."""
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return run
+
+    for block in blocks:
+        block.forward = wrap(block.forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@dataclass
+class CompileStats:
+    """What dynamo did for one compiled model: graphs compiled and graph breaks (0 means one whole graph)."""
+
+    graphs: int = 0
+    graph_breaks: int = 0
+
+
+@contextmanager
+def compiled(module: nn.Module, memory_budget: float) -> Iterator[tuple[LossCall, CompileStats]]:
+    """`torch.compile(module, backend="aot_eager_decomp_partition")` with `activation_memory_budget` set for
+    the whole block (the partitioner reads it when the first call compiles); dynamo is reset around it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    stats = CompileStats()
+    try:
+        with torch._functorch.config.patch(activation_memory_budget=memory_budget):
+            yield torch.compile(module, backend="aot_eager_decomp_partition"), stats
+            stats.graphs = int(counters["stats"].get("unique_graphs", 0))
+            stats.graph_breaks = sum(counters["graph_break"].values())
+    finally:
+        torch._dynamo.reset()
