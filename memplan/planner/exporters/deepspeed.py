@@ -25,8 +25,8 @@ import json
 from collections import Counter
 from typing import Any
 
-from memplan.errors import InvalidInput
 from memplan.ir.graph import Role
+from memplan.planner.exporters.common import remat_tensors
 from memplan.planner.plan import Plan
 
 HOST_TIERS = frozenset({"host", "cxl"})
@@ -42,7 +42,7 @@ def deepspeed_config(plan: Plan) -> str:
 def config_dict(plan: Plan) -> dict[str, Any]:
     """The config as a JSON-ready dict: `activation_checkpointing`, `zero_optimization` if the plan offloads
     model state, and `memplan_notes`."""
-    tensors = _tensors(plan)
+    tensors = remat_tensors(plan, "deepspeed")
     tier = plan.decisions["remat_swap"].get("tier")
     swapped = [t for t in tensors if t["decision"] == "swap"]
     layers = sorted({t["layer"] for t in tensors if t["decision"] == "recompute" and t["layer"] is not None})
@@ -62,17 +62,6 @@ def config_dict(plan: Plan) -> dict[str, Any]:
         out["zero_optimization"] = {"stage": 3 if "offload_param" in offload else 2, **offload}
     out["memplan_notes"] = _notes(plan, tensors, layers, tier, offload)
     return out
-
-
-def _tensors(plan: Plan) -> list[dict[str, Any]]:
-    decisions = plan.decisions.get("remat_swap")
-    if plan.workload.mode != "train" or not decisions:
-        raise InvalidInput(
-            f"plan of {plan.model.name} ({plan.workload.mode}) has no remat_swap decisions: the deepspeed "
-            "export needs a training plan (memplan plan MODEL --mode train --budget ...)"
-        )
-    tensors: list[dict[str, Any]] = decisions["tensors"]
-    return tensors
 
 
 def _offload(plan: Plan) -> dict[str, dict[str, Any]]:

@@ -34,9 +34,9 @@ import pprint
 from collections import Counter, defaultdict
 from typing import Any, Literal
 
-from memplan.errors import InvalidInput
 from memplan.ir.graph import Graph
 from memplan.passes.remat_candidates import phases
+from memplan.planner.exporters.common import remat_tensors
 from memplan.planner.plan import Plan
 
 SacDecision = Literal["save", "recompute"]
@@ -48,7 +48,7 @@ IGNORED_TARGETS = frozenset({"aten.detach.default"})
 
 def torch_sac(plan: Plan) -> str:
     """The policy module's Python source (see module docstring)."""
-    tensors = _remat_tensors(plan)
+    tensors = remat_tensors(plan, "torch-sac")
     table = sac_table(plan)
     header = _header(plan, tensors)
     policy = pprint.pformat(table, width=100, sort_dicts=True)
@@ -87,7 +87,7 @@ def forward_layer_ops(graph: Graph) -> dict[int, list[int]]:
 def op_decisions(plan: Plan, graph: Graph) -> dict[int, SacDecision]:
     """Producer op index -> decision, for the ops that produce saved activations (see module docstring)."""
     out: dict[int, SacDecision] = {}
-    for t in _remat_tensors(plan):
+    for t in remat_tensors(plan, "torch-sac"):
         p = graph.producer(t["value_id"])
         if p is None:
             continue
@@ -96,17 +96,6 @@ def op_decisions(plan: Plan, graph: Graph) -> dict[int, SacDecision]:
         else:
             out.setdefault(p, "save")
     return out
-
-
-def _remat_tensors(plan: Plan) -> list[dict[str, Any]]:
-    decisions = plan.decisions.get("remat_swap")
-    if plan.workload.mode != "train" or not decisions:
-        raise InvalidInput(
-            f"plan of {plan.model.name} ({plan.workload.mode}) has no remat_swap decisions: the torch-sac "
-            "export needs a training plan (memplan plan MODEL --mode train --budget ...)"
-        )
-    tensors: list[dict[str, Any]] = decisions["tensors"]
-    return tensors
 
 
 def _header(plan: Plan, tensors: list[dict[str, Any]]) -> str:
@@ -156,7 +145,7 @@ def _describe(t: dict[str, Any], key: tuple[int, str, int] | None) -> str:
 
 def checkpoint_layers(plan: Plan) -> list[int]:
     """Layers where the plan recomputes at least one saved activation (the blocks to checkpoint)."""
-    tensors = _remat_tensors(plan)
+    tensors = remat_tensors(plan, "torch-sac")
     return sorted({t["layer"] for t in tensors if t["decision"] == "recompute" and t["layer"] is not None})
 
 
