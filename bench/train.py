@@ -30,14 +30,11 @@ of Llama-2-7B (batch 1, 4,096 tokens, A100-80GB, captured on the meta device). T
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +48,11 @@ from bench.train_peers import (
     StepRun,
     checkpointed,
     compiled,
+    level_notes,
     load_bench_model,
     measure,
     time_steps,
+    write_pareto,
 )
 from memplan.errors import InfeasibleBudget, MemplanError
 from memplan.planner.plan import Plan
@@ -225,74 +224,6 @@ def bench_model(name: str, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Comparison at equal memory, and the plot
-
-
-def level_notes(rows: list[dict[str, Any]]) -> tuple[list[str], bool]:
-    """One note per peer point: the cheapest memplan point whose measured peak is at or below the peer's
-    measured peak (no interpolation), and whether its overhead is lower. Returns (notes, goal met)."""
-    notes: list[str] = []
-    met = True
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ours = [r for r in rows if r["model"] == model and r["method"] == "memplan" and "peak_MiB" in r]
-        for peer in (r for r in rows if r["model"] == model and r["method"] in ("checkpoint", "compile")):
-            if "peak_MiB" not in peer:
-                continue
-            below = [r for r in ours if r["peak_MiB"] <= peer["peak_MiB"]]
-            head = (f"{model}, {peer['method']} {peer['knob']} ({peer['peak_MiB']:.4g} MiB, "
-                    f"{peer['overhead_%']:+.1f}%)")
-            if not below:
-                notes.append(f"{head}: no memplan point at or below {peer['peak_MiB']:.4g} MiB")
-                met = False
-                continue
-            best = min(below, key=lambda r: r["overhead_%"])
-            won = best["overhead_%"] < peer["overhead_%"]
-            met &= won
-            notes.append(f"{head}: memplan {best['knob']} reaches {best['peak_MiB']:.4g} MiB at "
-                         f"{best['overhead_%']:+.1f}%: {'lower' if won else 'NOT lower'} overhead")
-    return notes, met
-
-
-def _short(knob: str) -> str:
-    """A point's label on the plot: memplan's budget share, compile's memory budget."""
-    return knob.split()[-1] if knob.startswith("activation") else knob.split(" (")[0].split()[-1]
-
-
-def write_pareto(rows: list[dict[str, Any]], path: Path = PLOT) -> None:
-    """Measured peak (x) vs step-time overhead (y), one subplot per model, one series per method; atomic."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig = Figure(figsize=(6 * len(models), 4.5))
-    FigureCanvasAgg(fig)
-    styles = {"plain": ("k", "*"), "memplan": ("C0", "o"), "checkpoint": ("C1", "s"), "compile": ("C2", "^")}
-    for i, model in enumerate(models):
-        ax = fig.add_subplot(1, len(models), i + 1)
-        for method, (color, marker) in styles.items():
-            pts = sorted((r["peak_MiB"], r["overhead_%"], _short(r["knob"])) for r in rows
-                         if r["model"] == model and r["method"] == method and "peak_MiB" in r)
-            if not pts:
-                continue
-            xs, ys, _ = zip(*pts, strict=True)
-            ax.plot(xs, ys, color=color, marker=marker, label=f"{model} {method}",
-                    linestyle="-" if len(pts) > 1 else "none")
-            for x, y, label in pts if method in ("memplan", "compile") else ():
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
-        ax.set_xlabel("measured peak (MiB)")
-        ax.set_ylabel("step-time overhead vs plain (%)")
-        ax.set_title(model)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Planning at scale
 
 
@@ -387,7 +318,7 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
         scale = plan_at_scale(cfg.scale) if cfg.scale else None
     finally:
         torch.set_num_threads(threads)
-    write_pareto(rows)
+    write_pareto(rows, PLOT)
     level, met = level_notes(rows)
     notes = _summary_notes(rows)
     notes.append(f"goal (memplan's overhead lower than every peer point at that point's memory level): "
@@ -397,7 +328,7 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
     notes += _scale_notes(scale) if scale else []
     notes.append(f"batch {cfg.batch} x seq {cfg.seq} tokens; per point {cfg.warmup} warm-up step(s) "
                  "(compile: at least 1), 1 tracked step (peak, correctness), median of "
-                 f"{cfg.reps} timed steps (plain: {cfg.reps} at the start and {cfg.reps} at the end); "
+                 f"{cfg.reps} timed steps (plain: {cfg.reps} each at the start, middle and end); "
                  f"{cfg.threads or threads} torch threads")
     fastest = min(r["step_s"] for r in rows if r["method"] == "plain")
     if fastest < 1.0:

@@ -1,4 +1,4 @@
-"""Helpers of `bench/train.py`: the models, one measured training step, and the two peers.
+"""Helpers of `bench/train.py`: the models, one measured training step, the two peers, and the comparison.
 
 - `load_bench_model` builds a model whose `module(*inputs)` returns the loss: a zoo model, or
   `llama-gpt2size`, a Llama-style model of GPT-2 small's size (12 x 768, 12 heads, MLP 2048, vocab 32000,
@@ -16,16 +16,21 @@
   `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`.
 - Peer 2, `compiled`: `torch.compile(backend="aot_eager_decomp_partition")` under one value of
   `torch._functorch.config.activation_memory_budget`, dynamo reset before and after.
+- `level_notes` compares memplan with each peer point at that point's measured peak; `write_pareto` draws
+  the measured peak against the step-time overhead.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -221,3 +226,72 @@ def compiled(module: nn.Module, memory_budget: float) -> Iterator[tuple[LossCall
             stats.graph_breaks = sum(counters["graph_break"].values())
     finally:
         torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparison at equal memory, and the plot
+
+
+def level_notes(rows: list[dict[str, Any]]) -> tuple[list[str], bool]:
+    """One note per peer point: the cheapest memplan point whose measured peak is at or below the peer's
+    measured peak (no interpolation), and whether its overhead is lower. Returns (notes, goal met)."""
+    notes: list[str] = []
+    met = True
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ours = [r for r in rows if r["model"] == model and r["method"] == "memplan" and "peak_MiB" in r]
+        for peer in (r for r in rows if r["model"] == model and r["method"] in ("checkpoint", "compile")):
+            if "peak_MiB" not in peer:
+                continue
+            below = [r for r in ours if r["peak_MiB"] <= peer["peak_MiB"]]
+            head = (f"{model}, {peer['method']} {peer['knob']} ({peer['peak_MiB']:.4g} MiB, "
+                    f"{peer['overhead_%']:+.1f}%)")
+            if not below:
+                notes.append(f"{head}: no memplan point at or below {peer['peak_MiB']:.4g} MiB")
+                met = False
+                continue
+            best = min(below, key=lambda r: r["overhead_%"])
+            won = best["overhead_%"] < peer["overhead_%"]
+            met &= won
+            notes.append(f"{head}: memplan {best['knob']} reaches {best['peak_MiB']:.4g} MiB at "
+                         f"{best['overhead_%']:+.1f}%: {'lower' if won else 'NOT lower'} overhead")
+    return notes, met
+
+
+def _short(knob: str) -> str:
+    """A point's label on the plot: memplan's budget share, compile's memory budget."""
+    return knob.split()[-1] if knob.startswith("activation") else knob.split(" (")[0].split()[-1]
+
+
+def write_pareto(rows: list[dict[str, Any]], path: Path) -> None:
+    """Measured peak (x) vs step-time overhead (y), one subplot per model, one series per method; written
+    atomically (temporary file in the same folder, then renamed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = Figure(figsize=(6 * len(models), 4.5))
+    FigureCanvasAgg(fig)
+    styles = {"plain": ("k", "*"), "memplan": ("C0", "o"), "checkpoint": ("C1", "s"), "compile": ("C2", "^")}
+    for i, model in enumerate(models):
+        ax = fig.add_subplot(1, len(models), i + 1)
+        for method, (color, marker) in styles.items():
+            pts = sorted((r["peak_MiB"], r["overhead_%"], _short(r["knob"])) for r in rows
+                         if r["model"] == model and r["method"] == method and "peak_MiB" in r)
+            if not pts:
+                continue
+            xs, ys, _ = zip(*pts, strict=True)
+            ax.plot(xs, ys, color=color, marker=marker, label=f"{model} {method}",
+                    linestyle="-" if len(pts) > 1 else "none")
+            for x, y, label in pts if method in ("memplan", "compile") else ():
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
+        ax.set_xlabel("measured peak (MiB)")
+        ax.set_ylabel("step-time overhead vs plain (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)

@@ -115,7 +115,7 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: AllocateOptions |
         offsets={t: dict(a.offsets_bytes) for t, a in allocs.items()},
         predictions=replace(plan.predictions, arena_bytes=arena),
         decisions={**plan.decisions, NAME: {t: _decision(a) for t, a in allocs.items()}},
-        passes=(*plan.passes, PassReport(NAME, time.perf_counter() - t0, report, notes)),
+        warnings=(*plan.warnings, *(n for n in notes if "exceeds" in n)),
     )
     return PassOutput(new_plan, PassReport(NAME, time.perf_counter() - t0, report, notes))
 

@@ -6,8 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.train import level_notes, write_pareto
-from bench.train_peers import StepTracker, checkpointed, compare_step
+from bench.train_peers import StepTracker, checkpointed, compare_step, level_notes, write_pareto
 from memplan.runtime.tracker import LiveStorageTracker
 
 
