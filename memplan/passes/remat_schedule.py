@@ -118,38 +118,16 @@ def _event(
         events.extend(Event("recompute", step, value_id=t, start_s=now) for t in c.recompute_transient)
         return now + c.recompute_s, link_out, link_in
     assert tier is not None
-    if kind == "swap_out":
-        start = max(now, link_out)
-        dur = c.size_bytes / tier.write_bw + tier.latency_s
+    if kind in ("swap_out", "prefetch"):
+        out = kind == "swap_out"
+        start = max(now, link_out if out else link_in)
+        dur = c.size_bytes / (tier.write_bw if out else tier.read_bw) + tier.latency_s
+        src, dst = ("device", tier.name) if out else (tier.name, "device")
         events.append(
-            Event(
-                "swap_out",
-                step,
-                value_id=c.value_id,
-                src_tier="device",
-                dst_tier=tier.name,
-                start_s=start,
-                duration_s=dur,
-            )
+            Event(kind, step, value_id=c.value_id, src_tier=src, dst_tier=dst, start_s=start, duration_s=dur)
         )
-        done[("w", c.value_id)] = start + dur
-        return now, start + dur, link_in
-    if kind == "prefetch":
-        start = max(now, link_in)
-        dur = c.size_bytes / tier.read_bw + tier.latency_s
-        events.append(
-            Event(
-                "prefetch",
-                step,
-                value_id=c.value_id,
-                src_tier=tier.name,
-                dst_tier="device",
-                start_s=start,
-                duration_s=dur,
-            )
-        )
-        done[("r", c.value_id)] = start + dur
-        return now, link_out, start + dur
+        done[("w" if out else "r", c.value_id)] = start + dur
+        return (now, start + dur, link_in) if out else (now, link_out, start + dur)
     key = ("w", c.value_id) if kind == "write_due" else ("r", c.value_id)
     return max(now, done.get(key, now)), link_out, link_in
 
