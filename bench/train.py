@@ -12,7 +12,9 @@ step (parameters and inputs counted as live), so methods compare at equal *measu
 1. plain: the eager step, no plan. Its loss and gradients are the reference; its peak is "plain peak".
 2. memplan: budgets of 90%, 80%, ... of the plain peak, until the first `InfeasibleBudget` (its lower bound is
    recorded), then once more at that lower bound (memplan's lowest point). Each budget is planned
-   (`memplan.plan`, default passes, planning time includes capture) and run under `memplan.applied`; the
+   (`memplan.plan`, default passes, planning time includes capture; hardware: the `cpu` preset with this
+   machine's FLOP/s, memory and SSD bandwidth measured by `memplan.runtime.calibrate` at the start of the
+   run) and run under `memplan.applied`; the
    row says whether the measured peak held the budget, and whether loss and gradients are bitwise equal
    to the plain step's (required when the plan only keeps or swaps) or allclose (rtol 1e-5, atol 1e-6).
 3. checkpoint: every transformer block wrapped in `torch.utils.checkpoint.checkpoint(use_reentrant=False)`.
@@ -43,8 +45,8 @@ import memplan
 from bench.harness import RESULTS, Result, markdown, write
 from bench.train_peers import (
     LLAMA_GPT2SIZE,
-    MiB,
     BenchModel,
+    MiB,
     StepRun,
     checkpointed,
     compiled,
@@ -55,11 +57,13 @@ from bench.train_peers import (
     write_pareto,
 )
 from memplan.errors import InfeasibleBudget, MemplanError
+from memplan.ir.hardware import Hardware, load_hardware
 from memplan.planner.plan import Plan
 from memplan.planner.sizes import format_size
+from memplan.runtime.calibrate import calibrate
 
-COLUMNS = ["model", "method", "knob", "peak_MiB", "peak/plain", "step_s", "overhead_%", "within_budget",
-           "grads", "plan_s", "keep/swap/recompute", "solver"]
+COLUMNS = ["model", "method", "knob", "peak_MiB", "peak/plain", "step_s", "overhead_%", "predicted_overhead_%",
+           "within_budget", "grads", "plan_s", "keep/swap/recompute/split", "solver"]
 PLOT = RESULTS / "train_pareto.png"
 
 
@@ -90,11 +94,13 @@ class TrainConfig:
     threads: int | None = None
     """torch intra-op threads; None leaves torch's default (all cores)."""
     scale: ScaleConfig | None = ScaleConfig()
+    calibrate_bytes: int | None = 256 * MiB
+    """Sample size of the calibration memplan plans with (None: the `cpu` preset's figures as they are)."""
 
 
 FULL = TrainConfig(models=("gpt2", LLAMA_GPT2SIZE), batch=4, seq=256)
 QUICK = TrainConfig(models=("gpt2-tiny", "llama-tiny"), batch=4, seq=64, threads=1,
-                    scale=ScaleConfig("llama-tiny", batch=1, seq=128))
+                    scale=ScaleConfig("llama-tiny", batch=1, seq=128), calibrate_bytes=32 * MiB)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,28 +123,30 @@ def _row(model: str, method: str, knob: str, run: StepRun | None, **more: Any) -
 
 
 def _remat_report(plan: Plan) -> dict[str, Any]:
-    """Keep / swap / recompute split (count and MiB), solver status and gap of the remat_swap pass."""
+    """Keep / swap / recompute / split counts and MiB, solver status and gap of the remat_swap pass."""
     tensors = plan.decisions.get("remat_swap", {}).get("tensors", [])
-    split = {d: [t for t in tensors if t["decision"] == d] for d in ("keep", "swap", "recompute")}
+    split = {d: [t for t in tensors if t["decision"] == d] for d in ("keep", "swap", "recompute", "split")}
     report = next((p for p in plan.passes if p.name == "remat_swap"), None)
     gap = report.solver.gap if report is not None else None
+    compute_s = sum(e.duration_s for e in plan.events if e.kind == "compute")  # the plan-free step
     return {
-        "keep/swap/recompute": "/".join(str(len(ts)) for ts in split.values()),
-        "recomputed": len(split["recompute"]),
+        "keep/swap/recompute/split": "/".join(str(len(ts)) for ts in split.values()),
+        "recomputed": len(split["recompute"]) + len(split["split"]),
         "split_MiB": {d: sum(t["size_bytes"] for t in ts) / MiB for d, ts in split.items()},
         "solver": (report.solver.status if report else "-") + (f", gap {gap:.2g}" if gap else ""),
         "solver_gap": gap,
         "pass_s": {p.name: p.time_s for p in plan.passes},
         "predicted_MiB": plan.predictions.peak_bytes.get("device", 0) / MiB,
+        "predicted_overhead_%": 100 * (plan.predictions.time_s / compute_s - 1) if compute_s else None,
     }
 
 
-def _memplan_point(m: BenchModel, plain: StepRun, cfg: TrainConfig, budget: int,
+def _memplan_point(m: BenchModel, plain: StepRun, cfg: TrainConfig, hw: Hardware, budget: int,
                    knob: str) -> dict[str, Any]:
     """Plan at `budget` bytes and run the plan; an `infeasible` row carries the lower bound."""
     t0 = time.perf_counter()
     try:
-        plan = memplan.plan(m.module, m.inputs, mode="train", budget=budget)
+        plan = memplan.plan(m.module, m.inputs, mode="train", budget=budget, hardware=hw)
     except InfeasibleBudget as e:
         return _row(m.name, "memplan", knob, None, plan_s=time.perf_counter() - t0,
                     within_budget="infeasible", lower_bound_bytes=e.lower_bound_bytes,
@@ -158,21 +166,21 @@ def _memplan_point(m: BenchModel, plain: StepRun, cfg: TrainConfig, budget: int,
     return _row(m.name, "memplan", knob, run, within_budget=held, **info)
 
 
-def _memplan_rows(m: BenchModel, plain: StepRun, cfg: TrainConfig) -> list[dict[str, Any]]:
+def _memplan_rows(m: BenchModel, plain: StepRun, cfg: TrainConfig, hw: Hardware) -> list[dict[str, Any]]:
     """Budgets at `cfg.fractions` of the plain peak down to the first infeasible one; then, once, at the
     lower bound that `InfeasibleBudget` named (memplan's lowest point), if it is below the last that fit."""
     rows: list[dict[str, Any]] = []
     last_fit = plain.peak_bytes
     for frac in cfg.fractions:
         budget = int(frac * plain.peak_bytes)
-        rows.append(_memplan_point(m, plain, cfg, budget, f"budget {frac:.0%} ({format_size(budget)})"))
+        rows.append(_memplan_point(m, plain, cfg, hw, budget, f"budget {frac:.0%} ({format_size(budget)})"))
         low = rows[-1].get("lower_bound_bytes")
         if low is None:
             last_fit = budget
             continue
         if low < last_fit:
             knob = f"lower bound {low / plain.peak_bytes:.0%} ({format_size(low)})"
-            rows.append(_memplan_point(m, plain, cfg, int(low), knob))
+            rows.append(_memplan_point(m, plain, cfg, hw, int(low), knob))
         break
     return rows
 
@@ -201,7 +209,7 @@ def _relative(rows: list[dict[str, Any]], plain_peak: int, plain_s: float) -> No
             r["plain_ref_s"] = plain_s
 
 
-def bench_model(name: str, cfg: TrainConfig) -> list[dict[str, Any]]:
+def bench_model(name: str, cfg: TrainConfig, hw: Hardware) -> list[dict[str, Any]]:
     """All rows of one model: plain, memplan at each budget, checkpoint, compile at each memory budget.
 
     The plain step is timed three times (`reps` steps each): at the start, between the memplan and the peer
@@ -209,7 +217,7 @@ def bench_model(name: str, cfg: TrainConfig) -> list[dict[str, Any]]:
     drift of the machine's speed during the run is bracketed; the plain row shows all sets (`times_s`)."""
     m = load_bench_model(name, cfg.batch, cfg.seq)
     plain = measure(m.module, m, cfg.warmup, cfg.reps, keep_grads=True)
-    ours = _memplan_rows(m, plain, cfg)
+    ours = _memplan_rows(m, plain, cfg, hw)
     middle = time_steps(m.module, m, max(cfg.reps, 1))
     peers = _peer_rows(m, plain, cfg)
     end = time_steps(m.module, m, max(cfg.reps, 1))
@@ -266,7 +274,7 @@ def _scale_notes(s: dict[str, Any]) -> list[str]:
         split = ", ".join(f"{d} {format_size(v * MiB)}" for d, v in a["split_MiB"].items())
         peak = format_size(a["predicted_MiB"] * MiB)
         notes.append(f"{at}: planned in {took}; passes {passes}), predicted peak {peak}, "
-                     f"keep/swap/recompute {a['keep/swap/recompute']} tensors ({split}), "
+                     f"keep/swap/recompute/split {a['keep/swap/recompute/split']} tensors ({split}), "
                      f"solver {a['solver']}")
     return notes
 
@@ -313,7 +321,10 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
         torch.set_num_threads(cfg.threads)
     try:
         t0 = time.perf_counter()
-        rows = [r for name in cfg.models for r in bench_model(name, cfg)]
+        hw, cal = load_hardware("cpu"), None
+        if cfg.calibrate_bytes:
+            hw, cal = calibrate(hw, sample_bytes=cfg.calibrate_bytes)
+        rows = [r for name in cfg.models for r in bench_model(name, cfg, hw)]
         bench_s = time.perf_counter() - t0
         scale = plan_at_scale(cfg.scale) if cfg.scale else None
     finally:
@@ -326,6 +337,12 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
                  "measured peak (no interpolation):")
     notes += [f"  {n}" for n in level]
     notes += _scale_notes(scale) if scale else []
+    if cal is not None:
+        ssd = cal.tiers[0]
+        notes.append(f"memplan planned with this machine's figures (`memplan calibrate`, {cal.seconds:.1f} s): "
+                     f"{cal.flops:.3g} FLOP/s (preset {cal.preset_flops:.3g}), {cal.mem_bw:.3g} B/s memory "
+                     f"(preset {cal.preset_mem_bw:.3g}), SSD write {ssd.write_bw:.3g} / read {ssd.read_bw:.3g} "
+                     f"B/s (preset {ssd.preset_write_bw:.3g} / {ssd.preset_read_bw:.3g})")
     notes.append(f"batch {cfg.batch} x seq {cfg.seq} tokens; per point {cfg.warmup} warm-up step(s) "
                  "(compile: at least 1), 1 tracked step (peak, correctness), median of "
                  f"{cfg.reps} timed steps (plain: {cfg.reps} each at the start, middle and end); "
@@ -336,6 +353,7 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
                      "Python cost (memplan's op-by-op interpreter, dynamo guards, checkpoint hooks) and "
                      "timing noise, not the methods")
     extra = {"config": {k: v for k, v in vars(cfg).items() if k != "scale"}, "scale": scale,
+             "calibration": cal.to_dict() if cal else None,
              "models_s": bench_s, "goal_met": met, "plot": str(PLOT)}
     return Result("train", "Training memory at equal measured peak: memplan vs checkpoint vs torch.compile "
                   f"({'quick' if quick else 'full'}, CPU, live-storage tracker)", COLUMNS, rows, notes, extra)

@@ -13,6 +13,12 @@ last use l (all schedule positions):
 The recompute closure of c is the list of forward ops to re-run, from values that are still on the device at
 b (parameters, inputs, other candidates kept or swapped back), to rebuild c; intermediate values that are
 not candidates are rebuilt on the way and dropped at once.
+
+A fourth way, *split* (MEMO's token-wise swap), swaps the first k rows of c (a row: all but the last dim,
+row-major, so the tokens of a [batch, seq, hidden] activation) and recomputes the other rows: possible when
+every op of the closure maps row i of its inputs to row i of its output (`ROW_OPS`, checked on shapes), so
+that the closure run on the rows [k:] of its inputs gives the rows [k:] of c. `Candidate.rows` is c's row
+count when it can be split, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -22,11 +28,55 @@ from dataclasses import dataclass
 import numpy as np
 
 from memplan.ir.analysis import lifetimes
-from memplan.ir.graph import PERSISTENT_ROLES, Graph, Role
+from memplan.ir.graph import PERSISTENT_ROLES, Graph, Op, Role
 from memplan.ir.hardware import Hardware, Tier
 from memplan.planner.baseline import op_time_s
 
 MAX_CLOSURE_OPS = 12
+
+ROW_POINTWISE = frozenset(
+    f"aten.{n}"
+    for n in (
+        "add.Tensor",
+        "sub.Tensor",
+        "mul.Tensor",
+        "div.Tensor",
+        "add.Scalar",
+        "mul.Scalar",
+        "pow.Tensor_Scalar",
+        "gelu.default",
+        "relu.default",
+        "silu.default",
+        "tanh.default",
+        "sigmoid.default",
+        "rsqrt.default",
+        "neg.default",
+        "erf.default",
+        "exp.default",
+        "_to_copy.default",
+        "clone.default",
+    )
+)
+"""Elementwise ops: row i of the output reads row i of the inputs (and parameters broadcast over rows)."""
+ROW_VIEWS = frozenset(
+    [
+        "aten.view.default",
+        "aten._unsafe_view.default",
+        "aten.reshape.default",
+        "aten.alias.default",
+        "aten.detach.default",
+    ]
+)
+"""Views that keep the last dim: the same rows in the same order (identity on a [rows, last] block)."""
+ROW_OPS = (
+    ROW_POINTWISE
+    | ROW_VIEWS
+    | frozenset(["aten.mm.default", "aten.addmm.default", "aten.native_layer_norm.default", "aten.mean.dim"])
+)
+"""Ops a split's closure may run on a block of rows; `mm`/`addmm` with the rows as the left operand,
+`native_layer_norm` and `mean.dim` over the last dim only."""
+ROW_OPERAND = {"aten.mm.default": 0, "aten.addmm.default": 1}
+"""The one input of a matmul that carries rows; its other inputs are parameters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +117,8 @@ class Candidate:
     layer: int | None
     signature: tuple[object, ...]
     """What identifies 'the same tensor' in another repeated layer (for the per-layer formulation)."""
+    rows: int = 0
+    """Row count when c can be split (part swapped, part recomputed by rows); 0 when it cannot."""
 
     @property
     def can_recompute(self) -> bool:
@@ -75,6 +127,10 @@ class Candidate:
     @property
     def can_swap(self) -> bool:
         return self.prefetch_step > max(self.last_fwd_use + 1, self.swap_write_done)
+
+    @property
+    def can_split(self) -> bool:
+        return self.rows > 1 and self.can_swap and self.can_recompute
 
 
 def phases(graph: Graph) -> Phases:
@@ -198,6 +254,7 @@ def _candidate(ctx: _Context, r: int) -> Candidate:
         sw,
         op.layer,
         sig,
+        _split_rows(graph, r, ops) if ops else 0,
     )
 
 
@@ -232,6 +289,36 @@ def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int,
                 trans.add(root)
                 todo.append(root)
     return tuple(sorted(ops)), tuple(sorted(trans)), tuple(sorted(frontier))
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor: the product of all dims but the last (0 for a scalar)."""
+    return int(np.prod(shape[:-1], dtype=np.int64)) if shape else 0
+
+
+def _split_rows(graph: Graph, root: int, ops: tuple[int, ...]) -> int:
+    """Rows of `root` if every op of its closure is row-wise over the same rows (see module docstring)."""
+    rows = rows_of(graph.value(root).shape)
+    ok = rows > 1 and all(_row_wise(graph, graph.ops[i], rows) for i in ops)
+    return rows if ok else 0
+
+
+def _row_wise(graph: Graph, op: Op, rows: int) -> bool:
+    """Whether `op` maps row i of its activation inputs (each with `rows` rows) to row i of its outputs."""
+    if op.target not in ROW_OPS:
+        return False
+    carried = [graph.value(graph.storage_of(v)).role not in PERSISTENT_ROLES for v in op.inputs]
+    ins = [graph.value(v) for v in op.inputs]
+    outs = [graph.value(v) for v in op.outputs]
+    if any(rows_of(v.shape) != rows for v in outs + [v for v, c in zip(ins, carried, strict=True) if c]):
+        return False
+    if op.target in ROW_OPERAND:
+        return [k for k, c in enumerate(carried) if c] == [ROW_OPERAND[op.target]]
+    if op.target in ROW_POINTWISE:  # parameters broadcast over rows only as vectors or scalars
+        return all(len(v.shape) <= 1 for v, c in zip(ins, carried, strict=True) if not c)
+    if op.target in ROW_VIEWS:
+        return ins[0].shape[-1:] == outs[0].shape[-1:]
+    return ins[0].shape[:-1] + (1,) == outs[-1].shape  # layer norm's rstd, mean's result: last dim only
 
 
 def _producers_of_aliases(ctx: _Context, root: int, p: int) -> list[int]:

@@ -1,13 +1,18 @@
-"""Turn `remat_swap`'s keep / swap / recompute decisions into a plan: the residency of every storage on
-every tier, the event schedule (recomputes before their first backward use, transfers on one link per
+"""Turn `remat_swap`'s keep / swap / recompute / split decisions into a plan: the residency of every storage
+on every tier, the event schedule (recomputes before their first backward use, transfers on one link per
 direction, stalls where a transfer is late), and the decisions in `Plan.decisions["remat_swap"]`, which
 the executor (`memplan.runtime.executor`) follows.
+
+A split of c swapping k of its rows is timed and placed like a swap of k rows plus a recompute of the
+other rows: the tier holds k rows, the device buffer for all of c comes back at the prefetch step (the
+swapped rows are read into it, the recomputed rows written into it), and the rebuild's transients are the
+closure's, scaled to the recomputed rows.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from memplan.ir.analysis import Interval, device_intervals
@@ -17,31 +22,51 @@ from memplan.passes.remat_candidates import Candidate
 from memplan.planner.baseline import compute_events, predictions_for
 from memplan.planner.plan import Event, Plan
 
-Decision = Literal["keep", "swap", "recompute"]
+Decision = Literal["keep", "swap", "recompute", "split"]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What happens to one candidate; `swap_rows` is how many of its leading rows a split swaps."""
+
+    decision: Decision
+    swap_rows: int = 0
+
+    def rebuilt_share(self, c: Candidate) -> float:
+        """Share of c a rebuild recomputes: all of it for a recompute, the unswapped rows for a split."""
+        if self.decision == "recompute":
+            return 1.0
+        return (c.rows - self.swap_rows) / c.rows if self.decision == "split" else 0.0
+
+    def swapped_bytes(self, c: Candidate) -> int:
+        if self.decision == "split":
+            return c.size_bytes // c.rows * self.swap_rows
+        return c.size_bytes if self.decision == "swap" else 0
 
 
 def decided_residency(
-    graph: Graph, cands: list[Candidate], choice: list[Decision], tier: Tier | None
+    graph: Graph, cands: list[Candidate], choice: list[Choice], tier: Tier | None
 ) -> list[Interval]:
-    """Baseline intervals, with each swapped or recomputed candidate's replaced by its profile."""
-    moved = {c.value_id: (c, d) for c, d in zip(cands, choice, strict=True) if d != "keep"}
+    """Baseline intervals, with each moved candidate's replaced by its profile."""
+    moved = {c.value_id: (c, ch) for c, ch in zip(cands, choice, strict=True) if ch.decision != "keep"}
     out = [iv for iv in device_intervals(graph) if iv.value_id not in moved]
-    for c, d in moved.values():
+    for c, ch in moved.values():
         size = c.size_bytes
-        if d == "swap":
+        if ch.decision in ("swap", "split"):
             assert tier is not None
             out.append(
                 Interval(c.value_id, "device", c.produced, max(c.last_fwd_use + 1, c.swap_write_done), size)
             )
-            out.append(Interval(c.value_id, tier.name, c.produced, c.first_bwd_use + 1, size))
+            out.append(Interval(c.value_id, tier.name, c.produced, c.first_bwd_use + 1, ch.swapped_bytes(c)))
             out.append(Interval(c.value_id, "device", c.prefetch_step, c.last_use + 1, size))
         else:
             out.append(Interval(c.value_id, "device", c.produced, c.last_fwd_use + 1, size))
             out.append(Interval(c.value_id, "device", c.first_bwd_use, c.last_use + 1, size))
-            for t in c.recompute_transient:
-                out.append(
-                    Interval(t, "device", c.first_bwd_use, c.first_bwd_use + 1, graph.value(t).size_bytes)
-                )
+        share = ch.rebuilt_share(c)
+        for t in c.recompute_transient if share else ():
+            nbytes = graph.value(t).size_bytes
+            rebuilt = nbytes if share == 1.0 else nbytes // c.rows * (c.rows - ch.swap_rows)
+            out.append(Interval(t, "device", c.first_bwd_use, c.first_bwd_use + 1, rebuilt))
     return _merge(out)
 
 
@@ -65,27 +90,28 @@ def copies_overlap(hw: Hardware) -> bool:
 
 
 def _events(
-    graph: Graph, hw: Hardware, cands: list[Candidate], choice: list[Decision], tier: Tier | None
+    graph: Graph, hw: Hardware, cands: list[Candidate], choice: list[Choice], tier: Tier | None
 ) -> list[Event]:
     """Compute events with recomputes inserted before their first backward use, and transfer events on one
     link per direction (FIFO); a read not done by its use, or a write not done when its device copy is due
     to be freed, stalls compute. Where copies do not overlap compute (`copies_overlap`), each transfer
     delays compute by its duration."""
-    by_step: dict[int, list[tuple[str, Candidate]]] = defaultdict(list)
-    for c, d in zip(cands, choice, strict=True):
-        if d == "swap":
-            by_step[c.produced + 1].append(("swap_out", c))
-            by_step[c.prefetch_step].append(("prefetch", c))
-            by_step[max(c.last_fwd_use + 1, c.swap_write_done)].append(("write_due", c))
-            by_step[c.first_bwd_use].append(("read_due", c))
-        elif d == "recompute":
-            by_step[c.first_bwd_use].append(("recompute", c))
+    by_step: dict[int, list[tuple[str, Candidate, Choice]]] = defaultdict(list)
+    for c, ch in zip(cands, choice, strict=True):
+        if ch.decision in ("swap", "split"):
+            by_step[c.produced + 1].append(("swap_out", c, ch))
+            by_step[c.prefetch_step].append(("prefetch", c, ch))
+            by_step[max(c.last_fwd_use + 1, c.swap_write_done)].append(("write_due", c, ch))
+            by_step[c.first_bwd_use].append(("read_due", c, ch))
+        if ch.decision in ("recompute", "split"):
+            by_step[c.first_bwd_use].append(("recompute", c, ch))
+    order = {"swap_out": 0, "write_due": 1, "prefetch": 2, "read_due": 3, "recompute": 4}  # as the executor
     events: list[Event] = []
     now, link_out, link_in = 0.0, 0.0, 0.0
     done: dict[tuple[str, int], float] = {}
     for i, ce in enumerate(compute_events(graph, hw)):
-        for kind, c in sorted(by_step.get(i, []), key=lambda kc: kc[0]):
-            now, link_out, link_in = _event(kind, c, i, now, link_out, link_in, done, tier, events)
+        for kind, c, ch in sorted(by_step.get(i, []), key=lambda e: order[e[0]]):
+            now, link_out, link_in = _event(kind, c, ch, i, now, link_out, link_in, done, tier, events)
             if kind in ("swap_out", "prefetch") and not copies_overlap(hw):
                 now = max(now, events[-1].start_s + events[-1].duration_s)
         events.append(replace(ce, start_s=now))
@@ -96,6 +122,7 @@ def _events(
 def _event(
     kind: str,
     c: Candidate,
+    ch: Choice,
     step: int,
     now: float,
     link_out: float,
@@ -105,23 +132,19 @@ def _event(
     events: list[Event],
 ) -> tuple[float, float, float]:
     if kind == "recompute":  # one event for the value, zero-length ones for the transients rebuilt with it
+        dur = c.recompute_s * ch.rebuilt_share(c)
         events.append(
             Event(
-                "recompute",
-                step,
-                op_id=c.recompute_ops[-1],
-                value_id=c.value_id,
-                start_s=now,
-                duration_s=c.recompute_s,
+                "recompute", step, op_id=c.recompute_ops[-1], value_id=c.value_id, start_s=now, duration_s=dur
             )
         )
         events.extend(Event("recompute", step, value_id=t, start_s=now) for t in c.recompute_transient)
-        return now + c.recompute_s, link_out, link_in
+        return now + dur, link_out, link_in
     assert tier is not None
     if kind in ("swap_out", "prefetch"):
         out = kind == "swap_out"
         start = max(now, link_out if out else link_in)
-        dur = c.size_bytes / (tier.write_bw if out else tier.read_bw) + tier.latency_s
+        dur = ch.swapped_bytes(c) / (tier.write_bw if out else tier.read_bw) + tier.latency_s
         src, dst = ("device", tier.name) if out else (tier.name, "device")
         events.append(
             Event(kind, step, value_id=c.value_id, src_tier=src, dst_tier=dst, start_s=start, duration_s=dur)
@@ -133,7 +156,7 @@ def _event(
 
 
 def apply_decisions(
-    graph: Graph, hw: Hardware, plan: Plan, cands: list[Candidate], choice: list[Decision], tier: Tier | None
+    graph: Graph, hw: Hardware, plan: Plan, cands: list[Candidate], choice: list[Choice], tier: Tier | None
 ) -> Plan:
     residency = decided_residency(graph, cands, choice, tier)
     events = _events(graph, hw, cands, choice, tier)
@@ -144,7 +167,7 @@ def apply_decisions(
             {
                 "value_id": c.value_id,
                 "name": graph.value(c.value_id).name,
-                "decision": d,
+                "decision": ch.decision,
                 "size_bytes": c.size_bytes,
                 "layer": c.layer,
                 "produced": c.produced,
@@ -153,11 +176,13 @@ def apply_decisions(
                 "last_use": c.last_use,
                 "write_done_step": max(c.last_fwd_use + 1, c.swap_write_done),
                 "prefetch_step": c.prefetch_step,
-                "recompute_ops": list(c.recompute_ops) if d == "recompute" else [],
-                "recompute_transient": list(c.recompute_transient) if d == "recompute" else [],
+                "recompute_ops": list(c.recompute_ops) if ch.rebuilt_share(c) else [],
+                "recompute_transient": list(c.recompute_transient) if ch.rebuilt_share(c) else [],
                 "view_ops": list(c.view_ops),
+                "rows": c.rows,
+                "swap_rows": ch.swap_rows,
             }
-            for c, d in zip(cands, choice, strict=True)
+            for c, ch in zip(cands, choice, strict=True)
         ],
     }
     return plan.with_(

@@ -1,23 +1,31 @@
 """Pass `remat_swap`: for every activation a training step saves for its backward, keep it on the device,
-swap it to a slower tier and prefetch it back, or recompute it, so that the device's peak stays under the
-budget at the least added step time (after MEMO, SIGMOD 2025, and Checkmate / Moccasin).
+swap it to a slower tier and prefetch it back, recompute it, or split it (swap a fraction of its rows and
+recompute the rest, MEMO's token-wise split), so that the device's peak stays under the budget at the least
+added step time (after MEMO, SIGMOD 2025, and Checkmate / Moccasin).
 
-Exact MILP (HiGHS, time limit, incumbent and gap reported), per candidate c three binaries k+s+r = 1:
+Exact MILP (HiGHS, time limit, incumbent and gap reported). Per candidate c: binaries s (swap), r
+(recompute), z (split) with s + r + z <= 1, and phi in [0, z], the share of c's rows a split swaps:
 
-    minimise   sum_c r_c * recompute_time_c + s_c * eps * transfer_time_c
-    s.t.       base(t) + sum_c size_c * (s_c * dS_c(t) + r_c * dR_c(t)) <= budget   for every row step t
-               r_c + r_a <= 1  (or r_c <= k_a)  for each candidate a that c's recompute reads
-               sum_c s_c * transfer_c <= link seconds available            (hiding needs a free link)
+    minimise   sum_c  r_c * R_c + s_c * k * T_c + (z_c - phi_c) * R_c + phi_c * k * T_c
+    s.t.       base(t) + sum_c size_c * ((s_c + z_c) * dS_c(t) + r_c * dR_c(t)) + transients <= budget
+               r_c + z_c + r_a + z_a (+ s_a) <= 1   for each candidate a that c's rebuild reads
+               sum_c (s_c + phi_c) * T_c <= link seconds available          (hiding needs a free link)
 
-base(t) is the baseline live bytes (everything kept); dS, dR in {-1, 0} are the steps where swapping or
-recomputing c frees it, and dR includes the transient +bytes of c's recompute closure at its first backward
-use. Rows only at steps where the baseline is over the budget or a transient lands, one per run of steps
-with the same coefficients (the one with the largest base). For large models the per-layer formulation
-shares one decision among the same tensor of every repeated layer (`Candidate.signature`).
+R_c is c's recompute time, T_c its transfer time (out and back), k the share of a transfer that costs step
+time (small where copies overlap compute, 1 where they run on the compute cores: there a split is never
+cheaper than the better of swap and recompute, and the fractions matter only on a GPU whose link is the
+bottleneck). base(t) is the baseline live bytes (everything kept); dS, dR in {-1, 0} are the steps where
+swapping or recomputing c frees it; a split frees c where a swap does (timed as a whole-tensor swap, an
+upper bound on its part's transfer), and the transients of a rebuild, (r_c + z_c - phi_c) times those of c's
+closure, land at its first backward use. Rows only at steps where the baseline is over the budget or a
+transient lands, one per run of steps with the same coefficients (the one with the largest base). For
+large models the per-layer formulation shares one decision among the same tensor of every repeated layer
+(`Candidate.signature`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,7 +38,7 @@ from memplan.ir.graph import Graph
 from memplan.ir.hardware import TIER_ORDER, Hardware, Tier
 from memplan.passes.base import PassOutput
 from memplan.passes.remat_candidates import Candidate, find_candidates
-from memplan.passes.remat_schedule import Decision, apply_decisions, copies_overlap, decided_residency
+from memplan.passes.remat_schedule import Choice, apply_decisions, copies_overlap, decided_residency
 from memplan.planner.plan import PassReport, Plan, SolverReport
 from memplan.planner.sizes import format_size
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
@@ -49,6 +57,8 @@ class RematSwapOptions:
     mip_rel_gap: float = 1e-3
     allow_swap: bool = True
     allow_recompute: bool = True
+    allow_split: bool = True
+    """Allow splitting a tensor by rows between swap and recompute (needs both allowed)."""
     swap_tier: str | None = None
     """Tier to swap to; None: the fastest tier after the device that the hardware has."""
     per_layer: bool | None = None
@@ -87,7 +97,7 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
     if result.x is None:
         _raise_infeasible(graph, plan, cands, base, budget, result, tier, per_layer, opts, clock)
     assert result.x is not None
-    choice = _decode(result.x, form.groups, len(cands))
+    choice = _decode(result.x, form.groups, cands)
     new_plan = apply_decisions(graph, hardware, plan, cands, choice, tier)
     notes = _notes(cands, choice, per_layer, tier)
     report = PassReport("remat_swap", time.perf_counter() - t0, _solver_report(result), notes)
@@ -114,8 +124,8 @@ def _groups(cands: list[Candidate], per_layer: bool) -> list[list[int]]:
 
 
 def _profiles(c: Candidate, n: int, swap: bool) -> tuple[np.ndarray, np.ndarray]:
-    """dS, dR: change in device bytes, in units of c's size, per step, if c is swapped / recomputed
-    (without the recompute's transient, which lands at its first backward use)."""
+    """dS, dR: change in device bytes, in units of c's size, per step, if c is swapped (or split) /
+    recomputed (without the rebuild's transient, which lands at its first backward use)."""
     ds = np.zeros(n)
     dr = np.zeros(n)
     if swap and c.can_swap:
@@ -125,24 +135,34 @@ def _profiles(c: Candidate, n: int, swap: bool) -> tuple[np.ndarray, np.ndarray]
     return ds, dr
 
 
+BLOCKS = 4
+"""Column blocks of the MILP, G columns each: s (swap), r (recompute), z (split), phi (a split's swapped
+share of rows)."""
+
+
 def _coefficients(
     cands: list[Candidate], groups: list[list[int]], base: np.ndarray, budget: int, tier: Tier | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dense memory rows (one per kept step) over columns [s_0..s_G, r_0..r_G], and their right-hand sides."""
+    """Dense memory rows (one per kept step) over the columns [s | r | z | phi], and right-hand sides."""
     n = len(base)
     steps = set(np.nonzero(base > budget)[0].tolist())
     steps |= {c.first_bwd_use for c in cands if c.transient_bytes}
     rows = np.array(sorted(steps), dtype=np.int64)
     g_count = len(groups)
-    mat = np.zeros((len(rows), 2 * g_count))
+    mat = np.zeros((len(rows), BLOCKS * g_count))
     for g, members in enumerate(groups):
+        s_, r_, z_, phi = g, g_count + g, 2 * g_count + g, 3 * g_count + g
         for i in members:
             c = cands[i]
             ds, dr = _profiles(c, n, tier is not None)
-            mat[:, g] += c.size_bytes * ds[rows]
-            mat[:, g_count + g] += c.size_bytes * dr[rows]
+            mat[:, s_] += c.size_bytes * ds[rows]
+            mat[:, z_] += c.size_bytes * ds[rows]
+            mat[:, r_] += c.size_bytes * dr[rows]
             if c.transient_bytes:
-                mat[rows == c.first_bwd_use, g_count + g] += c.transient_bytes
+                at_b = rows == c.first_bwd_use
+                mat[at_b, r_] += c.transient_bytes
+                mat[at_b, z_] += c.transient_bytes
+                mat[at_b, phi] -= c.transient_bytes
     rhs = budget - base[rows].astype(np.float64)
     return _dedupe(mat, rhs)
 
@@ -168,11 +188,11 @@ def _formulate(
     swap_cost: float = SWAP_COST_FRACTION,
     min_peak: bool = False,
 ) -> _Formulation:
-    """Columns: s_g for every group g, then r_g (then the peak P in MiB when `min_peak`); rows: memory (in
-    MiB, for conditioning), one decision per group, recompute inputs, link. With `min_peak` the objective
-    is the device peak itself, over every step: the lowest peak this pass can reach. A swap costs
-    `swap_cost` times its transfer seconds (a small share where copies overlap compute, all of it where
-    they run on the compute cores)."""
+    """Columns: s_g, r_g, z_g, phi_g for every group g, block by block (then the peak P in MiB when
+    `min_peak`); rows: memory (in MiB, for conditioning), one decision per group, rebuild inputs, link. With
+    `min_peak` the objective is the device peak itself, over every step: the lowest peak this pass can reach.
+    A swap costs `swap_cost` times its transfer seconds (a small share where copies overlap compute, all of
+    it where they run on the compute cores)."""
     groups = _groups(cands, per_layer)
     g_count = len(groups)
     mem, mem_rhs = _coefficients(cands, groups, base, 0 if min_peak else budget, tier)
@@ -182,14 +202,17 @@ def _formulate(
     logic = np.hstack([logic, np.zeros((len(logic), extra))])
     a = np.vstack([mem, logic])
     rhs = np.concatenate([mem_rhs / MIB, logic_rhs])
-    cost = np.zeros(2 * g_count + extra)
-    upper = np.ones(2 * g_count + extra)
+    cost = np.zeros(BLOCKS * g_count + extra)
+    upper = np.ones(BLOCKS * g_count + extra)
     for g, members in enumerate(groups):
         ms = [cands[i] for i in members]
-        cost[g] = swap_cost * sum(c.swap_s for c in ms)
-        cost[g_count + g] = sum(c.recompute_s for c in ms)
-        upper[g] = float(tier is not None and all(c.can_swap for c in ms))
-        upper[g_count + g] = float(opts.allow_recompute and all(c.can_recompute for c in ms))
+        swap_s = swap_cost * sum(c.swap_s for c in ms)
+        rec_s = sum(c.recompute_s for c in ms)
+        can_swap = tier is not None and all(c.can_swap for c in ms)
+        can_rec = opts.allow_recompute and all(c.can_recompute for c in ms)
+        can_split = can_swap and can_rec and opts.allow_split and all(c.can_split for c in ms)
+        cost[[g, g_count + g, 2 * g_count + g, 3 * g_count + g]] = swap_s, rec_s, rec_s, swap_s - rec_s
+        upper[[g, g_count + g, 2 * g_count + g, 3 * g_count + g]] = can_swap, can_rec, can_split, can_split
     if min_peak:
         cost[:] = 0.0
         cost[-1], upper[-1] = 1.0, np.inf
@@ -199,7 +222,7 @@ def _formulate(
         c=cost,
         lower=np.zeros(n_cols),
         upper=upper,
-        integrality=np.array([1] * (2 * g_count) + [0] * extra, dtype=np.int8),
+        integrality=np.array([1] * (3 * g_count) + [0] * (g_count + extra), dtype=np.int8),
         a_data=a[rows, cols],
         a_indices=rows,
         a_indptr=np.searchsorted(cols, np.arange(n_cols + 1)),
@@ -212,16 +235,20 @@ def _formulate(
 def _logic_rows(
     cands: list[Candidate], groups: list[list[int]], tier: Tier | None, link_s: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """s_g + r_g <= 1; a recompute's inputs stay available; swaps fit the link's time and the tier's bytes."""
+    """s_g + r_g + z_g <= 1 and phi_g <= z_g; a rebuild's inputs stay available; swaps fit the link's time
+    and the tier's bytes."""
     g_count = len(groups)
+    width = BLOCKS * g_count
     group_of = {cands[i].value_id: g for g, ms in enumerate(groups) for i in ms}
     rows: list[np.ndarray] = []
     rhs: list[float] = []
     for g in range(g_count):
-        row = np.zeros(2 * g_count)
-        row[[g, g_count + g]] = 1.0
-        rows.append(row)
-        rhs.append(1.0)
+        row = np.zeros(width)
+        row[[g, g_count + g, 2 * g_count + g]] = 1.0
+        share = np.zeros(width)
+        share[[3 * g_count + g, 2 * g_count + g]] = 1.0, -1.0
+        rows += [row, share]
+        rhs += [1.0, 0.0]
     by_id = {c.value_id: c for c in cands}
     pairs = set()
     for g, ms in enumerate(groups):
@@ -230,54 +257,74 @@ def _logic_rows(
             for a in c.frontier:
                 pairs.add((g, group_of[a], by_id[a].first_bwd_use > c.first_bwd_use))
     for g, h, needs_keep in sorted(pairs):
-        row = np.zeros(2 * g_count)
-        row[g_count + g] += 1.0
-        row[g_count + h] += 1.0  # the input must not be recomputed itself...
+        row = np.zeros(width)
+        row[[g_count + g, 2 * g_count + g]] += 1.0  # c rebuilt (recomputed or split) reads a:
+        row[[g_count + h, 2 * g_count + h]] += 1.0  # a must not be rebuilt itself...
         if needs_keep:
             row[h] += 1.0  # ...nor be away on the tier when c is rebuilt
         rows.append(row)
         rhs.append(1.0)
     if tier is not None:
-        link = np.zeros(2 * g_count)
-        cap = np.zeros(2 * g_count)
+        link = np.zeros(width)
+        cap = np.zeros(width)
         for g, ms in enumerate(groups):
-            link[g] = sum(cands[i].swap_s for i in ms)
-            cap[g] = sum(cands[i].size_bytes for i in ms)
+            link[[g, 3 * g_count + g]] = sum(cands[i].swap_s for i in ms)
+            cap[[g, 3 * g_count + g]] = sum(cands[i].size_bytes for i in ms)
         rows += [link, cap]
         rhs += [link_s, float(tier.capacity_bytes)]
     return np.array(rows), np.array(rhs)
 
 
-def _decode(x: np.ndarray, groups: list[list[int]], n: int) -> list[Decision]:
+def _decode(x: np.ndarray, groups: list[list[int]], cands: list[Candidate]) -> list[Choice]:
+    """Each candidate's decision; a split's share of rows rounds up to whole rows (fewer rows to rebuild, so
+    smaller transients than the MILP counted), to a plain swap or recompute at the ends, whose profiles
+    free at least as much."""
     g_count = len(groups)
-    out: list[Decision] = ["keep"] * n
+    out = [Choice("keep")] * len(cands)
     for g, members in enumerate(groups):
-        d: Decision = "swap" if x[g] > 0.5 else "recompute" if x[g_count + g] > 0.5 else "keep"
         for i in members:
-            out[i] = d
+            if x[g] > 0.5:
+                out[i] = Choice("swap")
+            elif x[g_count + g] > 0.5:
+                out[i] = Choice("recompute")
+            elif x[2 * g_count + g] > 0.5:
+                k = math.ceil(float(x[3 * g_count + g]) * cands[i].rows - 1e-6)
+                out[i] = (
+                    Choice("recompute")
+                    if k <= 0
+                    else Choice("swap")
+                    if k >= cands[i].rows
+                    else Choice("split", k)
+                )
     return out
 
 
 def _notes(
-    cands: list[Candidate], choice: list[Decision], per_layer: bool, tier: Tier | None
+    cands: list[Candidate], choice: list[Choice], per_layer: bool, tier: Tier | None
 ) -> tuple[str, ...]:
     count: dict[str, int] = defaultdict(int)
     size: dict[str, int] = defaultdict(int)
-    for c, d in zip(cands, choice, strict=True):
-        count[d] += 1
-        size[d] += c.size_bytes
+    swapped_rows = 0
+    for c, ch in zip(cands, choice, strict=True):
+        count[ch.decision] += 1
+        size[ch.decision] += c.size_bytes
+        swapped_rows += c.size_bytes // max(c.rows, 1) * ch.swap_rows
     mib = 2**20
-    split = ", ".join(f"{d} {count[d]} ({size[d] / mib:.1f} MiB)" for d in ("keep", "swap", "recompute"))
+    split = ", ".join(
+        f"{d} {count[d]} ({size[d] / mib:.1f} MiB)" for d in ("keep", "swap", "recompute", "split")
+    )
     form = (
         "per-layer (shared decisions across repeated layers)"
         if per_layer
         else "exact (one decision per tensor)"
     )
-    return (
-        f"{len(cands)} saved activations: {split}",
-        f"formulation: {form}",
-        f"swap tier: {tier.name if tier else 'none'}",
-    )
+    notes = [f"{len(cands)} saved activations: {split}"]
+    if count["split"]:
+        notes.append(
+            f"split tensors: {swapped_rows / mib:.1f} of {size['split'] / mib:.1f} MiB swapped by rows, "
+            "the other rows recomputed"
+        )
+    return (*notes, f"formulation: {form}", f"swap tier: {tier.name if tier else 'none'}")
 
 
 def _solver_report(r: MilpResult) -> SolverReport:
@@ -301,7 +348,7 @@ def _raise_infeasible(
     form = _formulate(cands, base, budget, tier, per_layer, opts, link_s, min_peak=True)
     low = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if low.x is not None:
-        choice = _decode(low.x, form.groups, len(cands))
+        choice = _decode(low.x, form.groups, cands)
         residency = decided_residency(graph, cands, choice, tier)
         live = timeline(residency, len(graph.ops))["device"]
         step, reach = int(np.argmax(live)), int(live.max())

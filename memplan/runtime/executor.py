@@ -4,8 +4,10 @@ The interpreter walks the captured graph's ops in schedule order on real tensors
 while the plan has it on the device: a value is dropped when its device interval ends, swapped values are
 copied out to their tier (asynchronously) and prefetched back into a buffer allocated when the plan's
 prefetch step comes, and recomputed values are rebuilt just before their first backward use by re-running
-their recompute closure. The memory it uses is therefore the plan's residency, step by step, and the live
-storage tracker can check it.
+their recompute closure. A split value sends its first k rows to the tier; at its first backward use those
+rows come back into the buffer allocated at the prefetch step and the closure, run on the rows [k:] of its
+inputs, writes the other rows into the same buffer (the producing op's `out=` overload). The memory it uses
+is therefore the plan's residency, step by step, and the live storage tracker can check it.
 
 `PlannedStep` splits the run at the loss: `forward()` runs the forward ops and returns the loss,
 `backward()` runs the backward ops and returns the gradients; `memplan.runtime.applied` wires the two into
@@ -25,8 +27,10 @@ import torch.fx
 
 from memplan.errors import PlanMismatch
 from memplan.ir.frontends.fx_lower import Capture
-from memplan.passes.remat_candidates import phases
+from memplan.ir.graph import PERSISTENT_ROLES
+from memplan.passes.remat_candidates import ROW_VIEWS, phases
 from memplan.planner.plan import Plan, fingerprint
+from memplan.runtime.out_variants import DIRECT_WRITERS, bind_arguments, out_call_kwargs, out_variant
 from memplan.runtime.tiers.api import Handle, TierStore
 
 
@@ -45,6 +49,12 @@ class _Schedule:
     """Step -> (value, ops to re-run, the storages those ops may rebuild: the value and its transients)."""
     views: dict[int, tuple[int, ...]] = field(default_factory=dict)
     """Ops that rebuild the views of a swapped value once it is back."""
+    split: dict[int, list[tuple[int, tuple[int, ...], int]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    """Step -> (value, its closure, rows swapped) for the split values rebuilt there."""
+    swap_rows: dict[int, int] = field(default_factory=dict)
+    """Split value -> how many of its leading rows go to the tier."""
 
 
 def _schedule(plan: Plan) -> _Schedule:
@@ -57,8 +67,11 @@ def _schedule(plan: Plan) -> _Schedule:
         if iv.tier == "device" and iv.value_id not in moved and iv.end < n:
             sch.drop_after[iv.end - 1].append(iv.value_id)
     for vid, t in decided.items():
-        if t["decision"] == "swap":
+        if t["decision"] in ("swap", "split"):
             _schedule_swap(sch, vid, t)
+        if t["decision"] == "split":
+            sch.swap_rows[vid] = t["swap_rows"]
+            sch.split[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"]), t["swap_rows"]))
         elif t["decision"] == "recompute":
             _schedule_recompute(sch, plan, vid, t, decided)
         if t["decision"] != "keep" and t["last_use"] + 1 < n:
@@ -105,6 +118,10 @@ class PlannedStep:
         self.env: dict[int, torch.Tensor] = {}
         self.handles: dict[int, Handle] = {}
         self.pending: dict[int, torch.Tensor] = {}
+        self.parts: dict[int, torch.Tensor] = {}
+        """Split values: the rows of the prefetch buffer the tier's part is read into."""
+        self.scratch: list[dict[int, torch.Tensor]] = []
+        """Rows rebuilt on the way by split rebuilds, held to the end of the step, as the plan counts them."""
         self.seed: torch.Tensor | None = None
         self.seed_step = next(
             (
@@ -141,6 +158,7 @@ class PlannedStep:
         self.env.clear()
         self.handles.clear()
         self.pending.clear()
+        self.parts.clear()
         return grads
 
     def _loss(self) -> torch.Tensor:
@@ -167,13 +185,19 @@ class PlannedStep:
         for _, ops, rebuilt in self.sched.recompute.get(step, ()):
             for i in ops:
                 self._execute(i, only=rebuilt)
+        for vid, ops, k in self.sched.split.get(step, ()):
+            self._rebuild_rows(vid, ops, k)
 
     def _after(self, step: int) -> None:
         for vid in self.sched.swap_out.get(step + 1, ()):
             assert self.store is not None
-            self.handles[vid] = self.store.put(str(vid), self.env[vid])
+            k = self.sched.swap_rows.get(vid)
+            self.handles[vid] = self.store.put(
+                str(vid), self.env[vid] if k is None else _rows(self.env[vid])[:k]
+            )
         for vid in self.sched.drop_after.get(step, ()):
             self._drop(vid)
+        self.scratch.clear()
 
     def _execute(self, index: int, only: frozenset[int] | None = None) -> None:
         """Run op `index` on the values in the environment. A recompute passes `only`: the storages it may
@@ -208,16 +232,106 @@ class PlannedStep:
             self.env.pop(vid, None)
 
     def _start_prefetch(self, vid: int) -> None:
-        """Allocate the read-back buffer here (the plan has it on the device from now) and start the read."""
+        """Allocate the read-back buffer here (the plan has it on the device from now) and start the read;
+        a split value's buffer holds all its rows, the tier's part lands in the first ones."""
         assert self.store is not None
         h = self.handles[vid]
-        self.pending[vid] = torch.empty(h.shape, dtype=h.dtype)
-        self.store.prefetch(h, out=self.pending[vid])
+        if vid in self.sched.swap_rows:
+            v = self.graph.value(vid)
+            self.pending[vid] = torch.empty(v.shape, dtype=h.dtype)
+            self.parts[vid] = _rows(self.pending[vid])[: h.shape[0]]
+        else:
+            self.pending[vid] = torch.empty(h.shape, dtype=h.dtype)
+        self.store.prefetch(h, out=self.parts.get(vid, self.pending[vid]))
 
     def _arrive(self, vid: int) -> None:
         assert self.store is not None
         handle = self.handles.pop(vid)
-        self.env[vid] = self.store.get(handle, out=self.pending.pop(vid))
+        buffer = self.pending.pop(vid)
+        self.store.get(handle, out=self.parts.pop(vid, buffer))
+        self.env[vid] = buffer
         self.store.free(handle)
         for i in self.sched.views.get(vid, ()):
             self._execute(i)
+
+    # -- split values: rebuilding rows ---------------------------------------------------------------
+    def _rebuild_rows(self, vid: int, ops: tuple[int, ...], k: int) -> None:
+        """Run the closure of `vid` on the rows [k:] of its inputs; the producing op writes straight into the
+        rows [k:] of the buffer the tier's rows arrived in (views of `vid` were redone on arrival)."""
+        producer = self.graph.producer(vid)
+        scratch: dict[int, torch.Tensor] = {}
+        for i in ops:
+            if i == producer:
+                self._execute_rows(i, k, scratch, into=(vid, _rows(self.env[vid])[k:]))
+            elif i not in self.sched.views.get(vid, ()):
+                self._execute_rows(i, k, scratch)
+        self.scratch.append(scratch)
+
+    def _execute_rows(
+        self,
+        index: int,
+        k: int,
+        scratch: dict[int, torch.Tensor],
+        into: tuple[int, torch.Tensor] | None = None,
+    ) -> None:
+        """Op `index` on row blocks: inputs that carry rows (activations) enter as their rows [k:] in
+        [rows, last] form, parameters whole; views that keep the last dim are the identity there, `mean.dim`
+        reduces the last dim. With `into` = (value, slot), the op writes that output into the slot."""
+        op = self.graph.ops[index]
+        node = self.nodes[op.name]
+
+        def rows_of(n: torch.fx.Node) -> Any:
+            vids = self.cap.node_values.get(n.name)
+            if vids is None:
+                raise PlanMismatch(f"value of node {n.name} is not available for a split rebuild")
+            if n.target is operator.getitem:
+                vids = vids[:1]
+            got = [self._row_block(v, k, scratch) for v in vids]
+            return got[0] if len(got) == 1 else tuple(got)
+
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), rows_of)
+        if op.target in ROW_VIEWS:  # a view, or a copying reshape that made the value (`_unsafe_view`)
+            if into is not None:
+                into[1].copy_(args[0])
+            else:
+                scratch[op.outputs[0]] = args[0]
+            return
+        if op.target == "aten.mean.dim":
+            args = (args[0], [-1], *args[2:])
+        if into is None:
+            out = node.target(*args, **kwargs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for out_vid, t in zip(op.outputs, outs, strict=True):
+                scratch[out_vid] = t
+            return
+        _write_into(node.target, args, kwargs, op.outputs.index(into[0]), len(op.outputs), into[1])
+
+    def _row_block(self, vid: int, k: int, scratch: dict[int, torch.Tensor]) -> torch.Tensor:
+        if vid in scratch:
+            return scratch[vid]
+        t = self.env[vid]
+        if self.graph.value(self.graph.storage_of(vid)).role in PERSISTENT_ROLES or t.dim() == 0:
+            return t
+        return _rows(t)[k:]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as [rows, last dim] (a view of a contiguous tensor)."""
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
+
+
+def _write_into(
+    target: Any, args: Any, kwargs: dict[str, Any], which: int, n_out: int, slot: torch.Tensor
+) -> None:
+    """Run ATen op `target` with output `which` written into `slot`, through its `out=` overload (the other
+    outputs resized from empty), a direct writer, or, for an op with neither, a copy."""
+    bound = bind_arguments(target._schema, args, kwargs)
+    if target in DIRECT_WRITERS and DIRECT_WRITERS[target](slot, bound):
+        return
+    variant = out_variant(target)
+    if variant is None:
+        out = target(*args, **kwargs)
+        slot.copy_(out if n_out == 1 else out[which])
+        return
+    slots = [slot if i == which else torch.empty(0, dtype=slot.dtype) for i in range(n_out)]
+    variant(**out_call_kwargs(variant._schema, bound, slots))

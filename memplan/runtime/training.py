@@ -68,7 +68,9 @@ def applied(
     if plan.workload.mode != "train":
         raise InvalidInput("memplan.applied takes a training plan (mode='train'); this plan is for inference")
     tier = plan.decisions.get("remat_swap", {}).get("tier")
-    swaps = any(t["decision"] == "swap" for t in plan.decisions.get("remat_swap", {}).get("tensors", []))
+    swaps = any(
+        t["decision"] in ("swap", "split") for t in plan.decisions.get("remat_swap", {}).get("tensors", [])
+    )
     with ExitStack() as stack:
         if swaps and store is None:
             from memplan.runtime.tiers.factory import open_tier

@@ -45,7 +45,8 @@ def config_dict(plan: Plan) -> dict[str, Any]:
     tensors = remat_tensors(plan, "deepspeed")
     tier = plan.decisions["remat_swap"].get("tier")
     swapped = [t for t in tensors if t["decision"] == "swap"]
-    layers = sorted({t["layer"] for t in tensors if t["decision"] == "recompute" and t["layer"] is not None})
+    rebuilt = ("recompute", "split")
+    layers = sorted({t["layer"] for t in tensors if t["decision"] in rebuilt and t["layer"] is not None})
     cpu = bool(swapped) and tier in HOST_TIERS
     out: dict[str, Any] = {
         "activation_checkpointing": {
@@ -95,10 +96,11 @@ def _notes(
         f"derived from the memplan plan of {plan.model.name} (batch {plan.workload.batch}, seq "
         f"{plan.workload.seq}, device budget {plan.budget_bytes.get('device')} B): {len(tensors)} saved "
         f"activations, keep {count['keep']} ({size['keep']} B), swap {count['swap']} ({size['swap']} B), "
-        f"recompute {count['recompute']} ({size['recompute']} B).",
+        f"recompute {count['recompute']} ({size['recompute']} B), split {count['split']} "
+        f"({size['split']} B; DeepSpeed cannot split a tensor, its block is checkpointed).",
         "lost: per-tensor decisions. DeepSpeed checkpoints whole blocks (keeps only each block's inputs and "
         "recomputes its whole forward); the plan recomputes only chosen tensors and keeps the rest.",
-        f"number_checkpoints = {len(layers)}: the layers with at least one recomputed tensor "
+        f"number_checkpoints = {len(layers)}: the layers with at least one recomputed or split tensor "
         f"({', '.join(map(str, layers)) or 'none'}); wrap exactly those blocks in "
         "deepspeed.checkpointing.checkpoint.",
     ]

@@ -20,6 +20,8 @@ out: SAC never shows it to the policy.
 
 What SAC cannot express, and what the module does instead:
 - swap: SAC saves or recomputes; a swapped tensor is saved on the device (listed in the header);
+- split (part of a tensor's rows swapped, the rest recomputed): SAC cannot split a tensor; it recomputes it
+  whole (listed in the header), which holds the plan's memory at more compute;
 - recompute granularity: SAC re-runs the block's forward up to its last needed tensor in backward, so ops
   whose outputs were not saved (cheap views, intermediates) are re-run too, beyond the plan's recompute ops;
 - activations outside repeated blocks (embeddings, final norm, loss) are not covered: autograd saves them;
@@ -91,7 +93,7 @@ def op_decisions(plan: Plan, graph: Graph) -> dict[int, SacDecision]:
         p = graph.producer(t["value_id"])
         if p is None:
             continue
-        if t["decision"] == "recompute":
+        if t["decision"] in ("recompute", "split"):
             out[p] = "recompute"
         else:
             out.setdefault(p, "save")
@@ -116,8 +118,13 @@ def _header(plan: Plan, tensors: list[dict[str, Any]]) -> str:
     count = Counter(t["decision"] for t in tensors)
     lines.append(
         f"Plan: {len(tensors)} saved activations: keep {count['keep']}, swap {count['swap']}, "
-        f"recompute {count['recompute']}; checkpointed layers: {checkpoint_layers(plan) or 'none'}."
+        f"recompute {count['recompute']}, split {count['split']}; checkpointed layers: "
+        f"{checkpoint_layers(plan) or 'none'}."
     )
+    split = [t for t in tensors if t["decision"] == "split"]
+    if split:
+        lines += ["", "Split by the plan (rows swapped, the rest recomputed), recomputed whole here:"]
+        lines += [f"  {_describe(t, keys.get(producer.get(t['value_id'], -1)))}" for t in split]
     swapped = [t for t in tensors if t["decision"] == "swap"]
     lines += ["", "Swapped by the plan, saved on the device here (SAC cannot swap):"]
     lines += [f"  {_describe(t, keys.get(producer.get(t['value_id'], -1)))}" for t in swapped] or ["  (none)"]
@@ -144,9 +151,10 @@ def _describe(t: dict[str, Any], key: tuple[int, str, int] | None) -> str:
 
 
 def checkpoint_layers(plan: Plan) -> list[int]:
-    """Layers where the plan recomputes at least one saved activation (the blocks to checkpoint)."""
+    """Layers where the plan recomputes or splits a saved activation (the blocks to checkpoint)."""
     tensors = remat_tensors(plan, "torch-sac")
-    return sorted({t["layer"] for t in tensors if t["decision"] == "recompute" and t["layer"] is not None})
+    rebuilt = ("recompute", "split")
+    return sorted({t["layer"] for t in tensors if t["decision"] in rebuilt and t["layer"] is not None})
 
 
 _TEMPLATE = '''"""@HEADER@
