@@ -13,7 +13,17 @@ from rich.console import Console
 from memplan import __version__
 from memplan.errors import InfeasibleBudget, MemplanError
 
-COMMANDS = ("plan_cmd", "show_cmd", "verify_cmd", "export_cmd", "run_cmd", "alloc", "remat_cmd", "zoo_cmd")
+COMMANDS = (
+    "plan_cmd",
+    "show_cmd",
+    "verify_cmd",
+    "export_cmd",
+    "run_cmd",
+    "alloc",
+    "remat_cmd",
+    "zoo_cmd",
+    "calibrate_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
