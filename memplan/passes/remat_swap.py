@@ -369,12 +369,25 @@ def _raise_infeasible(
         if result.status == "infeasible"
         else f"no plan found in {result.time_limit_s:.0f} s"
     )
+    if low.status == "optimal":
+        lowest = (
+            f"The lowest device peak any keep / swap / recompute / split plan reaches is {format_size(reach)} "
+            "(proved optimal: a lower bound for this pass)"
+        )
+        advice = f"Raise the budget to at least {format_size(reach)}."
+    else:  # the min-peak MILP ran out of time: what it found works, its bound is all that is proved
+        lowest = (
+            f"The lowest device peak found in {low.time_limit_s:.0f} s is {format_size(reach)} (no plan goes "
+            f"below {format_size(bound)}, the solver's bound)"
+        )
+        advice = (
+            f"A budget of {format_size(reach)} works; between {format_size(bound)} and that, it is undecided."
+        )
     raise InfeasibleBudget(
-        f"budget {format_size(budget)} for {plan.model.name}: {why}. The lowest device peak a keep / swap / "
-        f"recompute plan reaches is {format_size(reach)} (lower bound {format_size(bound)}, {low.status}), at step "
-        f"{step} ({graph.ops[step].name}), where tensors no decision can move hold: "
+        f"budget {format_size(budget)} for {plan.model.name}: {why}. {lowest}, at step {step} "
+        f"({graph.ops[step].name}), where tensors no decision can move hold: "
         + "; ".join(names)
-        + f". Raise the budget to at least {format_size(reach)}.",
+        + f". {advice}",
         max(reach, bound),
         budget,
         names,
