@@ -152,16 +152,59 @@ def decode(problem: RematProblem, ix: _Index, x: np.ndarray) -> Schedule:
     return Schedule(compute, keep)
 
 
+def start_vector(
+    problem: RematProblem, budget: int, milp: MilpProblem, ix: _Index, schedule: Schedule
+) -> np.ndarray | None:
+    """A schedule as a point of the MILP (R and S from it, F and U derived), for a warm start; None unless
+    the point satisfies every bound and row. Checkpoints a stage neither uses nor keeps are dropped first:
+    the checker frees them at once, but U counts them."""
+    n = problem.n
+    used = [{i for k in stage for i in problem.preds[k]} for stage in schedule.compute]
+    keep: list[frozenset[int]] = [frozenset()] * n
+    for t in reversed(range(n)):
+        nxt = keep[t + 1] if t + 1 < n else frozenset()
+        keep[t] = frozenset(i for i in schedule.keep[t] if i in used[t] or i in nxt)
+    x = np.zeros(ix.cols)
+    m = [sz / budget for sz in problem.size]
+    for t, stage in enumerate(schedule.compute):
+        nxt = keep[t + 1] if t + 1 < n else frozenset()
+        for i in stage:
+            x[ix.r(t, i)] = 1.0
+        for i in keep[t]:
+            x[ix.s(t, i)] = 1.0
+        live = sum(m[i] for i in keep[t])
+        last_use = {i: k for k in stage for i in problem.preds[k]}
+        for k in range(t + 1):
+            if k in stage:
+                live += m[k]
+            x[ix.u(t, k)] = live
+            for i in sorted({*problem.preds[k], k}):
+                if k in stage and last_use.get(i, k) <= k and i not in nxt:
+                    x[ix.free[(t, i, k)]] = 1.0
+                    live -= m[i]
+    ax, tol = np.zeros(len(milp.row_lower)), 1e-9
+    np.add.at(ax, milp.a_indices, milp.a_data * np.repeat(x, np.diff(milp.a_indptr)))
+    ok = (
+        np.all(x >= milp.lower - tol)
+        and np.all(x <= milp.upper + tol)
+        and np.all(ax >= milp.row_lower - tol)
+        and np.all(ax <= milp.row_upper + tol)
+    )
+    return x if ok else None
+
+
 def solve_checkmate(
     problem: RematProblem,
     budget: int,
     time_limit_s: float,
     mip_rel_gap: float = 1e-4,
     max_columns: int = MAX_COLUMNS,
+    start: Schedule | None = None,
 ) -> RematResult:
-    """Solve the MILP with HiGHS; the schedule is decoded and checked in bytes against the budget (a schedule
-    that fails the check, from numerical tolerance, is reported as no schedule). Above `max_columns` columns
-    the MILP is not attempted (status timeout, the solver name says why)."""
+    """Solve the MILP with HiGHS, warm-started from `start` (a schedule, e.g. the greedy one) when it is a
+    point of the MILP; the schedule is decoded and checked in bytes against the budget (a schedule that fails
+    the check, from numerical tolerance, is reported as no schedule). Above `max_columns` columns the MILP is
+    not attempted (status timeout, the solver name says why)."""
     t0 = time.perf_counter()
     cols = milp_columns(problem)
     if cols > max_columns:
@@ -175,8 +218,9 @@ def solve_checkmate(
             f"checkmate-milp (skipped: {cols} columns > {max_columns})",
         )
     milp, ix = formulate(problem, budget)
+    x0 = start_vector(problem, budget, milp, ix, start) if start is not None else None
     left = max(time_limit_s - (time.perf_counter() - t0), 0.5)
-    res = solve_milp(milp, left, mip_rel_gap=mip_rel_gap)
+    res = solve_milp(milp, left, mip_rel_gap=mip_rel_gap, start=x0)
     return _result(problem, budget, ix, res, time.perf_counter() - t0)
 
 

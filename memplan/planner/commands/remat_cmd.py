@@ -2,7 +2,8 @@
 
 Reads a networkx node-link JSON DAG (each node with a compute `cost`/`cpu`/`runtime` and an output
 `size`/`mem`/`ram` in bytes; see `memplan.ir.frontends.checkmate`), sets the budget to the fraction of the
-no-recompute peak (or to `--budget` bytes), and solves with the greedy pass and the Checkmate MILP
+no-recompute peak (or to `--budget` bytes), and solves with the greedy pass, then the Checkmate MILP
+(HiGHS) on small graphs or Moccasin's CP-SAT model on large ones, warm-started from the greedy schedule
 (`--method` picks one). Prints a table: nodes, edges, peak, budget, status, total compute, lower bound, gap,
 overhead over computing every node once, time. Exit codes: 0 a schedule was found, 3 proven infeasible,
 4 none found in the time limit.
@@ -41,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for the solvers (default 60)")
     p.add_argument(
         "--method",
-        choices=("auto", "milp", "greedy"),
+        choices=("auto", "milp", "cpsat", "greedy"),
         default="auto",
-        help="auto: greedy then the MILP, keep the better (default)",
+        help="auto: greedy, then the MILP (small graphs) or CP-SAT (large ones), keep the better (default)",
     )
     p.set_defaults(func=run)
 
