@@ -98,7 +98,7 @@ class TrainConfig:
     """Sample size of the calibration memplan plans with (None: the `cpu` preset's figures as they are)."""
 
 
-FULL = TrainConfig(models=("gpt2", LLAMA_GPT2SIZE), batch=4, seq=256)
+FULL = TrainConfig(models=("gpt2", LLAMA_GPT2SIZE), batch=4, seq=256, reps=3)
 QUICK = TrainConfig(models=("gpt2-tiny", "llama-tiny"), batch=4, seq=64, threads=1,
                     scale=ScaleConfig("llama-tiny", batch=1, seq=128), calibrate_bytes=32 * MiB)
 
@@ -342,7 +342,8 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
         notes.append(f"memplan planned with this machine's figures (`memplan calibrate`, {cal.seconds:.1f} s): "
                      f"{cal.flops:.3g} FLOP/s (preset {cal.preset_flops:.3g}), {cal.mem_bw:.3g} B/s memory "
                      f"(preset {cal.preset_mem_bw:.3g}), SSD write {ssd.write_bw:.3g} / read {ssd.read_bw:.3g} "
-                     f"B/s (preset {ssd.preset_write_bw:.3g} / {ssd.preset_read_bw:.3g})")
+                     f"B/s (preset {ssd.preset_write_bw:.3g} / {ssd.preset_read_bw:.3g}); a transfer slows compute down "
+                     f"by {ssd.compute_share:.2f} of its time (preset: 1)")
     notes.append(f"batch {cfg.batch} x seq {cfg.seq} tokens; per point {cfg.warmup} warm-up step(s) "
                  "(compile: at least 1), 1 tracked step (peak, correctness), median of "
                  f"{cfg.reps} timed steps (plain: {cfg.reps} each at the start, middle and end); "

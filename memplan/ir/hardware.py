@@ -36,6 +36,10 @@ class Tier:
     """For CXL memory exposed as a NUMA node: the node to allocate on."""
     path: str | None = None
     """For the SSD tier: the directory its files go in (None: a temporary directory)."""
+    compute_share: float | None = None
+    """Share of a transfer's time by which it slows compute down (its copies and checksums take compute
+    cores; measured by `memplan calibrate`). None: 1 on a cpu device, 0.01 on a GPU, whose copy engines
+    move the bytes while the SMs compute."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,7 @@ _TIER_SCHEMA = {
         "latency_s": {"type": "number", "minimum": 0},
         "numa_node": {"type": ["integer", "null"], "minimum": 0},
         "path": {"type": ["string", "null"]},
+        "compute_share": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     },
 }
 
@@ -142,6 +147,7 @@ def hardware_from_dict(data: dict[str, Any], source: str = "hardware description
             latency_s=float(t["latency_s"]),
             numa_node=t.get("numa_node"),
             path=t.get("path"),
+            compute_share=t.get("compute_share"),
         )
         for t in sorted(data["tiers"], key=lambda t: TIER_ORDER.index(t["name"]))
     )

@@ -83,10 +83,18 @@ def _merge(ivs: list[Interval]) -> list[Interval]:
     return out
 
 
-def copies_overlap(hw: Hardware) -> bool:
-    """Whether transfers run beside compute (a GPU's copy engines) or on the compute cores themselves (a CPU
-    device: the memcpy and checksum of a swap take the same cores the ops need)."""
-    return hw.device_kind == "cuda"
+GPU_COMPUTE_SHARE = 0.01
+"""Swaps hidden under compute by a GPU's copy engines still cost this share of their transfer time
+(contention, synchronisation)."""
+
+
+def compute_share(hw: Hardware, tier: Tier | None) -> float:
+    """Share of a transfer's seconds that delays compute: the tier's measured `compute_share`, else all of it
+    on a CPU device (the memcpy and checksum of a swap take the cores the ops need) and
+    `GPU_COMPUTE_SHARE` on a GPU."""
+    if tier is not None and tier.compute_share is not None:
+        return tier.compute_share
+    return GPU_COMPUTE_SHARE if hw.device_kind == "cuda" else 1.0
 
 
 def _events(
@@ -94,8 +102,7 @@ def _events(
 ) -> list[Event]:
     """Compute events with recomputes inserted before their first backward use, and transfer events on one
     link per direction (FIFO); a read not done by its use, or a write not done when its device copy is due
-    to be freed, stalls compute. Where copies do not overlap compute (`copies_overlap`), each transfer
-    delays compute by its duration."""
+    to be freed, stalls compute. Each transfer also delays compute by its `compute_share` of its duration."""
     by_step: dict[int, list[tuple[str, Candidate, Choice]]] = defaultdict(list)
     for c, ch in zip(cands, choice, strict=True):
         if ch.decision in ("swap", "split"):
@@ -109,11 +116,12 @@ def _events(
     events: list[Event] = []
     now, link_out, link_in = 0.0, 0.0, 0.0
     done: dict[tuple[str, int], float] = {}
+    share = compute_share(hw, tier)
     for i, ce in enumerate(compute_events(graph, hw)):
         for kind, c, ch in sorted(by_step.get(i, []), key=lambda e: order[e[0]]):
             now, link_out, link_in = _event(kind, c, ch, i, now, link_out, link_in, done, tier, events)
-            if kind in ("swap_out", "prefetch") and not copies_overlap(hw):
-                now = max(now, events[-1].start_s + events[-1].duration_s)
+            if kind in ("swap_out", "prefetch"):
+                now += share * events[-1].duration_s
         events.append(replace(ce, start_s=now))
         now += ce.duration_s
     return events

@@ -11,11 +11,11 @@ Exact MILP (HiGHS, time limit, incumbent and gap reported). Per candidate c: bin
                r_c + z_c + r_a + z_a (+ s_a) <= 1   for each candidate a that c's rebuild reads
                sum_c (s_c + phi_c) * T_c <= link seconds available          (hiding needs a free link)
 
-R_c is c's recompute time, T_c its transfer time (out and back), k the share of a transfer that costs step
-time (small where copies overlap compute, 1 where they run on the compute cores: there a split is never
-cheaper than the better of swap and recompute, and the fractions matter only on a GPU whose link is the
-bottleneck). base(t) is the baseline live bytes (everything kept); dS, dR in {-1, 0} are the steps where
-swapping or recomputing c frees it; a split frees c where a swap does (timed as a whole-tensor swap, an
+R_c is c's recompute time, T_c its transfer time (out and back), k the share of a transfer's time that
+delays compute (`remat_schedule.compute_share`: the tier's measured share, else 1 on a CPU device and 0.01
+on a GPU). The cost is linear in phi, so a split pays off only where the link's time binds: it fills the
+link with part of a tensor and recomputes the rest. base(t) is the baseline live bytes (everything kept);
+dS, dR in {-1, 0} are the steps where swapping or recomputing c frees it; a split frees c where a swap does (timed as a whole-tensor swap, an
 upper bound on its part's transfer), and the transients of a rebuild, (r_c + z_c - phi_c) times those of c's
 closure, land at its first backward use. Rows only at steps where the baseline is over the budget or a
 transient lands, one per run of steps with the same coefficients (the one with the largest base). For
@@ -38,15 +38,18 @@ from memplan.ir.graph import Graph
 from memplan.ir.hardware import TIER_ORDER, Hardware, Tier
 from memplan.passes.base import PassOutput
 from memplan.passes.remat_candidates import Candidate, find_candidates
-from memplan.passes.remat_schedule import Choice, apply_decisions, copies_overlap, decided_residency
+from memplan.passes.remat_schedule import (
+    GPU_COMPUTE_SHARE,
+    Choice,
+    apply_decisions,
+    compute_share,
+    decided_residency,
+)
 from memplan.planner.plan import PassReport, Plan, SolverReport
 from memplan.planner.sizes import format_size
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
 
 MIB = float(2**20)
-SWAP_COST_FRACTION = 0.01
-"""Swaps hidden under compute (GPU copy engines) still cost this share of their transfer time (contention,
-sync); where copies run on the compute cores (a CPU device) they cost all of it."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
         return PassOutput(plan, report)
     per_layer = opts.per_layer if opts.per_layer is not None else len(cands) > opts.exact_limit
     clock = sum(e.duration_s for e in plan.events if e.kind == "compute")
-    swap_cost = SWAP_COST_FRACTION if copies_overlap(hardware) else 1.0
+    swap_cost = compute_share(hardware, tier)
     form = _formulate(cands, base, budget, tier, per_layer, opts, link_s=clock, swap_cost=swap_cost)
     result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if result.x is None:
@@ -185,7 +188,7 @@ def _formulate(
     per_layer: bool,
     opts: RematSwapOptions,
     link_s: float,
-    swap_cost: float = SWAP_COST_FRACTION,
+    swap_cost: float = GPU_COMPUTE_SHARE,
     min_peak: bool = False,
 ) -> _Formulation:
     """Columns: s_g, r_g, z_g, phi_g for every group g, block by block (then the peak P in MiB when
@@ -371,7 +374,8 @@ def _raise_infeasible(
     )
     if low.status == "optimal":
         lowest = (
-            f"The lowest device peak any keep / swap / recompute / split plan reaches is {format_size(reach)} "
+            "The lowest device peak any keep / swap / recompute / split plan reaches is "
+            f"{format_size(reach)} "
             "(proved optimal: a lower bound for this pass)"
         )
         advice = f"Raise the budget to at least {format_size(reach)}."

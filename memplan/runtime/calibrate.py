@@ -1,7 +1,8 @@
 """Measure this machine's speeds for the hardware model, so that plans price a recompute against a transfer
 with its numbers rather than a preset's: the device's dense matmul FLOP/s and memory bandwidth, and each
 slower tier's write and read bandwidth through the same tier store the runtime swaps through (checksums,
-O_DIRECT and all).
+O_DIRECT and all), and the share of a transfer's time by which it slows down matmuls running beside it
+(`Tier.compute_share`: on a CPU the copies and checksums take cores, the disk's own time does not).
 
     hw, report = calibrate(load_hardware("cpu"))
     write_hardware(hw, "this-machine.json")        # then: memplan plan ... --hardware this-machine.json
@@ -37,6 +38,7 @@ class TierSpeed:
     read_bw: float
     preset_write_bw: float
     preset_read_bw: float
+    compute_share: float
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,15 @@ def calibrate(
     speeds = []
     for name in names:
         say(f"tier {name}: write and read {sample_bytes // MiB} MiB")
-        write_bw, read_bw = _tier_bw(hw, name, device, sample_bytes, reps, emulate)
         old = hw.tier(name)
-        speeds.append(TierSpeed(name, write_bw, read_bw, old.write_bw, old.read_bw))
+        write_bw, read_bw = _tier_bw(hw, name, device, sample_bytes, reps, emulate)
+        share = _compute_share(hw, name, device, sample_bytes, matmul_n, reps, emulate)
+        speeds.append(TierSpeed(name, write_bw, read_bw, old.write_bw, old.read_bw, share))
     by_name = {s.name: s for s in speeds}
     new_tiers = tuple(
-        replace(t, write_bw=by_name[t.name].write_bw, read_bw=by_name[t.name].read_bw) if t.name in by_name else t
+        replace(t, write_bw=s.write_bw, read_bw=s.read_bw, compute_share=s.compute_share)
+        if (s := by_name.get(t.name))
+        else t
         for t in hw.tiers
     )
     new_hw = replace(hw, name=f"{hw.name}-calibrated", flops=flops, mem_bw=mem_bw, tiers=new_tiers)
@@ -123,15 +128,18 @@ def _timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median seconds of `reps` calls after one warm-up (synchronised on a GPU)."""
     times = []
     for i in range(reps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         if i:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _flops(device: torch.device, n: int, reps: int) -> float:
@@ -166,3 +174,44 @@ def _tier_bw(
                 writes.append(mid - start)
                 reads.append(end - mid)
     return nbytes / statistics.median(writes), nbytes / statistics.median(reads)
+
+
+def _compute_share(
+    hw: Hardware, name: str, device: torch.device, nbytes: int, n: int, reps: int, emulate: Set[str]
+) -> float:
+    """How much a write and a read of `nbytes` slow down matmuls running beside them, over the transfers'
+    own time: (time with transfers - time alone) / transfer time, in [0, 1], median of `reps`."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    data = torch.rand(nbytes // 4, device=device)
+
+    def work(k: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(k):
+            torch.mm(a, b, out=out)
+        _sync(device)
+        return time.perf_counter() - start
+
+    work(2)
+    per_mm = work(8) / 8
+    shares = []
+    with open_tier(hw, name, emulate=emulate) as store:
+        for i in range(reps):
+            start = time.perf_counter()
+            handle = store.put(f"share-probe-{i}", data)
+            store.wait(handle)
+            store.get(handle)
+            transfer = time.perf_counter() - start
+            k = int(1.5 * transfer / per_mm) + 1  # enough compute to cover both transfers
+            alone = work(k)
+            handle2 = store.put(f"share-write-{i}", data)  # both directions at once, as swaps out and in
+            store.prefetch(handle)
+            busy = work(k)
+            store.wait(handle2)
+            store.get(handle)
+            store.free(handle)
+            store.free(handle2)
+            shares.append(min(max((busy - alone) / transfer, 0.0), 1.0))
+    return statistics.median(shares)

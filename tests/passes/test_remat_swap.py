@@ -106,3 +106,23 @@ def test_per_layer_formulation_shares_decisions(graph):
         if c.layer is not None:
             by_sig.setdefault(c.signature, set()).add(decided[c.value_id])
     assert by_sig and all(len(d) == 1 for d in by_sig.values())
+
+
+def test_measured_compute_share_prices_swaps(graph):
+    """A tier whose transfers barely slow compute (`compute_share` from `memplan calibrate`) makes swaps
+    cheaper than the cpu preset's default (copies take all their time from compute): more swapping, and a
+    faster predicted step at the same budget."""
+    from dataclasses import replace
+
+    _, base = _plan(graph, 2**40)
+    budget = int(base.predictions.peak_bytes["device"] * 0.6)
+    cheap_hw = replace(HW, tiers=tuple(replace(t, compute_share=0.05) if t.name == "ssd" else t for t in HW.tiers))
+    start = baseline_plan(graph, cheap_hw, Workload("train", 4, 64), {"device": budget, "ssd": 2**36}, "x")
+    cheap = run(graph, cheap_hw, start).plan
+    dear, _ = _plan(graph, budget)
+
+    def swapped(plan):
+        return sum(t["decision"] in ("swap", "split") for t in plan.decisions["remat_swap"]["tensors"])
+
+    assert swapped(cheap) > swapped(dear)
+    assert cheap.predictions.time_s < dear.predictions.time_s

@@ -20,6 +20,7 @@ def test_measured_figures_replace_the_preset(tmp_path):
     ssd = new.tier("ssd")
     (speed,) = report.tiers
     assert (speed.name, speed.write_bw, speed.read_bw) == ("ssd", ssd.write_bw, ssd.read_bw)
+    assert ssd.compute_share == speed.compute_share and 0.0 <= ssd.compute_share <= 1.0
     assert (speed.preset_write_bw, speed.preset_read_bw) == (hw.tier("ssd").write_bw, hw.tier("ssd").read_bw)
     assert ssd.capacity_bytes == hw.tier("ssd").capacity_bytes and new.tier("device") == hw.tier("device")
     path = tmp_path / "hw.json"

@@ -63,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
     for t in report.tiers:
         table.add_row(f"{t.name} write bytes/s", f"{t.preset_write_bw:.3g}", f"{t.write_bw:.3g}")
         table.add_row(f"{t.name} read bytes/s", f"{t.preset_read_bw:.3g}", f"{t.read_bw:.3g}")
+        table.add_row(f"{t.name} compute share", "-", f"{t.compute_share:.2f}")
     Console().print(table)
     return 0
