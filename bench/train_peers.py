@@ -7,11 +7,9 @@
   gradients), then `reps` steps outside the tracker whose median wall time is the step time: the tracker's
   per-op Python hook costs every method time in proportion to its op count, so it measures memory, never
   speed.
-- `StepTracker` is the live-storage tracker with `ignore_compile_internals()` true. Dynamo refuses to run
-  compiled code while a non-infra dispatch mode is on the stack (it silently runs the eager frame instead);
-  with this flag it runs the compiled artifact under the mode, and with the aot_eager backends that
-  artifact calls aten ops one by one, so the tracker sees every storage of the compiled graph. Eager and
-  memplan steps never enter dynamo, so for them it is the plain tracker.
+- `StepTracker` is `memplan.runtime.tracker.CompiledCodeTracker`, the live-storage tracker under which
+  compiled code runs compiled (a plain one makes dynamo run the frame eagerly). Eager and memplan steps
+  never enter dynamo, so for them it is the plain tracker.
 - Peer 1, `checkpointed`: every transformer block's forward wrapped in
   `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`.
 - Peer 2, `compiled`: `torch.compile(backend="aot_eager_decomp_partition")` under one value of
@@ -43,7 +41,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from memplan.planner.models import load_model
 from memplan.planner.zoo import INPUT_SEED, build_from_config, llama_config
-from memplan.runtime.tracker import LiveStorageTracker
+from memplan.runtime.tracker import CompiledCodeTracker
 
 MiB = 2**20
 RTOL, ATOL = 1e-5, 1e-6
@@ -54,12 +52,7 @@ LLAMA_GPT2SIZE = "llama-gpt2size"
 LossCall = Callable[..., torch.Tensor]
 
 
-class StepTracker(LiveStorageTracker):
-    """`LiveStorageTracker` that lets compiled code run under it (see the module docstring)."""
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True
+StepTracker = CompiledCodeTracker
 
 
 class _LossModule(nn.Module):

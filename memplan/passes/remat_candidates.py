@@ -144,7 +144,7 @@ def phases(graph: Graph) -> Phases:
     return Phases(fwd_end, max(bwd_end, fwd_end))
 
 
-def _uses_by_root(graph: Graph) -> dict[int, list[int]]:
+def uses_by_root(graph: Graph) -> dict[int, list[int]]:
     uses: dict[int, list[int]] = {}
     for i, op in enumerate(graph.ops):
         for vid in op.inputs:
@@ -152,7 +152,7 @@ def _uses_by_root(graph: Graph) -> dict[int, list[int]]:
     return uses
 
 
-def _written_in_place(graph: Graph) -> set[int]:
+def written_in_place(graph: Graph) -> set[int]:
     """Storages some op updates in place (an `op_` target writing an alias): not recomputable."""
     out = set()
     for op in graph.ops:
@@ -183,7 +183,7 @@ class _Context:
 def find_candidates(graph: Graph, hw: Hardware, tier: Tier | None) -> tuple[Phases, list[Candidate]]:
     """Every saved activation with its keep / swap / recompute profile (see module docstring)."""
     ph = phases(graph)
-    uses = _uses_by_root(graph)
+    uses = uses_by_root(graph)
     times = np.array([op_time_s(op, hw) for op in graph.ops] + [0.0])
     views: dict[int, list[int]] = {}
     for v in graph.values:
@@ -201,7 +201,7 @@ def find_candidates(graph: Graph, hw: Hardware, tier: Tier | None) -> tuple[Phas
         lifetimes(graph),
         np.concatenate([[0.0], np.cumsum(times)]),
         cand_ids,
-        _written_in_place(graph),
+        written_in_place(graph),
         views,
     )
     return ph, [_candidate(ctx, r) for r in sorted(cand_ids)]

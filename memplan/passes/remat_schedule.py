@@ -3,6 +3,9 @@ on every tier, the event schedule (recomputes before their first backward use, t
 direction, stalls where a transfer is late), and the decisions in `Plan.decisions["remat_swap"]`, which
 the executor (`memplan.runtime.executor`) follows.
 
+A member of a checkpointed block (`remat_blocks`) is dropped after its last forward use and rebuilt, with
+the rest of the block, by one re-run of the block's forward at the block's rebuild step.
+
 A split of c swapping k of its rows is timed and placed like a swap of k rows plus a recompute of the
 other rows: the tier holds k rows, the device buffer for all of c comes back at the prefetch step (the
 swapped rows are read into it, the recomputed rows written into it), and the rebuild's transients are the
@@ -12,12 +15,14 @@ closure's, scaled to the recomputed rows.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from memplan.ir.analysis import Interval, device_intervals
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware, Tier
+from memplan.passes.remat_blocks import Block
 from memplan.passes.remat_candidates import Candidate
 from memplan.planner.baseline import compute_events, predictions_for
 from memplan.planner.plan import Event, Plan
@@ -31,9 +36,14 @@ class Choice:
 
     decision: Decision
     swap_rows: int = 0
+    block: int | None = None
+    """For a recompute: the layer whose checkpointed block rebuilds it (None: its own closure does)."""
 
     def rebuilt_share(self, c: Candidate) -> float:
-        """Share of c a rebuild recomputes: all of it for a recompute, the unswapped rows for a split."""
+        """Share of c its own closure recomputes: all of it for a recompute, the unswapped rows for a split,
+        none for a member of a checkpointed block (the block's re-run rebuilds it)."""
+        if self.block is not None:
+            return 0.0
         if self.decision == "recompute":
             return 1.0
         return (c.rows - self.swap_rows) / c.rows if self.decision == "split" else 0.0
@@ -45,14 +55,33 @@ class Choice:
 
 
 def decided_residency(
-    graph: Graph, cands: list[Candidate], choice: list[Choice], tier: Tier | None
+    graph: Graph,
+    cands: list[Candidate],
+    choice: list[Choice],
+    tier: Tier | None,
+    blocks: Sequence[Block] = (),
 ) -> list[Interval]:
-    """Baseline intervals, with each moved candidate's replaced by its profile."""
+    """Baseline intervals, with each moved candidate's replaced by its profile, and the transients of the
+    checkpointed `blocks` at their rebuild steps."""
     moved = {c.value_id: (c, ch) for c, ch in zip(cands, choice, strict=True) if ch.decision != "keep"}
     out = [iv for iv in device_intervals(graph) if iv.value_id not in moved]
+    rebuild = {b.layer: b.rebuild_step for b in blocks}
+    hold: dict[int, int] = {}
+    for b in blocks:
+        for vid, _, _ in b.held:
+            hold[vid] = max(hold.get(vid, 0), b.rebuild_step + 1)
+    out = [replace(iv, end=max(iv.end, hold[iv.value_id])) if iv.value_id in hold else iv for iv in out]
+    for b in blocks:
+        out += [
+            Interval(t, "device", b.rebuild_step, b.rebuild_step + 1, graph.value(t).size_bytes)
+            for t in b.peak_transient
+        ]
     for c, ch in moved.values():
         size = c.size_bytes
-        if ch.decision in ("swap", "split"):
+        if ch.block is not None:
+            out.append(Interval(c.value_id, "device", c.produced, c.last_fwd_use + 1, size))
+            out.append(Interval(c.value_id, "device", rebuild[ch.block], c.last_use + 1, size))
+        elif ch.decision in ("swap", "split"):
             assert tier is not None
             out.append(
                 Interval(c.value_id, "device", c.produced, max(c.last_fwd_use + 1, c.swap_write_done), size)
@@ -98,7 +127,12 @@ def compute_share(hw: Hardware, tier: Tier | None) -> float:
 
 
 def _events(
-    graph: Graph, hw: Hardware, cands: list[Candidate], choice: list[Choice], tier: Tier | None
+    graph: Graph,
+    hw: Hardware,
+    cands: list[Candidate],
+    choice: list[Choice],
+    tier: Tier | None,
+    blocks: Sequence[Block] = (),
 ) -> list[Event]:
     """Compute events with recomputes inserted before their first backward use, and transfer events on one
     link per direction (FIFO); a read not done by its use, or a write not done when its device copy is due
@@ -110,8 +144,11 @@ def _events(
             by_step[c.prefetch_step].append(("prefetch", c, ch))
             by_step[max(c.last_fwd_use + 1, c.swap_write_done)].append(("write_due", c, ch))
             by_step[c.first_bwd_use].append(("read_due", c, ch))
-        if ch.decision in ("recompute", "split"):
+        if ch.decision in ("recompute", "split") and ch.block is None:
             by_step[c.first_bwd_use].append(("recompute", c, ch))
+    block_at = {b.rebuild_step: [] for b in blocks}
+    for b in blocks:
+        block_at[b.rebuild_step].append(b)
     order = {"swap_out": 0, "write_due": 1, "prefetch": 2, "read_due": 3, "recompute": 4}  # as the executor
     events: list[Event] = []
     now, link_out, link_in = 0.0, 0.0, 0.0
@@ -122,6 +159,19 @@ def _events(
             now, link_out, link_in = _event(kind, c, ch, i, now, link_out, link_in, done, tier, events)
             if kind in ("swap_out", "prefetch"):
                 now += share * events[-1].duration_s
+        for b in block_at.get(i, ()):  # one re-run of the block's forward rebuilds all its members
+            events.append(
+                Event(
+                    "recompute",
+                    i,
+                    op_id=b.ops[-1],
+                    value_id=b.members[0],
+                    start_s=now,
+                    duration_s=b.recompute_s,
+                )
+            )
+            events += [Event("recompute", i, value_id=v, start_s=now) for v in (*b.members[1:], *b.transient)]
+            now += b.recompute_s
         events.append(replace(ce, start_s=now))
         now += ce.duration_s
     return events
@@ -164,10 +214,16 @@ def _event(
 
 
 def apply_decisions(
-    graph: Graph, hw: Hardware, plan: Plan, cands: list[Candidate], choice: list[Choice], tier: Tier | None
+    graph: Graph,
+    hw: Hardware,
+    plan: Plan,
+    cands: list[Candidate],
+    choice: list[Choice],
+    tier: Tier | None,
+    blocks: Sequence[Block] = (),
 ) -> Plan:
-    residency = decided_residency(graph, cands, choice, tier)
-    events = _events(graph, hw, cands, choice, tier)
+    residency = decided_residency(graph, cands, choice, tier, blocks)
+    events = _events(graph, hw, cands, choice, tier, blocks)
     decisions = dict(plan.decisions)
     decisions["remat_swap"] = {
         "tier": tier.name if tier else None,
@@ -189,8 +245,20 @@ def apply_decisions(
                 "view_ops": list(c.view_ops),
                 "rows": c.rows,
                 "swap_rows": ch.swap_rows,
+                "block": ch.block,
             }
             for c, ch in zip(cands, choice, strict=True)
+        ],
+        "blocks": [
+            {
+                "layer": b.layer,
+                "rebuild_step": b.rebuild_step,
+                "ops": list(b.ops),
+                "members": list(b.members),
+                "transient": list(b.transient),
+                "peak_transient": list(b.peak_transient),
+            }
+            for b in blocks
         ],
     }
     return plan.with_(

@@ -37,6 +37,7 @@ from memplan.ir.analysis import device_intervals, timeline
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import TIER_ORDER, Hardware, Tier
 from memplan.passes.base import PassOutput
+from memplan.passes.remat_blocks import Block, find_blocks
 from memplan.passes.remat_candidates import Candidate, find_candidates
 from memplan.passes.remat_schedule import (
     GPU_COMPUTE_SHARE,
@@ -62,6 +63,10 @@ class RematSwapOptions:
     allow_recompute: bool = True
     allow_split: bool = True
     """Allow splitting a tensor by rows between swap and recompute (needs both allowed)."""
+    allow_blocks: bool = True
+    """Allow re-running a whole layer's forward once to rebuild its activations (needs recompute allowed)."""
+    checkpoint_blocks: bool = False
+    """Checkpoint every block that can be (as `torch.utils.checkpoint` per block), deciding only the rest."""
     swap_tier: str | None = None
     """Tier to swap to; None: the fastest tier after the device that the hardware has."""
     per_layer: bool | None = None
@@ -70,9 +75,25 @@ class RematSwapOptions:
 
 
 @dataclass(frozen=True)
-class _Formulation:
+class _Space:
+    """What the MILP decides over: candidates and checkpointable blocks, each in decision groups."""
+
+    cands: list[Candidate]
     groups: list[list[int]]
     """Candidate indices that share one decision."""
+    blocks: list[Block]
+    block_groups: list[list[int]]
+    """Block indices that share one decision."""
+
+    @property
+    def width(self) -> int:
+        """Columns of the decisions: s, r, z, phi per candidate group, then one per block group."""
+        return BLOCKS * len(self.groups) + len(self.block_groups)
+
+
+@dataclass(frozen=True)
+class _Formulation:
+    space: _Space
     problem: MilpProblem
 
 
@@ -93,16 +114,18 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
         )
         return PassOutput(plan, report)
     per_layer = opts.per_layer if opts.per_layer is not None else len(cands) > opts.exact_limit
+    blocks = find_blocks(graph, hardware, cands, ph) if opts.allow_blocks and opts.allow_recompute else []
+    space = _Space(cands, _groups(cands, per_layer), blocks, _block_groups(blocks, per_layer))
     clock = sum(e.duration_s for e in plan.events if e.kind == "compute")
     swap_cost = compute_share(hardware, tier)
-    form = _formulate(cands, base, budget, tier, per_layer, opts, link_s=clock, swap_cost=swap_cost)
+    form = _formulate(space, base, budget, tier, opts, link_s=clock, swap_cost=swap_cost)
     result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if result.x is None:
-        _raise_infeasible(graph, plan, cands, base, budget, result, tier, per_layer, opts, clock)
+        _raise_infeasible(graph, plan, space, base, budget, result, tier, opts, clock)
     assert result.x is not None
-    choice = _decode(result.x, form.groups, cands)
-    new_plan = apply_decisions(graph, hardware, plan, cands, choice, tier)
-    notes = _notes(cands, choice, per_layer, tier)
+    choice, chosen = _decode(result.x, space)
+    new_plan = apply_decisions(graph, hardware, plan, cands, choice, tier, chosen)
+    notes = _notes(cands, choice, chosen, per_layer, tier)
     report = PassReport("remat_swap", time.perf_counter() - t0, _solver_report(result), notes)
     return PassOutput(new_plan, report)
 
@@ -126,6 +149,15 @@ def _groups(cands: list[Candidate], per_layer: bool) -> list[list[int]]:
     return list(by_sig.values())
 
 
+def _block_groups(blocks: list[Block], per_layer: bool) -> list[list[int]]:
+    if not per_layer:
+        return [[k] for k in range(len(blocks))]
+    by_sig: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for k, b in enumerate(blocks):
+        by_sig[b.signature].append(k)
+    return list(by_sig.values())
+
+
 def _profiles(c: Candidate, n: int, swap: bool) -> tuple[np.ndarray, np.ndarray]:
     """dS, dR: change in device bytes, in units of c's size, per step, if c is swapped (or split) /
     recomputed (without the rebuild's transient, which lands at its first backward use)."""
@@ -144,15 +176,29 @@ share of rows)."""
 
 
 def _coefficients(
-    cands: list[Candidate], groups: list[list[int]], base: np.ndarray, budget: int, tier: Tier | None
+    space: _Space, base: np.ndarray, budget: int, tier: Tier | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dense memory rows (one per kept step) over the columns [s | r | z | phi], and right-hand sides."""
+    """Dense memory rows (one per kept step) over the columns [s | r | z | phi | blocks], and right-hand
+    sides."""
+    cands, groups = space.cands, space.groups
     n = len(base)
     steps = set(np.nonzero(base > budget)[0].tolist())
     steps |= {c.first_bwd_use for c in cands if c.transient_bytes}
+    steps |= {b.rebuild_step for b in space.blocks}
     rows = np.array(sorted(steps), dtype=np.int64)
     g_count = len(groups)
-    mat = np.zeros((len(rows), BLOCKS * g_count))
+    mat = np.zeros((len(rows), space.width))
+    by_id = {c.value_id: c for c in cands}
+    for k, members in enumerate(space.block_groups):
+        col = BLOCKS * g_count + k
+        for b in (space.blocks[j] for j in members):
+            for vid in b.members:
+                c = by_id[vid]
+                gone = (rows > c.last_fwd_use) & (rows < b.rebuild_step)
+                mat[gone, col] -= c.size_bytes
+            mat[rows == b.rebuild_step, col] += b.transient_bytes
+            for _, end, nbytes in b.held:  # counted per block: an upper bound where blocks share a value
+                mat[(rows >= end) & (rows <= b.rebuild_step), col] += nbytes
     for g, members in enumerate(groups):
         s_, r_, z_, phi = g, g_count + g, 2 * g_count + g, 3 * g_count + g
         for i in members:
@@ -181,32 +227,33 @@ def _dedupe(mat: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _formulate(
-    cands: list[Candidate],
+    space: _Space,
     base: np.ndarray,
     budget: int,
     tier: Tier | None,
-    per_layer: bool,
     opts: RematSwapOptions,
     link_s: float,
     swap_cost: float = GPU_COMPUTE_SHARE,
     min_peak: bool = False,
 ) -> _Formulation:
-    """Columns: s_g, r_g, z_g, phi_g for every group g, block by block (then the peak P in MiB when
-    `min_peak`); rows: memory (in MiB, for conditioning), one decision per group, rebuild inputs, link. With
-    `min_peak` the objective is the device peak itself, over every step: the lowest peak this pass can reach.
-    A swap costs `swap_cost` times its transfer seconds (a small share where copies overlap compute, all of
-    it where they run on the compute cores)."""
-    groups = _groups(cands, per_layer)
-    g_count = len(groups)
-    mem, mem_rhs = _coefficients(cands, groups, base, 0 if min_peak else budget, tier)
-    logic, logic_rhs = _logic_rows(cands, groups, tier, link_s)
+    """Columns: s_g, r_g, z_g, phi_g for every group g, block by block, then one per block group (then the
+    peak P in MiB when `min_peak`); rows: memory (in MiB, for conditioning), one decision per group, rebuild
+    inputs, link. With `min_peak` the objective is the device peak itself, over every step: the lowest peak
+    this pass can reach. A swap costs `swap_cost` times its transfer seconds (a small share where copies
+    overlap compute, all of it where they run on the compute cores)."""
+    cands, groups = space.cands, space.groups
+    g_count, k_count = len(groups), len(space.block_groups)
+    mem, mem_rhs = _coefficients(space, base, 0 if min_peak else budget, tier)
+    logic, logic_rhs = _logic_rows(space, tier, link_s)
     extra = 1 if min_peak else 0
     mem = np.hstack([mem / MIB, -np.ones((len(mem), extra))])
     logic = np.hstack([logic, np.zeros((len(logic), extra))])
     a = np.vstack([mem, logic])
     rhs = np.concatenate([mem_rhs / MIB, logic_rhs])
-    cost = np.zeros(BLOCKS * g_count + extra)
-    upper = np.ones(BLOCKS * g_count + extra)
+    cost = np.zeros(space.width + extra)
+    upper = np.ones(space.width + extra)
+    for k, members in enumerate(space.block_groups):
+        cost[BLOCKS * g_count + k] = sum(space.blocks[j].recompute_s for j in members)
     for g, members in enumerate(groups):
         ms = [cands[i] for i in members]
         swap_s = swap_cost * sum(c.swap_s for c in ms)
@@ -216,6 +263,9 @@ def _formulate(
         can_split = can_swap and can_rec and opts.allow_split and all(c.can_split for c in ms)
         cost[[g, g_count + g, 2 * g_count + g, 3 * g_count + g]] = swap_s, rec_s, rec_s, swap_s - rec_s
         upper[[g, g_count + g, 2 * g_count + g, 3 * g_count + g]] = can_swap, can_rec, can_split, can_split
+    lower = np.zeros(len(cost))
+    if opts.checkpoint_blocks:
+        lower[BLOCKS * g_count : space.width] = 1.0
     if min_peak:
         cost[:] = 0.0
         cost[-1], upper[-1] = 1.0, np.inf
@@ -223,25 +273,26 @@ def _formulate(
     cols, rows = np.nonzero(a.T)  # sorted by column, then row: CSC order
     problem = MilpProblem(
         c=cost,
-        lower=np.zeros(n_cols),
+        lower=lower,
         upper=upper,
-        integrality=np.array([1] * (3 * g_count) + [0] * (g_count + extra), dtype=np.int8),
+        integrality=np.array(
+            [1] * (3 * g_count) + [0] * g_count + [1] * k_count + [0] * extra, dtype=np.int8
+        ),
         a_data=a[rows, cols],
         a_indices=rows,
         a_indptr=np.searchsorted(cols, np.arange(n_cols + 1)),
         row_lower=np.full(len(rhs), -np.inf),
         row_upper=rhs,
     )
-    return _Formulation(groups, problem)
+    return _Formulation(space, problem)
 
 
-def _logic_rows(
-    cands: list[Candidate], groups: list[list[int]], tier: Tier | None, link_s: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _logic_rows(space: _Space, tier: Tier | None, link_s: float) -> tuple[np.ndarray, np.ndarray]:
     """s_g + r_g + z_g <= 1 and phi_g <= z_g; a rebuild's inputs stay available; swaps fit the link's time
-    and the tier's bytes."""
+    and the tier's bytes; then the blocks' rows (`_block_rows`)."""
+    cands, groups = space.cands, space.groups
     g_count = len(groups)
-    width = BLOCKS * g_count
+    width = space.width
     group_of = {cands[i].value_id: g for g, ms in enumerate(groups) for i in ms}
     rows: list[np.ndarray] = []
     rhs: list[float] = []
@@ -275,17 +326,63 @@ def _logic_rows(
             cap[[g, 3 * g_count + g]] = sum(cands[i].size_bytes for i in ms)
         rows += [link, cap]
         rhs += [link_s, float(tier.capacity_bytes)]
-    return np.array(rows), np.array(rhs)
+    block_rows, block_rhs = _block_rows(space, group_of)
+    return np.array(rows + block_rows), np.array(rhs + block_rhs)
 
 
-def _decode(x: np.ndarray, groups: list[list[int]], cands: list[Candidate]) -> list[Choice]:
-    """Each candidate's decision; a split's share of rows rounds up to whole rows (fewer rows to rebuild, so
-    smaller transients than the MILP counted), to a plain swap or recompute at the ends, whose profiles
-    free at least as much."""
+def _block_rows(space: _Space, group_of: dict[int, int]) -> tuple[list[np.ndarray], list[float]]:
+    """A checkpointed block's members take no other decision; its frontier is on the device at its rebuild
+    (not rebuilt itself, nor away on the tier if needed later); a tensor rebuilt before the block's rebuild
+    does not read its members."""
+    g_count = len(space.groups)
+    by_id = {c.value_id: c for c in space.cands}
+    block_of = {vid: j for j, b in enumerate(space.blocks) for vid in b.members}
+    col = {j: BLOCKS * g_count + k for k, ms in enumerate(space.block_groups) for j in ms}
+    keys: set[tuple[int, ...]] = set()
+    for j, b in enumerate(space.blocks):
+        for vid in b.members:
+            g = group_of[vid]
+            keys.add((col[j], g, g_count + g, 2 * g_count + g))
+        for a in b.frontier:
+            h = group_of[a]
+            away = (h,) if by_id[a].first_bwd_use > b.rebuild_step else ()
+            keys.add((col[j], g_count + h, 2 * g_count + h, *away))
+    for c in space.cands:
+        for a in c.frontier:
+            j = block_of.get(a, -1)
+            if j >= 0 and c.first_bwd_use < space.blocks[j].rebuild_step:
+                g = group_of[c.value_id]
+                keys.add((col[j], g_count + g, 2 * g_count + g))
+    rows = []
+    for key in sorted(keys):
+        row = np.zeros(space.width)
+        row[list(key)] = 1.0
+        rows.append(row)
+    return rows, [1.0] * len(rows)
+
+
+def _decode(x: np.ndarray, space: _Space) -> tuple[list[Choice], list[Block]]:
+    """Each candidate's decision, and the checkpointed blocks (their members: recompute, with the block's
+    layer). A split's share of rows rounds up to whole rows (fewer rows to rebuild, so smaller transients
+    than the MILP counted), to a plain swap or recompute at the ends, whose profiles free at least as
+    much."""
+    cands, groups = space.cands, space.groups
     g_count = len(groups)
     out = [Choice("keep")] * len(cands)
+    chosen = [
+        space.blocks[j]
+        for k, ms in enumerate(space.block_groups)
+        if x[BLOCKS * g_count + k] > 0.5
+        for j in ms
+    ]
+    index = {c.value_id: i for i, c in enumerate(cands)}
+    for b in chosen:
+        for vid in b.members:
+            out[index[vid]] = Choice("recompute", block=b.layer)
     for g, members in enumerate(groups):
         for i in members:
+            if out[i].block is not None:
+                continue
             if x[g] > 0.5:
                 out[i] = Choice("swap")
             elif x[g_count + g] > 0.5:
@@ -299,11 +396,11 @@ def _decode(x: np.ndarray, groups: list[list[int]], cands: list[Candidate]) -> l
                     if k >= cands[i].rows
                     else Choice("split", k)
                 )
-    return out
+    return out, chosen
 
 
 def _notes(
-    cands: list[Candidate], choice: list[Choice], per_layer: bool, tier: Tier | None
+    cands: list[Candidate], choice: list[Choice], chosen: list[Block], per_layer: bool, tier: Tier | None
 ) -> tuple[str, ...]:
     count: dict[str, int] = defaultdict(int)
     size: dict[str, int] = defaultdict(int)
@@ -322,6 +419,11 @@ def _notes(
         else "exact (one decision per tensor)"
     )
     notes = [f"{len(cands)} saved activations: {split}"]
+    if chosen:
+        layers = ", ".join(str(b.layer) for b in chosen)
+        notes.append(
+            f"checkpointed blocks (forward re-run once at the start of their backward): layers {layers}"
+        )
     if count["split"]:
         notes.append(
             f"split tensors: {swapped_rows / mib:.1f} of {size['split'] / mib:.1f} MiB swapped by rows, "
@@ -337,22 +439,22 @@ def _solver_report(r: MilpResult) -> SolverReport:
 def _raise_infeasible(
     graph: Graph,
     plan: Plan,
-    cands: list[Candidate],
+    space: _Space,
     base: np.ndarray,
     budget: int,
     result: MilpResult,
     tier: Tier | None,
-    per_layer: bool,
     opts: RematSwapOptions,
     link_s: float,
 ) -> None:
     """No assignment fits: find the lowest peak any keep / swap / recompute plan reaches (a second MILP,
     objective = peak) and name the tensors that no decision can move at the step where it happens."""
-    form = _formulate(cands, base, budget, tier, per_layer, opts, link_s, min_peak=True)
+    cands = space.cands
+    form = _formulate(space, base, budget, tier, opts, link_s, min_peak=True)
     low = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if low.x is not None:
-        choice = _decode(low.x, form.groups, cands)
-        residency = decided_residency(graph, cands, choice, tier)
+        choice, chosen = _decode(low.x, space)
+        residency = decided_residency(graph, cands, choice, tier, chosen)
         live = timeline(residency, len(graph.ops))["device"]
         step, reach = int(np.argmax(live)), int(live.max())
     else:

@@ -4,7 +4,8 @@ The interpreter walks the captured graph's ops in schedule order on real tensors
 while the plan has it on the device: a value is dropped when its device interval ends, swapped values are
 copied out to their tier (asynchronously) and prefetched back into a buffer allocated when the plan's
 prefetch step comes, and recomputed values are rebuilt just before their first backward use by re-running
-their recompute closure. A split value sends its first k rows to the tier; at its first backward use those
+their recompute closure (the members of a checkpointed block by one re-run of the block's forward). A split
+value sends its first k rows to the tier; at its first backward use those
 rows come back into the buffer allocated at the prefetch step and the closure, run on the rows [k:] of its
 inputs, writes the other rows into the same buffer (the producing op's `out=` overload). The memory it uses
 is therefore the plan's residency, step by step, and the live storage tracker can check it.
@@ -28,6 +29,7 @@ import torch.fx
 from memplan.errors import PlanMismatch
 from memplan.ir.frontends.fx_lower import Capture
 from memplan.ir.graph import PERSISTENT_ROLES
+from memplan.passes.remat_blocks import rerun_drops
 from memplan.passes.remat_candidates import ROW_VIEWS, phases
 from memplan.planner.plan import Plan, fingerprint
 from memplan.runtime.out_variants import DIRECT_WRITERS, bind_arguments, out_call_kwargs, out_variant
@@ -55,6 +57,10 @@ class _Schedule:
     """Step -> (value, its closure, rows swapped) for the split values rebuilt there."""
     swap_rows: dict[int, int] = field(default_factory=dict)
     """Split value -> how many of its leading rows go to the tier."""
+    reruns: dict[int, list[tuple[tuple[int, ...], frozenset[int], dict[int, list[int]]]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    """Step -> checkpointed blocks re-run there: (ops, storages they rebuild, transients to drop after an op)."""
 
 
 def _schedule(plan: Plan) -> _Schedule:
@@ -72,10 +78,21 @@ def _schedule(plan: Plan) -> _Schedule:
         if t["decision"] == "split":
             sch.swap_rows[vid] = t["swap_rows"]
             sch.split[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"]), t["swap_rows"]))
+        elif t["decision"] == "recompute" and t.get("block") is not None:
+            sch.drop_after[t["last_fwd_use"]].append(vid)  # its block's re-run rebuilds it
         elif t["decision"] == "recompute":
             _schedule_recompute(sch, plan, vid, t, decided)
         if t["decision"] != "keep" and t["last_use"] + 1 < n:
             sch.drop_after[t["last_use"]].append(vid)
+    graph = plan.graph() if plan.decisions.get("remat_swap", {}).get("blocks") else None
+    for b in plan.decisions.get("remat_swap", {}).get("blocks", []):  # checkpointed blocks: one re-run each
+        assert graph is not None
+        ops, transient = tuple(b["ops"]), tuple(b["transient"])
+        rebuilt = frozenset([*b["members"], *transient])
+        held = set(b["peak_transient"])  # the plan counts these through step B: hold them as long
+        drops = {i: [r for r in rs if r not in held] for i, rs in rerun_drops(graph, ops, transient).items()}
+        sch.reruns[b["rebuild_step"]].append((ops, rebuilt, drops))
+        sch.drop_after[b["rebuild_step"]].extend(held)
     return sch
 
 
@@ -185,6 +202,11 @@ class PlannedStep:
         for _, ops, rebuilt in self.sched.recompute.get(step, ()):
             for i in ops:
                 self._execute(i, only=rebuilt)
+        for ops, rebuilt, drops in self.sched.reruns.get(step, ()):
+            for i in ops:
+                self._execute(i, only=rebuilt)
+                for root in drops.get(i, ()):
+                    self._drop(root)
         for vid, ops, k in self.sched.split.get(step, ()):
             self._rebuild_rows(vid, ops, k)
 

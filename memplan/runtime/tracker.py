@@ -102,3 +102,15 @@ class LiveStorageTracker(TorchDispatchMode):
         if self._record:
             self.result.timeline.append(self._current)
         return out
+
+
+class CompiledCodeTracker(LiveStorageTracker):
+    """A tracker under which `torch.compile`d code runs compiled. Dynamo refuses to run compiled code while a
+    dispatch mode that is not an infra mode is on the stack (it silently runs the frame eagerly instead, so
+    a plain tracker would measure the eager step); with `ignore_compile_internals` true it runs the compiled
+    artifact under the mode, and with the aot_eager backends that artifact calls ATen ops one by one, so
+    the tracker sees every storage of the compiled graph."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True

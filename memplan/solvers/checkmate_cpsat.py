@@ -28,10 +28,10 @@ so CP-SAT's optimum and its best bound are the stage model's. With fewer copies 
 model is a restriction: its optimum may be above the true one and its bound is NOT a lower bound for the
 unrestricted problem, so only the trivial bound (the sum of all costs) is reported, the status is "optimal"
 only where the schedule meets that bound, and an infeasible model means only "none with C copies" (status
-timeout). `copies=None` builds
-the exact model while it stays small (`EXACT_SERVE_LIMIT`) and C = 2 otherwise, raised per node to what the
-hint needs, so that the hint (a schedule, e.g. the best greedy one, converted to intervals) is a complete
-feasible solution: CP-SAT starts from it, and it is kept if CP-SAT returns nothing better in time.
+timeout). `copies=None` builds the exact model while it stays small (`EXACT_SERVE_LIMIT`) and C = 2
+otherwise, raised per node to what the hint needs, so that the hint (a schedule, e.g. the best greedy one,
+converted to intervals) is a complete feasible solution: CP-SAT starts from it, and it is kept if CP-SAT
+returns nothing better in time.
 """
 
 from __future__ import annotations

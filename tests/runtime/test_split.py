@@ -1,8 +1,6 @@
 """A plan with split tensors, applied from a training script: the tier's rows and the rebuilt rows make the
 same tensor, so loss and gradients match the plain step, and the measured peak is the predicted one."""
 
-import gc
-
 import pytest
 import torch
 
@@ -13,20 +11,10 @@ from memplan.planner.models import capture, load_model
 from memplan.planner.pipeline import run_pipeline
 from memplan.planner.plan import Workload
 from memplan.runtime.out_variants import DIRECT_WRITERS, out_variant
-from memplan.runtime.tracker import LiveStorageTracker
+from tests.runtime.step import tracked_step
 
 
-def _step(model, inputs, plan=None):
-    params = list(model.parameters())
-    for p in params:
-        p.grad = None
-    gc.collect()
-    ctx = memplan.applied(plan, model) if plan is not None else torch.enable_grad()
-    with ctx, LiveStorageTracker() as tracker:
-        tracker.track([*params, *inputs])
-        loss = model(*inputs)
-        loss.backward()
-    return loss.detach(), [p.grad.clone() for p in params], tracker.result.peak_bytes
+_step = tracked_step
 
 
 def test_row_ops_write_into_a_slot():

@@ -1,8 +1,6 @@
 """memplan.applied: a plan applied from a training script gives the same loss and gradients as the plain
 step, and the real peak, measured by the live-storage tracker, stays under the budget."""
 
-import gc
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ import memplan
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.passes.remat_swap import RematSwapOptions
 from memplan.planner.models import load_model
-from memplan.runtime.tracker import LiveStorageTracker
+from tests.runtime.step import tracked_step
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +20,7 @@ def setup():
     return model, inputs, base.predictions.peak_bytes["device"], ref_loss, ref_grads, ref_peak
 
 
-def _step(model, inputs, plan=None):
-    params = list(model.parameters())
-    for p in params:
-        p.grad = None
-    gc.collect()
-    ctx = memplan.applied(plan, model) if plan is not None else torch.enable_grad()
-    with ctx, LiveStorageTracker() as tracker:
-        tracker.track([*params, *inputs])
-        loss = model(*inputs)
-        loss.backward()
-    return loss.detach(), [p.grad.clone() for p in params], tracker.result.peak_bytes
+_step = tracked_step
 
 
 @pytest.mark.parametrize(
