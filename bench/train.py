@@ -22,8 +22,11 @@ step (parameters and inputs counted as live), so methods compare at equal *measu
    1.0 ... 0.05; compilation happens in the warm-up and is excluded from the step time.
 
 Step time is the median of `reps` steps after the tracked one, timed outside the tracker (see
-`train_peers.measure`). Overhead is relative to the plain step, timed at the start, between the memplan and
-the peer rows, and at the end (see `bench_model`), so that a machine whose speed drifts shows it. The notes
+`train_peers.measure`). Overhead is paired: each timed step of a method follows a timed plain step (run
+while the method is active: the model's own forward, the blocks unwrapped, the uncompiled module), and the
+overhead is the median over the pairs of method / plain - 1, so that the machine's speed drifting during
+the run (it does here, by 10-20%) cancels out. The plain step is also timed at the start, between the
+memplan and the peer rows, and at the end (see `bench_model`), which shows the drift. The notes
 compare memplan with each peer point at that point's memory level, and the run ends with the planning time
 of Llama-2-7B (batch 1, 4,096 tokens, A100-80GB, captured on the meta device). The Pareto plot is
 `bench/results/train_pareto.png`. A crash of any method is recorded in its row, not raised.
@@ -53,7 +56,9 @@ from bench.train_peers import (
     level_notes,
     load_bench_model,
     measure,
+    plain_forward,
     time_steps,
+    without_checkpoints,
     write_pareto,
 )
 from memplan.errors import InfeasibleBudget, MemplanError
@@ -113,6 +118,8 @@ def _row(model: str, method: str, knob: str, run: StepRun | None, **more: Any) -
     if run is not None:
         row |= {"peak_MiB": run.peak_bytes / MiB, "step_s": run.step_s, "grads": run.equal,
                 "times_s": run.times, "warmup_s": run.warmup_s, "ops": run.ops}
+        if run.paired_overhead is not None:
+            row |= {"paired_overhead_%": 100 * run.paired_overhead, "plain_paired_s": run.plain_times}
         print(f"[train] {model} {method} {knob}: peak {run.peak_bytes / MiB:.1f} MiB, "
               f"step {run.step_s:.2f} s, warm-up {run.warmup_s:.1f} s, {run.equal}",
               file=sys.stderr, flush=True)
@@ -157,7 +164,7 @@ def _memplan_point(m: BenchModel, plain: StepRun, cfg: TrainConfig, hw: Hardware
     info = _remat_report(plan) | {"plan_s": plan_s, "budget_MiB": budget / MiB}
     try:
         with memplan.applied(plan, m.module):
-            run = measure(m.module, m, cfg.warmup, cfg.reps, reference=plain)
+            run = measure(m.module, m, cfg.warmup, cfg.reps, reference=plain, plain=plain_forward(m.module))
     except Exception as e:  # a runtime failure is a finding: record it, go on with the next budget
         return _row(m.name, "memplan", knob, None, grads=f"CRASH: {e!r}"[:300], **info)
     if info["recomputed"] == 0 and run.equal == "allclose":  # keep/swap only: the plain step's ops exactly
@@ -187,13 +194,14 @@ def _memplan_rows(m: BenchModel, plain: StepRun, cfg: TrainConfig, hw: Hardware)
 
 def _peer_rows(m: BenchModel, plain: StepRun, cfg: TrainConfig) -> list[dict[str, Any]]:
     with checkpointed(m.blocks):
-        run = measure(m.module, m, cfg.warmup, cfg.reps, reference=plain)
+        run = measure(m.module, m, cfg.warmup, cfg.reps, reference=plain,
+                      plain=without_checkpoints(m.module, m.blocks))
     rows = [_row(m.name, "checkpoint", f"every block ({len(m.blocks)})", run)]
     for mb in cfg.compile_budgets:
         knob = f"activation_memory_budget {mb:g}"
         try:
             with compiled(m.module, mb) as (fn, stats):
-                run = measure(fn, m, max(cfg.warmup, 1), cfg.reps, reference=plain)
+                run = measure(fn, m, max(cfg.warmup, 1), cfg.reps, reference=plain, plain=m.module)
         except Exception as e:  # recorded like memplan's failures
             rows.append(_row(m.name, "compile", knob, None, grads=f"CRASH: {e!r}"[:300]))
             continue
@@ -205,7 +213,7 @@ def _relative(rows: list[dict[str, Any]], plain_peak: int, plain_s: float) -> No
     for r in rows:
         if "peak_MiB" in r:
             r["peak/plain"] = r["peak_MiB"] * MiB / plain_peak
-            r["overhead_%"] = 100 * (r["step_s"] / plain_s - 1)
+            r["overhead_%"] = r.get("paired_overhead_%", 100 * (r["step_s"] / plain_s - 1))
             r["plain_ref_s"] = plain_s
 
 
@@ -346,7 +354,8 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
                      f"by {ssd.compute_share:.2f} of its time (preset: 1)")
     notes.append(f"batch {cfg.batch} x seq {cfg.seq} tokens; per point {cfg.warmup} warm-up step(s) "
                  "(compile: at least 1), 1 tracked step (peak, correctness), median of "
-                 f"{cfg.reps} timed steps (plain: {cfg.reps} each at the start, middle and end); "
+                 f"{cfg.reps} timed steps, each right after a timed plain step (overhead: median of the "
+                 f"{cfg.reps} ratios); plain alone: {cfg.reps} steps each at the start, middle and end; "
                  f"{cfg.threads or threads} torch threads")
     fastest = min(r["step_s"] for r in rows if r["method"] == "plain")
     if fastest < 1.0:

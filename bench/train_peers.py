@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +114,20 @@ class StepRun:
     """Kept only when asked (the reference step); empty otherwise."""
     equal: str = "-"
     """How loss and gradients compare with the reference: bitwise, allclose, or DIFFERENT (...)."""
+    plain_times: list[float] = field(default_factory=list)
+    """The plain step, timed just before each of `times` (paired timing); empty when not paired."""
 
     @property
     def step_s(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def paired_overhead(self) -> float | None:
+        """Median over the pairs of (step / the plain step just before it) - 1: a drift of the machine's
+        speed during the run cancels out of each pair."""
+        if not self.plain_times:
+            return None
+        return statistics.median(t / p for t, p in zip(self.times, self.plain_times, strict=True)) - 1.0
 
 
 def _one_step(call: LossCall, model: BenchModel) -> torch.Tensor:
@@ -142,8 +152,11 @@ def time_steps(call: LossCall, model: BenchModel, reps: int) -> list[float]:
 
 
 def measure(call: LossCall, model: BenchModel, warmup: int, reps: int,
-            reference: StepRun | None = None, keep_grads: bool = False) -> StepRun:
-    """Warm up, track one step, time `reps` more (see the module docstring); compare with `reference`."""
+            reference: StepRun | None = None, keep_grads: bool = False,
+            plain: LossCall | None = None) -> StepRun:
+    """Warm up, track one step, time `reps` more (see the module docstring); compare with `reference`. With
+    `plain` (the plain step, callable while the method is active), each timed step follows a timed plain
+    step: paired timing."""
     warm = time_steps(call, model, warmup)
     gc.collect()
     with StepTracker(record_timeline=False) as tracker:
@@ -155,9 +168,15 @@ def measure(call: LossCall, model: BenchModel, warmup: int, reps: int,
     equal = compare_step(loss, grads, reference.loss, reference.grads) if reference is not None else "-"
     for p in model.params:
         p.grad = None
-    times = time_steps(call, model, max(reps, 1))
+    times: list[float] = []
+    plain_times: list[float] = []
+    for _ in range(max(reps, 1) if plain is not None else 0):
+        plain_times += time_steps(plain, model, 1)  # type: ignore[arg-type]
+        times += time_steps(call, model, 1)
+    if plain is None:
+        times = time_steps(call, model, max(reps, 1))
     return StepRun(tracker.result.peak_bytes, times, warm[0] if warm else 0.0, tracker.result.ops, loss,
-                   grads if keep_grads else [], equal)
+                   grads if keep_grads else [], equal, plain_times)
 
 
 def compare_step(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
@@ -193,6 +212,25 @@ def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         for block in blocks:
             del block.forward
+
+
+def without_checkpoints(module: nn.Module, blocks: Sequence[nn.Module]) -> LossCall:
+    """The plain forward of `module` while `checkpointed(blocks)` is active (for paired timing)."""
+
+    def run(*inputs: Any) -> torch.Tensor:
+        saved = [block.__dict__.pop("forward") for block in blocks]
+        try:
+            return module(*inputs)  # type: ignore[no-any-return]
+        finally:
+            for block, forward in zip(blocks, saved, strict=True):
+                block.forward = forward  # type: ignore[method-assign]
+
+    return run
+
+
+def plain_forward(module: nn.Module) -> LossCall:
+    """`module`'s own forward, bypassing a forward patched on the instance (as `memplan.applied` does)."""
+    return lambda *inputs: type(module).forward(module, *inputs)
 
 
 @dataclass

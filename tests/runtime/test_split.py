@@ -4,7 +4,6 @@ same tensor, so loss and gradients match the plain step, and the measured peak i
 import pytest
 import torch
 
-import memplan
 from memplan.passes.registry import RematSwap
 from memplan.passes.remat_candidates import ROW_OPS, ROW_VIEWS
 from memplan.planner.models import capture, load_model
@@ -12,7 +11,6 @@ from memplan.planner.pipeline import run_pipeline
 from memplan.planner.plan import Workload
 from memplan.runtime.out_variants import DIRECT_WRITERS, out_variant
 from tests.runtime.step import tracked_step
-
 
 _step = tracked_step
 
