@@ -11,7 +11,8 @@ member: it stays under its own decision, as checkpointing saves a block's input)
     transients the storages the re-run makes that are not members, each dropped after its last read in
                the re-run; the plan counts, at [B, B+1), those live together at the re-run's worst moment
 
-The re-run reads the block's *frontier*, values made outside the block: saved activations (which must be on
+The re-run reads the block's *frontier*: saved activations the block makes but does not rebuild (read by
+the next layer too), which must be on the device at B, and values made outside the block: saved activations (which must be on
 the device at B), values still live then, and values that died earlier (an attention mask made once for
 all layers): those are *held* on the device until B, as checkpointing holds a block's inputs. A block whose
 forward writes in place has no such option.
@@ -96,6 +97,9 @@ def _block(
     for i in ops:
         for vid in graph.ops[i].inputs:
             root = graph.storage_of(vid)
+            if root in made and root in cands and root not in members:
+                frontier.add(root)  # made here, saved, read by the next layer too: not rebuilt, needed
+                continue
             if root in made or graph.value(root).role in PERSISTENT_ROLES:
                 continue
             if root in cands:
