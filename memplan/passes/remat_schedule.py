@@ -146,7 +146,7 @@ def _events(
             by_step[c.first_bwd_use].append(("read_due", c, ch))
         if ch.decision in ("recompute", "split") and ch.block is None:
             by_step[c.first_bwd_use].append(("recompute", c, ch))
-    block_at = {b.rebuild_step: [] for b in blocks}
+    block_at: dict[int, list[Block]] = defaultdict(list)
     for b in blocks:
         block_at[b.rebuild_step].append(b)
     order = {"swap_out": 0, "write_due": 1, "prefetch": 2, "read_due": 3, "recompute": 4}  # as the executor
