@@ -404,11 +404,11 @@ def _notes(
 ) -> tuple[str, ...]:
     count: dict[str, int] = defaultdict(int)
     size: dict[str, int] = defaultdict(int)
-    swapped_rows = 0
+    split_swapped = 0
     for c, ch in zip(cands, choice, strict=True):
         count[ch.decision] += 1
         size[ch.decision] += c.size_bytes
-        swapped_rows += c.size_bytes // max(c.rows, 1) * ch.swap_rows
+        split_swapped += ch.swapped_bytes(c) if ch.decision == "split" else 0
     mib = 2**20
     split = ", ".join(
         f"{d} {count[d]} ({size[d] / mib:.1f} MiB)" for d in ("keep", "swap", "recompute", "split")
@@ -426,7 +426,7 @@ def _notes(
         )
     if count["split"]:
         notes.append(
-            f"split tensors: {swapped_rows / mib:.1f} of {size['split'] / mib:.1f} MiB swapped by rows, "
+            f"split tensors: {split_swapped / mib:.1f} of {size['split'] / mib:.1f} MiB swapped by rows, "
             "the other rows recomputed"
         )
     return (*notes, f"formulation: {form}", f"swap tier: {tier.name if tier else 'none'}")

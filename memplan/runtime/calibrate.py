@@ -85,8 +85,7 @@ def calibrate(
     for name in names:
         say(f"tier {name}: write and read {sample_bytes // MiB} MiB")
         old = hw.tier(name)
-        write_bw, read_bw = _tier_bw(hw, name, device, sample_bytes, reps, emulate)
-        share = _compute_share(hw, name, device, sample_bytes, matmul_n, reps, emulate)
+        write_bw, read_bw, share = _tier_speed(hw, name, device, sample_bytes, matmul_n, reps, emulate)
         speeds.append(TierSpeed(name, write_bw, read_bw, old.write_bw, old.read_bw, share))
     by_name = {s.name: s for s in speeds}
     new_tiers = tuple(
@@ -155,32 +154,12 @@ def _copy_bw(device: torch.device, nbytes: int, reps: int) -> float:
     return 2.0 * src.numel() * 4 / _timed(lambda: dst.copy_(src), device, reps)
 
 
-def _tier_bw(
-    hw: Hardware, name: str, device: torch.device, nbytes: int, reps: int, emulate: Set[str]
-) -> tuple[float, float]:
-    """(write, read) bytes/s of one put and one get of `nbytes` through the tier's store, median of `reps`."""
-    data = torch.rand(nbytes // 4, device=device)
-    writes, reads = [], []
-    with open_tier(hw, name, emulate=emulate) as store:
-        for i in range(reps + 1):
-            start = time.perf_counter()
-            handle = store.put(f"calibrate-{i}", data)
-            store.wait(handle)
-            mid = time.perf_counter()
-            store.get(handle)
-            end = time.perf_counter()
-            store.free(handle)
-            if i:
-                writes.append(mid - start)
-                reads.append(end - mid)
-    return nbytes / statistics.median(writes), nbytes / statistics.median(reads)
-
-
-def _compute_share(
+def _tier_speed(
     hw: Hardware, name: str, device: torch.device, nbytes: int, n: int, reps: int, emulate: Set[str]
-) -> float:
-    """How much a write and a read of `nbytes` slow down matmuls running beside them, over the transfers'
-    own time: (time with transfers - time alone) / transfer time, in [0, 1], median of `reps`."""
+) -> tuple[float, float, float]:
+    """(write, read) bytes/s of a put and a get of `nbytes` through the tier's store, and how much a write and
+    a read running beside matmuls slow them down over the transfers' own time, (time with transfers - time
+    alone) / transfer time in [0, 1]; medians of `reps` after one warm-up."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     out = torch.empty(n, n, device=device)
@@ -196,17 +175,24 @@ def _compute_share(
 
     work(2)
     per_mm = work(8) / 8
-    shares = []
+    writes, reads, shares = [], [], []
     with open_tier(hw, name, emulate=emulate) as store:
-        for i in range(reps):
+        for i in range(reps + 1):
             start = time.perf_counter()
-            handle = store.put(f"share-probe-{i}", data)
+            handle = store.put(f"calibrate-{i}", data)
             store.wait(handle)
+            mid = time.perf_counter()
             store.get(handle)
-            transfer = time.perf_counter() - start
+            end = time.perf_counter()
+            if not i:
+                store.free(handle)
+                continue
+            writes.append(mid - start)
+            reads.append(end - mid)
+            transfer = end - start
             k = int(1.5 * transfer / per_mm) + 1  # enough compute to cover both transfers
             alone = work(k)
-            handle2 = store.put(f"share-write-{i}", data)  # both directions at once, as swaps out and in
+            handle2 = store.put(f"calibrate-write-{i}", data)  # both directions at once, as swaps out and in
             store.prefetch(handle)
             busy = work(k)
             store.wait(handle2)
@@ -214,4 +200,4 @@ def _compute_share(
             store.free(handle)
             store.free(handle2)
             shares.append(min(max((busy - alone) / transfer, 0.0), 1.0))
-    return statistics.median(shares)
+    return nbytes / statistics.median(writes), nbytes / statistics.median(reads), statistics.median(shares)

@@ -28,7 +28,7 @@ import torch.fx
 
 from memplan.errors import PlanMismatch
 from memplan.ir.frontends.fx_lower import Capture
-from memplan.ir.graph import PERSISTENT_ROLES
+from memplan.ir.graph import PERSISTENT_ROLES, Graph
 from memplan.passes.remat_blocks import rerun_drops
 from memplan.passes.remat_candidates import ROW_VIEWS, phases
 from memplan.planner.plan import Plan, fingerprint
@@ -63,7 +63,7 @@ class _Schedule:
     """Step -> checkpointed blocks re-run there: (ops, storages they rebuild, transients to drop after an op)."""
 
 
-def _schedule(plan: Plan) -> _Schedule:
+def _schedule(plan: Plan, graph: Graph) -> _Schedule:
     """Drop points from the device residency; swap and recompute points from the pass's decisions."""
     sch = _Schedule()
     decided = {t["value_id"]: t for t in plan.decisions.get("remat_swap", {}).get("tensors", [])}
@@ -84,9 +84,7 @@ def _schedule(plan: Plan) -> _Schedule:
             _schedule_recompute(sch, plan, vid, t, decided)
         if t["decision"] != "keep" and t["last_use"] + 1 < n:
             sch.drop_after[t["last_use"]].append(vid)
-    graph = plan.graph() if plan.decisions.get("remat_swap", {}).get("blocks") else None
     for b in plan.decisions.get("remat_swap", {}).get("blocks", []):  # checkpointed blocks: one re-run each
-        assert graph is not None
         ops, transient = tuple(b["ops"]), tuple(b["transient"])
         rebuilt = frozenset([*b["members"], *transient])
         held = set(b["peak_transient"])  # the plan counts these through step B: hold them as long
@@ -127,7 +125,7 @@ class PlannedStep:
         self.plan, self.cap, self.store = plan, cap, store
         self.graph = plan.graph()
         self.phases = phases(self.graph)
-        self.sched = _schedule(plan)
+        self.sched = _schedule(plan, self.graph)
         self.nodes = {n.name: n for n in cap.gm.graph.nodes}
         self.members: dict[int, list[int]] = defaultdict(list)
         for v in self.graph.values:

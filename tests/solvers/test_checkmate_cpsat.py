@@ -4,17 +4,13 @@ than its greedy hint, the time limit holds; and the greedy warm start of the MIL
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from bench.checkmate import chain, unet
 from memplan.errors import InvalidInput
-from memplan.planner.commands import remat_cmd
 from memplan.solvers.checkmate_cpsat import (
     build,
     copy_counts,
@@ -160,18 +156,3 @@ def test_milp_warm_start_from_greedy() -> None:
     warm = solve_checkmate(p, budget, 0.3, start=greedy)
     assert warm.objective is not None and warm.objective <= greedy.cost(p)
     assert_valid(p, budget, warm)
-
-
-def test_cli_method_cpsat(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    nodes = [{"id": f"n{i}", "cost": 1, "size": s} for i, s in enumerate([10, 10, 10, 10, 1])]
-    links = [{"source": f"n{a}", "target": f"n{b}"} for a, b in [(0, 1), (1, 2), (2, 3), (0, 4), (3, 4)]]
-    path = tmp_path / "skip.json"
-    path.write_text(json.dumps({"directed": True, "nodes": nodes, "links": links}))
-    ap = argparse.ArgumentParser()
-    remat_cmd.register(ap.add_subparsers())
-    args = ap.parse_args(
-        ["remat", str(path), "--budget-fraction", "0.7", "--timeout", "5", "--method", "cpsat"]
-    )
-    assert remat_cmd.run(args) == 0
-    out = capsys.readouterr().out
-    assert "moccasin-cpsat" in out and "optimal" in out and "+20.00%" in out

@@ -167,18 +167,25 @@ def test_random_tiny_dags_against_brute_force(case: tuple[RematProblem, float]) 
     assert exact.status == ("infeasible" if want is None else "optimal")
 
 
-def test_cli_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`memplan remat graph.json --budget-fraction F`: the skip DAG of the chain test, as node-link JSON."""
+@pytest.mark.parametrize("method, solver", [("auto", ""), ("cpsat", "moccasin-cpsat")])
+def test_cli_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str, solver: str
+) -> None:
+    """`memplan remat graph.json --budget-fraction F [--method M]`: the skip DAG of the chain test, as
+    node-link JSON."""
     nodes = [{"id": f"n{i}", "cost": 1, "size": s} for i, s in enumerate([10, 10, 10, 10, 1])]
     links = [{"source": f"n{a}", "target": f"n{b}"} for a, b in [(0, 1), (1, 2), (2, 3), (0, 4), (3, 4)]]
     path = tmp_path / "skip.json"
     path.write_text(json.dumps({"directed": True, "nodes": nodes, "links": links}))
     ap = argparse.ArgumentParser()
     remat_cmd.register(ap.add_subparsers())
-    args = ap.parse_args(["remat", str(path), "--budget-fraction", "0.7", "--timeout", "5"])
+    args = ap.parse_args(
+        ["remat", str(path), "--budget-fraction", "0.7", "--timeout", "5", "--method", method]
+    )
     assert remat_cmd.run(args) == 0
     out = capsys.readouterr().out
     assert "optimal" in out and "21" in out and "+20.00%" in out  # budget int(0.7 * 30), one recompute of 5
+    assert solver in out
     low = ap.parse_args(["remat", str(path), "--budget", "20"])
     with pytest.raises(InvalidInput, match="at least 21 bytes"):
         remat_cmd.run(low)
