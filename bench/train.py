@@ -10,36 +10,40 @@ backward of the model's loss, no optimizer), and every peak is the live-storage 
 step (parameters and inputs counted as live), so methods compare at equal *measured* peak:
 
 1. plain: the eager step, no plan. Its loss and gradients are the reference; its peak is "plain peak".
-2. memplan: budgets of 90%, 80%, ... of the plain peak, until the first `InfeasibleBudget` (its lower bound is
-   recorded), then once more at that lower bound (memplan's lowest point). Each budget is planned
-   (`memplan.plan`, default passes, planning time includes capture; hardware: the `cpu` preset with this
-   machine's FLOP/s, memory and SSD bandwidth measured by `memplan.runtime.calibrate` at the start of the
-   run) and run under `memplan.applied`; the
-   row says whether the measured peak held the budget, and whether loss and gradients are bitwise equal
-   to the plain step's (required when the plan only keeps or swaps) or allclose (rtol 1e-5, atol 1e-6).
+2. memplan: budgets at `fractions` (90%, 70%, 50%, ...) of the plain peak, until the first `InfeasibleBudget`
+   (its lower bound is recorded), then once more at that lower bound (memplan's lowest point). Each budget
+   is planned (`memplan.plan`, default passes, planning time includes capture; hardware: the `cpu` preset
+   with this machine's FLOP/s, memory and SSD bandwidth measured by `memplan.runtime.calibrate` at the start
+   of the run) and run under `memplan.applied`; the row says whether the measured peak held the budget, and
+   whether loss and gradients are bitwise equal to the plain step's (required when the plan only keeps or
+   swaps) or allclose (rtol 1e-5, atol 1e-6).
 3. checkpoint: every transformer block wrapped in `torch.utils.checkpoint.checkpoint(use_reentrant=False)`.
 4. compile: `torch.compile(backend="aot_eager_decomp_partition")` for each `activation_memory_budget` in
    1.0 ... 0.05; compilation happens in the warm-up and is excluded from the step time.
+5. memplan's twin of each peer point: memplan planned with the peer's *measured* peak as its budget, so the
+   two compare at equal measured peak (or memplan's is lower: a plan holds its budget).
 
-Step time is the median of `reps` steps after the tracked one, timed outside the tracker (see
-`train_peers.measure`). Overhead is relative to the plain step, timed at the start, between the memplan and
-the peer rows, and at the end (see `bench_model`), so that a machine whose speed drifts shows it. Each
-timed step of a method also follows a timed plain step (run while the method is active: the model's own
-forward, the blocks unwrapped, the uncompiled module): `paired_overhead_%` is the median over the pairs of
-method / plain - 1. It is not the headline: on this CPU a plain step run right after a lower-memory step is
-itself slower (its allocations have to grow the heap back), which biases the pairs towards the method. The notes
-compare memplan with each peer point at that point's memory level, and the run ends with the planning time
-of Llama-2-7B (batch 1, 4,096 tokens, A100-80GB, captured on the meta device). The Pareto plot is
-`bench/results/train_pareto.png`. A crash of any method is recorded in its row, not raised.
+Timing (see `train_peers.time_rounds`): after its tracked step, a method is timed in `reps` rounds together
+with the plain step and, for a peer point, its memplan twin; each round times one step of each, in an order
+rotated by one per round. `overhead_%` is the method's median step over the plain step's median in the same
+rounds, minus 1, so a drift of the machine's speed during the run (seen here: 20%) moves both alike, and a
+peer and its twin share their rounds. Plans run on a deep copy of the model (the "twin"), so that a peer's
+patches (checkpointed blocks, a compiled module) and an applied plan coexist; the copy's parameters equal
+the model's, so the gradients compare with the plain step's. The notes compare memplan with each peer point
+at that point's memory level, and the run ends with the planning time of Llama-2-7B (batch 1, 4,096 tokens,
+A100-80GB, captured on the meta device). The Pareto plot is `bench/results/train_pareto.png`. A crash of
+any method is recorded in its row, not raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +54,7 @@ from bench.harness import RESULTS, Result, markdown, write
 from bench.train_peers import (
     LLAMA_GPT2SIZE,
     BenchModel,
+    LossCall,
     MiB,
     StepRun,
     checkpointed,
@@ -57,8 +62,8 @@ from bench.train_peers import (
     level_notes,
     load_bench_model,
     measure,
-    plain_forward,
-    time_steps,
+    peer_label,
+    time_rounds,
     without_checkpoints,
     write_pareto,
 )
@@ -68,9 +73,8 @@ from memplan.planner.plan import Plan
 from memplan.planner.sizes import format_size
 from memplan.runtime.calibrate import calibrate
 
-COLUMNS = ["model", "method", "knob", "peak_MiB", "peak/plain", "step_s", "overhead_%", "paired_overhead_%",
-           "predicted_overhead_%",
-           "within_budget", "grads", "plan_s", "keep/swap/recompute/split", "solver"]
+COLUMNS = ["model", "method", "knob", "peak_MiB", "peak/plain", "step_s", "overhead_%",
+           "predicted_overhead_%", "within_budget", "grads", "plan_s", "keep/swap/recompute/split", "solver"]
 PLOT = RESULTS / "train_pareto.png"
 
 
@@ -96,7 +100,7 @@ class TrainConfig:
     """Untracked steps before the tracked one; compile always gets one (compilation), memplan needs none
     (its capture runs in the tracked step, outside the tracker, and that step is not timed)."""
     reps: int = 2
-    fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+    fractions: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.1)
     compile_budgets: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.05)
     threads: int | None = None
     """torch intra-op threads; None leaves torch's default (all cores)."""
@@ -117,13 +121,13 @@ QUICK = TrainConfig(models=("gpt2-tiny", "llama-tiny"), batch=4, seq=64, threads
 def _row(model: str, method: str, knob: str, run: StepRun | None, **more: Any) -> dict[str, Any]:
     """A table row (progress goes to stderr as each one is made: a full run takes minutes)."""
     row: dict[str, Any] = {"model": model, "method": method, "knob": knob}
-    if run is not None:
-        row |= {"peak_MiB": run.peak_bytes / MiB, "step_s": run.step_s, "grads": run.equal,
-                "times_s": run.times, "warmup_s": run.warmup_s, "ops": run.ops}
-        if run.paired_overhead is not None:
-            row |= {"paired_overhead_%": 100 * run.paired_overhead, "plain_paired_s": run.plain_times}
+    if run is not None and run.times:
+        row |= {"peak_MiB": run.peak_bytes / MiB, "step_s": run.step_s, "overhead_%": 100 * run.overhead,
+                "plain_s": statistics.median(run.plain_times), "grads": run.equal, "times_s": run.times,
+                "plain_times_s": run.plain_times, "warmup_s": run.warmup_s, "ops": run.ops}
         print(f"[train] {model} {method} {knob}: peak {run.peak_bytes / MiB:.1f} MiB, "
-              f"step {run.step_s:.2f} s, warm-up {run.warmup_s:.1f} s, {run.equal}",
+              f"step {run.step_s:.2f} s ({100 * run.overhead:+.1f}%), warm-up {run.warmup_s:.1f} s, "
+              f"{run.equal}",
               file=sys.stderr, flush=True)
     else:
         print(f"[train] {model} {method} {knob}: {more.get('solver') or more.get('grads')}", file=sys.stderr,
@@ -150,95 +154,128 @@ def _remat_report(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _memplan_point(m: BenchModel, plain: StepRun, cfg: TrainConfig, hw: Hardware, budget: int,
-                   knob: str) -> dict[str, Any]:
-    """Plan at `budget` bytes and run the plan; an `infeasible` row carries the lower bound."""
+@dataclass
+class Level:
+    """The model, its twin (a copy that memplan's plans run on, so that a peer's patches on the model and a
+    plan applied to the twin coexist) and the plain step's reference run."""
+
+    model: BenchModel
+    twin: BenchModel
+    plain: StepRun
+    cfg: TrainConfig
+    hw: Hardware
+
+
+def _plan(lv: Level, budget: int) -> tuple[Plan | None, dict[str, Any]]:
+    """Plan the twin at `budget` bytes: (plan, its report) or (None, an infeasible or crash row's fields)."""
     t0 = time.perf_counter()
     try:
-        plan = memplan.plan(m.module, m.inputs, mode="train", budget=budget, hardware=hw)
+        plan = memplan.plan(lv.twin.module, lv.twin.inputs, mode="train", budget=budget, hardware=lv.hw)
     except InfeasibleBudget as e:
-        return _row(m.name, "memplan", knob, None, plan_s=time.perf_counter() - t0,
-                    within_budget="infeasible", lower_bound_bytes=e.lower_bound_bytes,
-                    solver=f"InfeasibleBudget, lower bound {format_size(e.lower_bound_bytes)}")
+        return None, {"plan_s": time.perf_counter() - t0, "within_budget": "infeasible",
+                      "lower_bound_bytes": e.lower_bound_bytes,
+                      "solver": f"InfeasibleBudget, lower bound {format_size(e.lower_bound_bytes)}"}
     except MemplanError as e:  # any other planning failure is a finding too
-        return _row(m.name, "memplan", knob, None, grads=f"CRASH (planning): {e!r}"[:300])
-    plan_s = time.perf_counter() - t0
-    info = _remat_report(plan) | {"plan_s": plan_s, "budget_MiB": budget / MiB}
-    try:
-        with memplan.applied(plan, m.module):
-            run = measure(m.module, m, cfg.warmup, cfg.reps, reference=plain, plain=plain_forward(m.module))
-    except Exception as e:  # a runtime failure is a finding: record it, go on with the next budget
-        return _row(m.name, "memplan", knob, None, grads=f"CRASH: {e!r}"[:300], **info)
-    if info["recomputed"] == 0 and run.equal == "allclose":  # keep/swap only: the plain step's ops exactly
-        run.equal = "NOT BITWISE (keep/swap only)"
-    held = "yes" if run.peak_bytes <= budget else "NO"
-    return _row(m.name, "memplan", knob, run, within_budget=held, **info)
+        return None, {"grads": f"CRASH (planning): {e!r}"[:300]}
+    return plan, _remat_report(plan) | {"plan_s": time.perf_counter() - t0, "budget_MiB": budget / MiB}
 
 
-def _memplan_rows(m: BenchModel, plain: StepRun, cfg: TrainConfig, hw: Hardware) -> list[dict[str, Any]]:
+def _memplan_point(lv: Level, budget: int, knob: str, rival: tuple[LossCall, StepRun] | None = None,
+                   plain_call: LossCall | None = None, **more: Any) -> dict[str, Any]:
+    """Plan at `budget` bytes and run the plan on the twin; time it in rounds with the plain step
+    (`plain_call`, default the model's forward) and `rival` (a peer's step and its tracked run, which gets
+    its times here too). An `infeasible` row carries the lower bound; a crash is recorded, not raised."""
+    m, plain = lv.model, lv.plain
+    plan, info = _plan(lv, budget)
+    info |= more
+    ours: StepRun | None = None
+    with ExitStack() as stack:
+        if plan is not None:
+            try:
+                stack.enter_context(memplan.applied(plan, lv.twin.module))
+                ours = measure(lv.twin.module, lv.twin, lv.cfg.warmup, reference=plain)
+            except Exception as e:  # a runtime failure is a finding: record it, go on
+                info["grads"] = f"CRASH: {e!r}"[:300]
+        steps = [(plain_call or m.module, m), *([(rival[0], m)] if rival else [])]
+        try:
+            times = time_rounds(steps + ([(lv.twin.module, lv.twin)] if ours else []), lv.cfg.reps)
+        except Exception as e:
+            if ours is None:
+                raise
+            info["grads"], ours = f"CRASH (timed steps): {e!r}"[:300], None
+            times = time_rounds(steps, lv.cfg.reps)
+    if rival:
+        rival[1].times, rival[1].plain_times = times[1], times[0]
+    if ours is None:
+        return _row(m.name, "memplan", knob, None, **info)
+    ours.times, ours.plain_times = times[-1], times[0]
+    if info["recomputed"] == 0 and ours.equal == "allclose":  # keep/swap only: the plain step's ops exactly
+        ours.equal = "NOT BITWISE (keep/swap only)"
+    held = "yes" if ours.peak_bytes <= budget else "NO"
+    return _row(m.name, "memplan", knob, ours, within_budget=held, **info)
+
+
+def _memplan_rows(lv: Level) -> list[dict[str, Any]]:
     """Budgets at `cfg.fractions` of the plain peak down to the first infeasible one; then, once, at the
     lower bound that `InfeasibleBudget` named (memplan's lowest point), if it is below the last that fit."""
     rows: list[dict[str, Any]] = []
-    last_fit = plain.peak_bytes
-    for frac in cfg.fractions:
-        budget = int(frac * plain.peak_bytes)
-        rows.append(_memplan_point(m, plain, cfg, hw, budget, f"budget {frac:.0%} ({format_size(budget)})"))
+    peak = lv.plain.peak_bytes
+    last_fit = peak
+    for frac in lv.cfg.fractions:
+        budget = int(frac * peak)
+        rows.append(_memplan_point(lv, budget, f"budget {frac:.0%} ({format_size(budget)})"))
         low = rows[-1].get("lower_bound_bytes")
         if low is None:
             last_fit = budget
             continue
         if low < last_fit:
-            knob = f"lower bound {low / plain.peak_bytes:.0%} ({format_size(low)})"
-            rows.append(_memplan_point(m, plain, cfg, hw, int(low), knob))
+            rows.append(_memplan_point(lv, int(low), f"lower bound {low / peak:.0%} ({format_size(low)})"))
         break
     return rows
 
 
-def _peer_rows(m: BenchModel, plain: StepRun, cfg: TrainConfig) -> list[dict[str, Any]]:
+def _peer_and_twin(lv: Level, method: str, knob: str, call: LossCall, run: StepRun, plain_call: LossCall,
+                   short: str) -> list[dict[str, Any]]:
+    """A peer point and memplan's twin of it, planned at the peer's measured peak and timed in its rounds."""
+    peer = {"method": method, "knob": knob}
+    twin = _memplan_point(lv, run.peak_bytes, f"twin of {short} ({format_size(run.peak_bytes)})",
+                          rival=(call, run), plain_call=plain_call, twin_of=peer_label(peer))
+    return [_row(lv.model.name, method, knob, run), twin]
+
+
+def _peer_rows(lv: Level) -> list[dict[str, Any]]:
+    """Per-block checkpointing, then torch.compile at each memory budget, each with its memplan twin."""
+    m, cfg = lv.model, lv.cfg
     with checkpointed(m.blocks):
-        run = measure(m.module, m, cfg.warmup, cfg.reps, reference=plain,
-                      plain=without_checkpoints(m.module, m.blocks))
-    rows = [_row(m.name, "checkpoint", f"every block ({len(m.blocks)})", run)]
+        run = measure(m.module, m, cfg.warmup, reference=lv.plain)
+        rows = _peer_and_twin(lv, "checkpoint", f"every block ({len(m.blocks)})", m.module, run,
+                              without_checkpoints(m.module, m.blocks), "checkpoint")
     for mb in cfg.compile_budgets:
         knob = f"activation_memory_budget {mb:g}"
         try:
             with compiled(m.module, mb) as (fn, stats):
-                run = measure(fn, m, max(cfg.warmup, 1), cfg.reps, reference=plain, plain=m.module)
+                run = measure(fn, m, max(cfg.warmup, 1), reference=lv.plain)
+                pair = _peer_and_twin(lv, "compile", knob, fn, run, m.module, f"compile {mb:g}")
+            pair[0] |= {"graphs": stats.graphs, "graph_breaks": stats.graph_breaks}  # counted on exit
+            rows += pair
         except Exception as e:  # recorded like memplan's failures
             rows.append(_row(m.name, "compile", knob, None, grads=f"CRASH: {e!r}"[:300]))
-            continue
-        rows.append(_row(m.name, "compile", knob, run, graphs=stats.graphs, graph_breaks=stats.graph_breaks))
     return rows
 
 
-def _relative(rows: list[dict[str, Any]], plain_peak: int, plain_s: float) -> None:
+def bench_model(name: str, cfg: TrainConfig, hw: Hardware) -> list[dict[str, Any]]:
+    """All rows of one model: plain, memplan at each budget, checkpoint and compile at each memory budget,
+    each with its memplan twin. Every method is timed in rounds with the plain step (see `time_rounds`)."""
+    m = load_bench_model(name, cfg.batch, cfg.seq)
+    twin = BenchModel(m.name, copy.deepcopy(m.module), m.inputs, ())
+    plain = measure(m.module, m, cfg.warmup, keep_grads=True)
+    plain.times = plain.plain_times = time_rounds([(m.module, m)], cfg.reps)[0]
+    lv = Level(m, twin, plain, cfg, hw)
+    rows = [_row(name, "plain", "-", plain, grads="reference"), *_memplan_rows(lv), *_peer_rows(lv)]
     for r in rows:
         if "peak_MiB" in r:
-            r["peak/plain"] = r["peak_MiB"] * MiB / plain_peak
-            r["overhead_%"] = 100 * (r["step_s"] / plain_s - 1)
-            r["plain_ref_s"] = plain_s
-
-
-def bench_model(name: str, cfg: TrainConfig, hw: Hardware) -> list[dict[str, Any]]:
-    """All rows of one model: plain, memplan at each budget, checkpoint, compile at each memory budget.
-
-    The plain step is timed three times (`reps` steps each): at the start, between the memplan and the peer
-    rows, and at the end. Each group's overhead is relative to the median of the two sets around it, so a
-    drift of the machine's speed during the run is bracketed; the plain row shows all sets (`times_s`)."""
-    m = load_bench_model(name, cfg.batch, cfg.seq)
-    plain = measure(m.module, m, cfg.warmup, cfg.reps, keep_grads=True)
-    ours = _memplan_rows(m, plain, cfg, hw)
-    middle = time_steps(m.module, m, max(cfg.reps, 1))
-    peers = _peer_rows(m, plain, cfg)
-    end = time_steps(m.module, m, max(cfg.reps, 1))
-    start = list(plain.times)
-    _relative(ours, plain.peak_bytes, statistics.median(start + middle))
-    _relative(peers, plain.peak_bytes, statistics.median(middle + end))
-    plain.times = start + middle + end
-    head = _row(name, "plain", "-", plain, grads="reference",
-                plain_sets_s=[statistics.median(t) for t in (start, middle, end)])
-    _relative([head], plain.peak_bytes, plain.step_s)
-    return [head, *ours, *peers]
+            r["peak/plain"] = r["peak_MiB"] * MiB / plain.peak_bytes
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,13 +346,12 @@ def _summary_notes(rows: list[dict[str, Any]]) -> list[str]:
             low = r["lower_bound_bytes"] / MiB
             notes.append(f"{r['model']}: memplan infeasible at {r['knob']}; lower bound {low:.4g} MiB "
                          f"({low / plain[r['model']]['peak_MiB']:.0%} of the plain peak)")
-    for model, p in plain.items():
-        sets = p["plain_sets_s"]
-        if max(sets) > 1.1 * min(sets):
-            spread = 100 * (max(sets) / min(sets) - 1)
-            notes.append(f"{model}: the plain step's median time drifted during the run ("
-                         + ", ".join(f"{t:.3g}" for t in sets)
-                         + f" s at start, middle, end): overheads within about {spread:.0f}% are noise")
+    for model in plain:
+        medians = [r["plain_s"] for r in rows if r["model"] == model and "plain_s" in r]
+        if max(medians) > 1.1 * min(medians):
+            notes.append(f"{model}: the plain step's median over a row's rounds ranged from "
+                         f"{min(medians):.3g} to {max(medians):.3g} s during the run; each overhead is "
+                         "relative to its own rounds")
     breaks = {r["model"]: r["graph_breaks"] for r in rows if r.get("graph_breaks")}
     notes += [f"{k}: torch.compile made {v} graph breaks (the code between graphs runs eagerly)"
               for k, v in breaks.items()]
@@ -343,21 +379,22 @@ def run(quick: bool = False, config: TrainConfig | None = None) -> Result:
     level, met = level_notes(rows)
     notes = _summary_notes(rows)
     notes.append(f"goal (memplan's overhead lower than every peer point at that point's memory level): "
-                 f"{'MET' if met else 'NOT MET'}; the cheapest memplan point at or below each peer point's "
-                 "measured peak (no interpolation):")
+                 f"{'MET' if met else 'NOT MET'}; memplan's twin of each peer point (planned with the point's "
+                 "measured peak as budget, timed in the same rounds):")
     notes += [f"  {n}" for n in level]
     notes += _scale_notes(scale) if scale else []
     if cal is not None:
         ssd = cal.tiers[0]
-        notes.append(f"memplan planned with this machine's figures (`memplan calibrate`, {cal.seconds:.1f} s): "
-                     f"{cal.flops:.3g} FLOP/s (preset {cal.preset_flops:.3g}), {cal.mem_bw:.3g} B/s memory "
-                     f"(preset {cal.preset_mem_bw:.3g}), SSD write {ssd.write_bw:.3g} / read {ssd.read_bw:.3g} "
-                     f"B/s (preset {ssd.preset_write_bw:.3g} / {ssd.preset_read_bw:.3g}); a transfer slows compute down "
-                     f"by {ssd.compute_share:.2f} of its time (preset: 1)")
+        notes.append(f"memplan planned with this machine's figures (`memplan calibrate`, {cal.seconds:.1f} "
+                     f"s): {cal.flops:.3g} FLOP/s (preset {cal.preset_flops:.3g}), {cal.mem_bw:.3g} B/s "
+                     f"memory (preset {cal.preset_mem_bw:.3g}), SSD write {ssd.write_bw:.3g} / read "
+                     f"{ssd.read_bw:.3g} B/s (preset {ssd.preset_write_bw:.3g} / {ssd.preset_read_bw:.3g}); "
+                     f"a transfer slows compute down by {ssd.compute_share:.2f} of its time (preset: 1)")
     notes.append(f"batch {cfg.batch} x seq {cfg.seq} tokens; per point {cfg.warmup} warm-up step(s) "
-                 "(compile: at least 1), 1 tracked step (peak, correctness), median of "
-                 f"{cfg.reps} timed steps, each right after a timed plain step (paired_overhead_%: median of "
-                 f"the {cfg.reps} ratios); plain alone: {cfg.reps} steps each at the start, middle and end; "
+                 "(compile: at least 1), 1 tracked step (peak, correctness), then "
+                 f"{cfg.reps} rounds, each timing one step of the plain step, the peer point and memplan's "
+                 "twin of it (or memplan's budget point and the plain step), in rotated order; overhead_%: "
+                 "median step / median plain step of the same rounds - 1; "
                  f"{cfg.threads or threads} torch threads")
     fastest = min(r["step_s"] for r in rows if r["method"] == "plain")
     if fastest < 1.0:

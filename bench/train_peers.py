@@ -4,9 +4,9 @@
   `llama-gpt2size`, a Llama-style model of GPT-2 small's size (12 x 768, 12 heads, MLP 2048, vocab 32000,
   134M parameters) wrapped the way the zoo wraps its models.
 - `measure` runs warm-up steps (compilation), then one step under the live-storage tracker (peak, loss,
-  gradients), then `reps` steps outside the tracker whose median wall time is the step time: the tracker's
-  per-op Python hook costs every method time in proportion to its op count, so it measures memory, never
-  speed.
+  gradients); `time_rounds` then times the methods compared at one memory level (and the plain step) in
+  rounds, outside the tracker: the tracker's per-op Python hook costs every method time in proportion to
+  its op count, so it measures memory, never speed.
 - `StepTracker` is `memplan.runtime.tracker.CompiledCodeTracker`, the live-storage tracker under which
   compiled code runs compiled (a plain one makes dynamo run the frame eagerly). Eager and memplan steps
   never enter dynamo, so for them it is the plain tracker.
@@ -14,8 +14,8 @@
   `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`.
 - Peer 2, `compiled`: `torch.compile(backend="aot_eager_decomp_partition")` under one value of
   `torch._functorch.config.activation_memory_budget`, dynamo reset before and after.
-- `level_notes` compares memplan with each peer point at that point's measured peak; `write_pareto` draws
-  the measured peak against the step-time overhead.
+- `level_notes` compares memplan with each peer point at that point's measured peak (memplan's "twin" of the
+  point, planned with that peak as its budget); `write_pareto` draws measured peak against overhead.
 """
 
 from __future__ import annotations
@@ -103,8 +103,6 @@ class StepRun:
     """One method's measured step: peak (tracked step), step times (untracked steps), correctness."""
 
     peak_bytes: int
-    times: list[float]
-    """Wall seconds of each timed step (outside the tracker)."""
     warmup_s: float
     """Wall time of the first warm-up step (includes compilation), 0 without one."""
     ops: int
@@ -114,20 +112,19 @@ class StepRun:
     """Kept only when asked (the reference step); empty otherwise."""
     equal: str = "-"
     """How loss and gradients compare with the reference: bitwise, allclose, or DIFFERENT (...)."""
+    times: list[float] = field(default_factory=list)
+    """Wall seconds of each timed step (outside the tracker), one per round of `time_rounds`."""
     plain_times: list[float] = field(default_factory=list)
-    """The plain step, timed just before each of `times` (paired timing); empty when not paired."""
+    """The plain step's times in the same rounds."""
 
     @property
     def step_s(self) -> float:
         return statistics.median(self.times)
 
     @property
-    def paired_overhead(self) -> float | None:
-        """Median over the pairs of (step / the plain step just before it) - 1: a drift of the machine's
-        speed during the run cancels out of each pair."""
-        if not self.plain_times:
-            return None
-        return statistics.median(t / p for t, p in zip(self.times, self.plain_times, strict=True)) - 1.0
+    def overhead(self) -> float:
+        """Median step time over the plain step's median in the same rounds, minus 1."""
+        return self.step_s / statistics.median(self.plain_times) - 1.0
 
 
 def _one_step(call: LossCall, model: BenchModel) -> torch.Tensor:
@@ -151,12 +148,10 @@ def time_steps(call: LossCall, model: BenchModel, reps: int) -> list[float]:
     return times
 
 
-def measure(call: LossCall, model: BenchModel, warmup: int, reps: int,
-            reference: StepRun | None = None, keep_grads: bool = False,
-            plain: LossCall | None = None) -> StepRun:
-    """Warm up, track one step, time `reps` more (see the module docstring); compare with `reference`. With
-    `plain` (the plain step, callable while the method is active), each timed step follows a timed plain
-    step: paired timing."""
+def measure(call: LossCall, model: BenchModel, warmup: int, reference: StepRun | None = None,
+            keep_grads: bool = False) -> StepRun:
+    """Warm up, then track one step (peak, loss, gradients) and compare it with `reference`; the step is
+    timed later, by `time_rounds`, outside the tracker."""
     warm = time_steps(call, model, warmup)
     gc.collect()
     with StepTracker(record_timeline=False) as tracker:
@@ -168,15 +163,19 @@ def measure(call: LossCall, model: BenchModel, warmup: int, reps: int,
     equal = compare_step(loss, grads, reference.loss, reference.grads) if reference is not None else "-"
     for p in model.params:
         p.grad = None
-    times: list[float] = []
-    plain_times: list[float] = []
-    for _ in range(max(reps, 1) if plain is not None else 0):
-        plain_times += time_steps(plain, model, 1)  # type: ignore[arg-type]
-        times += time_steps(call, model, 1)
-    if plain is None:
-        times = time_steps(call, model, max(reps, 1))
-    return StepRun(tracker.result.peak_bytes, times, warm[0] if warm else 0.0, tracker.result.ops, loss,
-                   grads if keep_grads else [], equal, plain_times)
+    return StepRun(tracker.result.peak_bytes, warm[0] if warm else 0.0, tracker.result.ops, loss,
+                   grads if keep_grads else [], equal)
+
+
+def time_rounds(steps: Sequence[tuple[LossCall, BenchModel]], reps: int) -> list[list[float]]:
+    """Wall seconds of `reps` rounds of steps: each round times one step of every entry, the order rotated
+    by one each round, so that the methods compared share the machine's speed of the moment and each
+    follows each other equally often. Returns one list of times per entry."""
+    times: list[list[float]] = [[] for _ in steps]
+    for r in range(reps):
+        for i in (k % len(steps) for k in range(r, r + len(steps))):
+            times[i] += time_steps(*steps[i], 1)
+    return times
 
 
 def compare_step(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
@@ -215,7 +214,7 @@ def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def without_checkpoints(module: nn.Module, blocks: Sequence[nn.Module]) -> LossCall:
-    """The plain forward of `module` while `checkpointed(blocks)` is active (for paired timing)."""
+    """The plain forward of `module` while `checkpointed(blocks)` is active (to time both in rounds)."""
 
     def run(*inputs: Any) -> torch.Tensor:
         saved = [block.__dict__.pop("forward") for block in blocks]
@@ -226,11 +225,6 @@ def without_checkpoints(module: nn.Module, blocks: Sequence[nn.Module]) -> LossC
                 block.forward = forward  # type: ignore[method-assign]
 
     return run
-
-
-def plain_forward(module: nn.Module) -> LossCall:
-    """`module`'s own forward, bypassing a forward patched on the instance (as `memplan.applied` does)."""
-    return lambda *inputs: type(module).forward(module, *inputs)
 
 
 @dataclass
@@ -263,27 +257,42 @@ def compiled(module: nn.Module, memory_budget: float) -> Iterator[tuple[LossCall
 # Comparison at equal memory, and the plot
 
 
+def peer_label(row: dict[str, Any]) -> str:
+    """How a peer point is named in its memplan twin's `twin_of` field."""
+    return f"{row['method']} {row['knob']}"
+
+
 def level_notes(rows: list[dict[str, Any]]) -> tuple[list[str], bool]:
-    """One note per peer point: the cheapest memplan point whose measured peak is at or below the peer's
-    measured peak (no interpolation), and whether its overhead is lower. Returns (notes, goal met)."""
+    """One note per peer point, comparing it with memplan at its memory level. With a twin (memplan planned at
+    the peer's measured peak, timed in the same rounds): the twin's overhead. Without one (the twin's run
+    failed): the cheapest memplan point whose measured peak is at or below the peer's (no interpolation).
+    A twin that is infeasible means memplan cannot reach that level. Returns (notes, goal met)."""
     notes: list[str] = []
     met = True
     for model in dict.fromkeys(r["model"] for r in rows):
-        ours = [r for r in rows if r["model"] == model and r["method"] == "memplan" and "peak_MiB" in r]
+        ours = [r for r in rows if r["model"] == model and r["method"] == "memplan"]
         for peer in (r for r in rows if r["model"] == model and r["method"] in ("checkpoint", "compile")):
             if "peak_MiB" not in peer:
                 continue
-            below = [r for r in ours if r["peak_MiB"] <= peer["peak_MiB"]]
-            head = (f"{model}, {peer['method']} {peer['knob']} ({peer['peak_MiB']:.4g} MiB, "
-                    f"{peer['overhead_%']:+.1f}%)")
-            if not below:
-                notes.append(f"{head}: no memplan point at or below {peer['peak_MiB']:.4g} MiB")
+            head = (f"{model}, {peer_label(peer)} ({peer['peak_MiB']:.4g} MiB, {peer['overhead_%']:+.1f}%)")
+            twin = next((r for r in ours if r.get("twin_of") == peer_label(peer)), None)
+            if twin is not None and "lower_bound_bytes" in twin:
+                low = twin["lower_bound_bytes"] / MiB
+                notes.append(f"{head}: memplan cannot reach it (lower bound {low:.4g} MiB)")
                 met = False
                 continue
-            best = min(below, key=lambda r: r["overhead_%"])
+            if twin is not None and "peak_MiB" in twin:
+                best, how = twin, ""
+            else:
+                below = [r for r in ours if "peak_MiB" in r and r["peak_MiB"] <= peer["peak_MiB"]]
+                if not below:
+                    notes.append(f"{head}: no memplan point at or below {peer['peak_MiB']:.4g} MiB")
+                    met = False
+                    continue
+                best, how = min(below, key=lambda r: r["overhead_%"]), " (cheapest point at or below)"
             won = best["overhead_%"] < peer["overhead_%"]
             met &= won
-            notes.append(f"{head}: memplan {best['knob']} reaches {best['peak_MiB']:.4g} MiB at "
+            notes.append(f"{head}: memplan {best['knob']}{how} reaches {best['peak_MiB']:.4g} MiB at "
                          f"{best['overhead_%']:+.1f}%: {'lower' if won else 'NOT lower'} overhead")
     return notes, met
 
@@ -302,17 +311,22 @@ def write_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig = Figure(figsize=(6 * len(models), 4.5))
     FigureCanvasAgg(fig)
-    styles = {"plain": ("k", "*"), "memplan": ("C0", "o"), "checkpoint": ("C1", "s"), "compile": ("C2", "^")}
+    styles = {"plain": ("k", "*"), "memplan": ("C0", "o"), "memplan twin": ("C0", "x"),
+              "checkpoint": ("C1", "s"), "compile": ("C2", "^")}
+
+    def series(r: dict[str, Any]) -> str:
+        return "memplan twin" if r.get("twin_of") else r["method"]
+
     for i, model in enumerate(models):
         ax = fig.add_subplot(1, len(models), i + 1)
         for method, (color, marker) in styles.items():
             pts = sorted((r["peak_MiB"], r["overhead_%"], _short(r["knob"])) for r in rows
-                         if r["model"] == model and r["method"] == method and "peak_MiB" in r)
+                         if r["model"] == model and series(r) == method and "peak_MiB" in r)
             if not pts:
                 continue
             xs, ys, _ = zip(*pts, strict=True)
-            ax.plot(xs, ys, color=color, marker=marker, label=f"{model} {method}",
-                    linestyle="-" if len(pts) > 1 else "none")
+            line = "-" if len(pts) > 1 and method != "memplan twin" else "none"
+            ax.plot(xs, ys, color=color, marker=marker, label=f"{model} {method}", linestyle=line)
             for x, y, label in pts if method in ("memplan", "compile") else ():
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
         ax.set_xlabel("measured peak (MiB)")

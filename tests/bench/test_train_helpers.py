@@ -6,7 +6,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.train_peers import StepTracker, checkpointed, compare_step, level_notes, write_pareto
+from bench.train_peers import (
+    BenchModel,
+    StepTracker,
+    checkpointed,
+    compare_step,
+    level_notes,
+    time_rounds,
+    write_pareto,
+)
 from memplan.runtime.tracker import LiveStorageTracker
 
 
@@ -64,11 +72,41 @@ def _rows() -> list[dict]:
 def test_level_notes_cheapest_point_at_or_below():
     notes, met = level_notes(_rows())
     assert len(notes) == 3
-    assert "checkpoint" in notes[0] and "memplan b60 reaches 60 MiB at +20.0%: lower" in notes[0]
-    assert "memplan b80 reaches 80 MiB at +5.0%: NOT lower" in notes[1]
+    assert "checkpoint" in notes[0]
+    assert "memplan b60 (cheapest point at or below) reaches 60 MiB at +20.0%: lower" in notes[0]
+    assert "memplan b80 (cheapest point at or below) reaches 80 MiB at +5.0%: NOT lower" in notes[1]
     assert "no memplan point at or below 50 MiB" in notes[2]
     assert not met
     assert level_notes(_rows()[:5]) == ([notes[0]], True)
+
+
+def test_level_notes_prefer_the_twin():
+    twin = {"model": "m", "method": "memplan", "knob": "t90", "peak_MiB": 89, "overhead_%": 0.5,
+            "twin_of": "compile k"}
+    notes, met = level_notes([*_rows()[:4], _rows()[5], twin])
+    assert notes == ["m, compile k (90 MiB, +1.0%): memplan t90 reaches 89 MiB at +0.5%: lower overhead"]
+    assert met
+    unreachable = {"model": "m", "method": "memplan", "knob": "t50", "lower_bound_bytes": 55 * 2**20,
+                   "twin_of": "compile k"}
+    notes, met = level_notes([_rows()[5], unreachable])
+    assert notes == ["m, compile k (90 MiB, +1.0%): memplan cannot reach it (lower bound 55 MiB)"] and not met
+
+
+def test_time_rounds_rotates_the_order():
+    order: list[str] = []
+    model = BenchModel("m", nn.Linear(2, 1), (torch.ones(1, 2),), ())
+
+    def step(name: str):
+        def call(x: torch.Tensor) -> torch.Tensor:
+            order.append(name)
+            return model.module(x).sum()
+
+        return call
+
+    times = time_rounds([(step("a"), model), (step("b"), model), (step("c"), model)], 3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [len(t) for t in times] == [3, 3, 3] and all(x > 0 for t in times for x in t)
+    assert all(p.grad is None for p in model.params)
 
 
 def test_write_pareto(tmp_path: Path):
