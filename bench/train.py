@@ -20,7 +20,10 @@ step (parameters and inputs counted as live), so methods compare at equal *measu
 3. checkpoint: every transformer block wrapped in `torch.utils.checkpoint.checkpoint(use_reentrant=False)`.
 4. compile: `torch.compile(backend="aot_eager_decomp_partition")` for each `activation_memory_budget` in
    1.0 ... 0.05; compilation happens in the warm-up and is excluded from the step time.
-5. memplan's twin of each peer point: memplan planned with the peer's *measured* peak as its budget, so the
+5. memplan-torch: each budget's plan applied through PyTorch's own mechanisms instead
+   (`memplan.applied(..., mechanism="torch")`: SAC for the recomputing blocks, saved-tensor hooks for swaps),
+   whose peak the plan does not guarantee; measured to show how far it lands from the budget.
+6. memplan's twin of each peer point: memplan planned with the peer's *measured* peak as its budget, so the
    two compare at equal measured peak (or memplan's is lower: a plan holds its budget).
 
 Timing (see `train_peers.time_rounds`): after its tracked step, a method is timed in `reps` rounds together
@@ -156,11 +159,13 @@ def _remat_report(plan: Plan) -> dict[str, Any]:
 
 @dataclass
 class Level:
-    """The model, its twin (a copy that memplan's plans run on, so that a peer's patches on the model and a
-    plan applied to the twin coexist) and the plain step's reference run."""
+    """The model, its twins (copies that memplan's plans run on, so that a peer's patches on the model and a
+    plan applied to a twin coexist: `twin` for the graph mechanism, `eager` for the torch mechanism) and
+    the plain step's reference run."""
 
     model: BenchModel
     twin: BenchModel
+    eager: BenchModel
     plain: StepRun
     cfg: TrainConfig
     hw: Hardware
@@ -181,38 +186,69 @@ def _plan(lv: Level, budget: int) -> tuple[Plan | None, dict[str, Any]]:
 
 
 def _memplan_point(lv: Level, budget: int, knob: str, rival: tuple[LossCall, StepRun] | None = None,
-                   plain_call: LossCall | None = None, **more: Any) -> dict[str, Any]:
-    """Plan at `budget` bytes and run the plan on the twin; time it in rounds with the plain step
+                   plain_call: LossCall | None = None, torch_mechanism: bool = False,
+                   **more: Any) -> list[dict[str, Any]]:
+    """Plan at `budget` bytes and run the plan on the twin (and, with `torch_mechanism`, once more through
+    PyTorch's SAC and saved-tensor hooks on the other twin); time them in rounds with the plain step
     (`plain_call`, default the model's forward) and `rival` (a peer's step and its tracked run, which gets
-    its times here too). An `infeasible` row carries the lower bound; a crash is recorded, not raised."""
-    m, plain = lv.model, lv.plain
+    its times here too). An `infeasible` row carries the lower bound; a crash is recorded, not raised.
+    Returns memplan's row, then the torch mechanism's if it was asked for."""
+    m = lv.model
     plan, info = _plan(lv, budget)
     info |= more
-    ours: StepRun | None = None
+    steps: list[tuple[LossCall, BenchModel]] = [(plain_call or m.module, m)]
+    runs: list[StepRun] = [rival[1]] if rival else []
+    steps += [(rival[0], m)] if rival else []
+    mech_row: dict[str, Any] = {}
+    ours = eager = None
     with ExitStack() as stack:
         if plan is not None:
             try:
                 stack.enter_context(memplan.applied(plan, lv.twin.module))
-                ours = measure(lv.twin.module, lv.twin, lv.cfg.warmup, reference=plain)
+                ours = measure(lv.twin.module, lv.twin, lv.cfg.warmup, reference=lv.plain)
             except Exception as e:  # a runtime failure is a finding: record it, go on
                 info["grads"] = f"CRASH: {e!r}"[:300]
-        steps = [(plain_call or m.module, m), *([(rival[0], m)] if rival else [])]
+        if ours is not None and torch_mechanism:
+            try:
+                done = stack.enter_context(memplan.applied(plan, lv.eager.module, mechanism="torch"))
+                eager = measure(lv.eager.module, lv.eager, lv.cfg.warmup, reference=lv.plain)
+                mech_row = _mechanism_report(done)
+            except Exception as e:
+                mech_row = {"grads": f"CRASH: {e!r}"[:300]}
+        planned = ((ours, lv.twin), (eager, lv.eager))
+        ran = [(r, (twin.module, twin)) for r, twin in planned if r is not None]
         try:
-            times = time_rounds(steps + ([(lv.twin.module, lv.twin)] if ours else []), lv.cfg.reps)
+            times = time_rounds(steps + [step for _, step in ran], lv.cfg.reps)
         except Exception as e:
-            if ours is None:
+            if not ran:
                 raise
-            info["grads"], ours = f"CRASH (timed steps): {e!r}"[:300], None
+            info["grads"] = mech_row["grads"] = f"CRASH (timed steps): {e!r}"[:300]
+            ours, eager, ran = None, None, []
             times = time_rounds(steps, lv.cfg.reps)
-    if rival:
-        rival[1].times, rival[1].plain_times = times[1], times[0]
-    if ours is None:
-        return _row(m.name, "memplan", knob, None, **info)
-    ours.times, ours.plain_times = times[-1], times[0]
-    if info["recomputed"] == 0 and ours.equal == "allclose":  # keep/swap only: the plain step's ops exactly
-        ours.equal = "NOT BITWISE (keep/swap only)"
-    held = "yes" if ours.peak_bytes <= budget else "NO"
-    return _row(m.name, "memplan", knob, ours, within_budget=held, **info)
+    for run, t in zip([*runs, *(r for r, _ in ran)], times[1:], strict=True):
+        run.times, run.plain_times = t, times[0]
+    rows = [_planned_row(m.name, "memplan", knob, ours, budget, info)]
+    if torch_mechanism and plan is not None:
+        rows.append(_planned_row(m.name, "memplan-torch", knob, eager, budget, info | mech_row))
+    return rows
+
+
+def _planned_row(model: str, method: str, knob: str, run: StepRun | None, budget: int,
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """The row of a plan's run (None: it did not run; `info` says why)."""
+    if run is None:
+        return _row(model, method, knob, None, **info)
+    if info["recomputed"] == 0 and run.equal == "allclose":  # keep/swap only: the plain step's ops exactly
+        run.equal = "NOT BITWISE (keep/swap only)"
+    return _row(model, method, knob, run, within_budget="yes" if run.peak_bytes <= budget else "NO", **info)
+
+
+def _mechanism_report(info: Any) -> dict[str, Any]:
+    """What `applied(..., mechanism="torch")` did (an `EagerInfo`), for the row."""
+    return {"checkpointed_layers": info.checkpointed, "sac_answers": dict(info.sac),
+            "swapped_tensors": info.swapped_tensors, "swapped_MiB": info.swapped_bytes / MiB,
+            "swaps_on_device": len(info.swaps_on_device),
+            "swaps_outside_blocks": len(info.swaps_outside_blocks)}
 
 
 def _memplan_rows(lv: Level) -> list[dict[str, Any]]:
@@ -223,13 +259,15 @@ def _memplan_rows(lv: Level) -> list[dict[str, Any]]:
     last_fit = peak
     for frac in lv.cfg.fractions:
         budget = int(frac * peak)
-        rows.append(_memplan_point(lv, budget, f"budget {frac:.0%} ({format_size(budget)})"))
-        low = rows[-1].get("lower_bound_bytes")
+        point = _memplan_point(lv, budget, f"budget {frac:.0%} ({format_size(budget)})", torch_mechanism=True)
+        rows += point
+        low = point[0].get("lower_bound_bytes")
         if low is None:
             last_fit = budget
             continue
         if low < last_fit:
-            rows.append(_memplan_point(lv, int(low), f"lower bound {low / peak:.0%} ({format_size(low)})"))
+            rows += _memplan_point(lv, int(low), f"lower bound {low / peak:.0%} ({format_size(low)})",
+                                   torch_mechanism=True)
         break
     return rows
 
@@ -240,7 +278,7 @@ def _peer_and_twin(lv: Level, method: str, knob: str, call: LossCall, run: StepR
     peer = {"method": method, "knob": knob}
     twin = _memplan_point(lv, run.peak_bytes, f"twin of {short} ({format_size(run.peak_bytes)})",
                           rival=(call, run), plain_call=plain_call, twin_of=peer_label(peer))
-    return [_row(lv.model.name, method, knob, run), twin]
+    return [_row(lv.model.name, method, knob, run), *twin]
 
 
 def _peer_rows(lv: Level) -> list[dict[str, Any]]:
@@ -267,10 +305,10 @@ def bench_model(name: str, cfg: TrainConfig, hw: Hardware) -> list[dict[str, Any
     """All rows of one model: plain, memplan at each budget, checkpoint and compile at each memory budget,
     each with its memplan twin. Every method is timed in rounds with the plain step (see `time_rounds`)."""
     m = load_bench_model(name, cfg.batch, cfg.seq)
-    twin = BenchModel(m.name, copy.deepcopy(m.module), m.inputs, ())
+    twin, eager = (BenchModel(m.name, copy.deepcopy(m.module), m.inputs, ()) for _ in range(2))
     plain = measure(m.module, m, cfg.warmup, keep_grads=True)
     plain.times = plain.plain_times = time_rounds([(m.module, m)], cfg.reps)[0]
-    lv = Level(m, twin, plain, cfg, hw)
+    lv = Level(m, twin, eager, plain, cfg, hw)
     rows = [_row(name, "plain", "-", plain, grads="reference"), *_memplan_rows(lv), *_peer_rows(lv)]
     for r in rows:
         if "peak_MiB" in r:
@@ -337,6 +375,13 @@ def _summary_notes(rows: list[dict[str, Any]]) -> list[str]:
     bad = [f"{r['model']} {r['method']} {r['knob']}: {r['grads']}" for r in rows
            if str(r.get("grads", "")).startswith(("DIFFERENT", "NOT", "CRASH"))]
     notes = [f"memplan held its budget in {held} of {ran} measured runs"]
+    mech = [r for r in rows if r["method"] == "memplan-torch" and "peak_MiB" in r]
+    if mech:
+        over = [f"{r['model']} {r['knob']}: {r['peak_MiB']:.4g} MiB" for r in mech
+                if r["within_budget"] != "yes"]
+        notes.append("memplan-torch (the same plans through SAC and saved-tensor hooks, no budget guarantee) "
+                     f"held the budget in {len(mech) - len(over)} of {len(mech)} runs"
+                     + (f"; over: {', '.join(over)}" if over else ""))
     notes += [f"loss/gradient mismatch or crash: {b}" for b in bad]
     if not bad:
         notes.append("loss and gradients matched the plain step in every measured run")

@@ -312,7 +312,7 @@ def write_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(6 * len(models), 4.5))
     FigureCanvasAgg(fig)
     styles = {"plain": ("k", "*"), "memplan": ("C0", "o"), "memplan twin": ("C0", "x"),
-              "checkpoint": ("C1", "s"), "compile": ("C2", "^")}
+              "memplan-torch": ("C4", "D"), "checkpoint": ("C1", "s"), "compile": ("C2", "^")}
 
     def series(r: dict[str, Any]) -> str:
         return "memplan twin" if r.get("twin_of") else r["method"]

@@ -9,6 +9,10 @@ when autograd asks), wrapped in an `autograd.Function` whose inputs are the trai
 `loss.backward()` fills `.grad` exactly as before and the optimizer is untouched. The step is captured on
 the first call (with that call's inputs) and checked against the plan's fingerprint. Swapped tensors go
 through the tier store of the plan's swap tier, opened for the block and closed (nothing left) after it.
+
+`mechanism="torch"` applies the plan through PyTorch's own mechanisms instead (selective activation
+checkpointing of the repeated blocks, swaps by saved-tensor hooks): see `memplan.runtime.eager`. It yields an
+`EagerInfo` of what it did; `mechanism="graph"` (the default, above) yields None.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.frontends.train_step import capture_train_step
 from memplan.planner.plan import Plan, fingerprint
+from memplan.runtime.eager import EagerInfo, applied_torch
 from memplan.runtime.executor import PlannedStep
 from memplan.runtime.tiers.api import TierStore
 
@@ -44,7 +49,8 @@ class _StepFunction(torch.autograd.Function):
 
 
 def _state_args(model: torch.nn.Module, step: PlannedStep, inputs: tuple[Any, ...]) -> list[Any]:
-    """Placeholder values in capture order: parameters, buffers and frozen parameters, optimizer state, inputs."""
+    """Placeholder values in capture order: parameters, buffers and frozen parameters, optimizer state,
+    inputs."""
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     buffers = [*model.buffers(), *frozen]
@@ -60,13 +66,30 @@ def _state_args(model: torch.nn.Module, step: PlannedStep, inputs: tuple[Any, ..
     return [*params, *buffers, *state, *inputs]
 
 
+MECHANISMS: tuple[str, ...] = ("graph", "torch")
+"""How `applied` applies a plan: the captured step op by op, or PyTorch's SAC and saved-tensor hooks."""
+
+
 @contextmanager
 def applied(
-    plan: Plan, model: torch.nn.Module, store: TierStore | None = None, emulate: frozenset[str] = frozenset()
-) -> Iterator[None]:
+    plan: Plan,
+    model: torch.nn.Module,
+    store: TierStore | None = None,
+    emulate: frozenset[str] = frozenset(),
+    mechanism: str = "graph",
+) -> Iterator[EagerInfo | None]:
     """Run `model`'s training step under `plan` inside the block (see module docstring)."""
+    if mechanism not in MECHANISMS:
+        raise InvalidInput(
+            f"memplan.applied: unknown mechanism {mechanism!r}; choose one of "
+            f"{', '.join(map(repr, MECHANISMS))}"
+        )
     if plan.workload.mode != "train":
         raise InvalidInput("memplan.applied takes a training plan (mode='train'); this plan is for inference")
+    if mechanism == "torch":
+        with applied_torch(plan, model, store, emulate) as info:
+            yield info
+        return
     tier = plan.decisions.get("remat_swap", {}).get("tier")
     swaps = any(
         t["decision"] in ("swap", "split") for t in plan.decisions.get("remat_swap", {}).get("tensors", [])
@@ -89,7 +112,7 @@ def applied(
 
         model.forward = planned_forward  # type: ignore[method-assign]
         try:
-            yield
+            yield None
         finally:
             del model.forward
 
@@ -106,7 +129,7 @@ def _capture(
         model.forward = patched  # type: ignore[method-assign]
     if fingerprint(cap.graph) != plan.model.fingerprint:
         raise PlanMismatch(
-            f"memplan.applied: the model's training step (fingerprint {fingerprint(cap.graph)}) is not the one the "
-            f"plan was made for ({plan.model.fingerprint}); re-plan with these inputs and this model"
+            f"memplan.applied: the model's training step (fingerprint {fingerprint(cap.graph)}) is not the one "
+            f"the plan was made for ({plan.model.fingerprint}); re-plan with these inputs and this model"
         )
     return PlannedStep(plan, cap, store)

@@ -6,6 +6,8 @@ The exporter writes a self-contained Python module (it imports only torch) for
 
     POLICY      {layer: {(aten op, occurrence within the layer's forward): "save" | "recompute"}}
     make_policy(layer) -> policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy, with fresh counters
+                (through `policy_for`, whose source is copied from this module: memplan's own
+                `applied(..., mechanism="torch")` runs the same function)
     wrap_block(block, layer) -> a forward that runs the block under `checkpoint` with that policy
     install(blocks)   `block.forward = wrap_block(block, i)` for the i-th repeated block
 
@@ -32,9 +34,14 @@ Reference: PyTorch `torch/utils/checkpoint.py` (`CheckpointPolicy`, `create_sele
 
 from __future__ import annotations
 
+import collections
+import inspect
 import pprint
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any, Literal
+
+from torch.utils.checkpoint import CheckpointPolicy
 
 from memplan.ir.graph import Graph
 from memplan.passes.remat_candidates import phases
@@ -55,7 +62,40 @@ def torch_sac(plan: Plan) -> str:
     header = _header(plan, tensors)
     policy = pprint.pformat(table, width=100, sort_dicts=True)
     layers = repr(checkpoint_layers(plan))
-    return _TEMPLATE.replace("@HEADER@", header).replace("@POLICY@", policy).replace("@LAYERS@", layers)
+    return (
+        _TEMPLATE.replace("@HEADER@", header)
+        .replace("@POLICY@", policy)
+        .replace("@LAYERS@", layers)
+        .replace("@POLICY_FOR@", inspect.getsource(policy_for).rstrip())
+    )
+
+
+def policy_for(table: dict[tuple[str, int], str], stats: collections.Counter[str]) -> Callable[..., Any]:
+    """A SAC policy_fn for one forward of a block whose (aten op, occurrence) decisions are `table`, with
+    fresh counters (one per phase: torch versions that also consult the policy while recomputing pass
+    ctx.is_recompute=True); counts its forward answers ("save", "recompute", "unlisted") in `stats`.
+    Its source is copied into the generated module, so it uses only `collections` and `CheckpointPolicy`."""
+    answers = {
+        "save": CheckpointPolicy.MUST_SAVE,
+        "recompute": CheckpointPolicy.MUST_RECOMPUTE,
+        "unlisted": CheckpointPolicy.PREFER_RECOMPUTE,
+    }
+    counters: dict[bool, collections.Counter[str]] = {
+        False: collections.Counter(),
+        True: collections.Counter(),
+    }
+
+    def policy_fn(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        phase = bool(getattr(ctx, "is_recompute", False))
+        name = str(op)
+        index = counters[phase][name]
+        counters[phase][name] += 1
+        decision = table.get((name, index), "unlisted")
+        if not phase:
+            stats[decision] += 1
+        return answers[decision]
+
+    return policy_fn
 
 
 def sac_table(plan: Plan) -> SacTable:
@@ -107,7 +147,7 @@ def _header(plan: Plan, tensors: list[dict[str, Any]]) -> str:
         p = graph.producer(t["value_id"])
         if p is not None:
             producer[t["value_id"]] = p
-    keys = _occurrence_keys(graph)
+    keys = occurrence_keys(graph)
     lines = [
         f"Selective activation checkpointing policy for {plan.model.name} ({plan.model.source}),",
         f"exported by memplan {plan.memplan_version or '?'} from a plan made {plan.created or '?'}",
@@ -134,7 +174,9 @@ def _header(plan: Plan, tensors: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _occurrence_keys(graph: Graph) -> dict[int, tuple[int, str, int]]:
+def occurrence_keys(graph: Graph) -> dict[int, tuple[int, str, int]]:
+    """Schedule index of each forward op of a repeated layer -> (layer, target, occurrence of the target in
+    that layer's forward), the key `sac_table` uses."""
     out: dict[int, tuple[int, str, int]] = {}
     for layer, ops in forward_layer_ops(graph).items():
         seen: Counter[str] = Counter()
@@ -189,30 +231,13 @@ CHECKPOINT_LAYERS: list[int] = @LAYERS@
 STATS: collections.Counter = collections.Counter()
 """How often the policy answered "save", "recompute", or met an op the plan does not list ("unlisted")."""
 
-_POLICIES = {
-    "save": CheckpointPolicy.MUST_SAVE,
-    "recompute": CheckpointPolicy.MUST_RECOMPUTE,
-    "unlisted": CheckpointPolicy.PREFER_RECOMPUTE,
-}
+
+@POLICY_FOR@
 
 
 def make_policy(layer: int) -> Callable[..., CheckpointPolicy]:
-    """A policy_fn for one forward of block `layer`, with its own occurrence counters (one per phase:
-    torch versions that also consult the policy while recomputing pass ctx.is_recompute=True)."""
-    table = POLICY.get(layer, {})
-    counters = {False: collections.Counter(), True: collections.Counter()}
-
-    def policy_fn(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        phase = bool(getattr(ctx, "is_recompute", False))
-        name = str(op)
-        index = counters[phase][name]
-        counters[phase][name] += 1
-        decision = table.get((name, index), "unlisted")
-        if not phase:
-            STATS[decision] += 1
-        return _POLICIES[decision]
-
-    return policy_fn
+    """A policy_fn for one forward of block `layer`, with its own occurrence counters."""
+    return policy_for(POLICY.get(layer, {}), STATS)
 
 
 def needs_checkpoint(layer: int) -> bool:

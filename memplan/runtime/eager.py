@@ -1,0 +1,428 @@
+"""`memplan.applied(plan, model, mechanism="torch")`: apply a training plan through PyTorch's own mechanisms.
+
+The graph mechanism (`training.py`) captures the step and runs it op by op. This one leaves the model's
+eager forward and autograd in charge and only changes how the repeated blocks (the modules the plan's layer
+indices name: `...h.<i>`, `...layers.<i>`, see `layer_of`) keep their activations:
+
+- recompute: a block where the plan recomputes (or splits) a saved activation runs under
+  `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` with a selective activation checkpointing
+  (SAC) policy built from the plan's `sac_table` (the exporter's `policy_for`: "save" or "recompute" per
+  (aten op, occurrence in the block's forward));
+- swap: in a block that is not checkpointed, the tensors the plan swaps are sent to the plan's tier by
+  `torch.autograd.graph.saved_tensors_hooks`: a `TorchDispatchMode` (`SwapMarker`) counts the block's ops
+  the way SAC does and notes the storages of the outputs the plan swaps (until they are freed); the pack
+  hook, on every non-checkpointed block (a later block may be the one saving the tensor), `put`s a saved
+  tensor living in a noted storage (asynchronously; the whole storage once, however many views of it are
+  saved; views rebuilt on unpack), the unpack hook `get`s it back and frees it on the tier. When the
+  backward first unpacks a tensor of block L, the swapped tensors of the nearest block before it are
+  prefetched (backward runs the blocks in reverse).
+
+`applied_torch` yields an `EagerInfo` whose counters grow while the block runs (SAC answers, tensors and
+bytes sent to the tier, read back, prefetched, and the plan's swaps it could not honour).
+
+What differs from the graph mechanism, and from the plan's prediction:
+- SAC re-runs a checkpointed block's forward up to the last tensor its backward needs, so ops whose outputs
+  were never saved are re-run too: recompute time and the transient peak of the recomputation differ
+  from what the plan priced;
+- activations outside the repeated blocks (embeddings, final norm, loss) are saved by autograd as usual,
+  whatever the plan decided for them;
+- SAC cannot swap: a tensor the plan swaps inside a checkpointed block stays on the device (listed in
+  `EagerInfo.swaps_on_device`); a split tensor is recomputed whole;
+- a swapped tensor that autograd saves only outside the blocks, or in a checkpointed block, stays on the
+  device; an op the plan lists that the eager forward does not run is counted in `EagerInfo.missed_swaps`;
+- autograd, not the plan, orders frees; swaps are written out when autograd saves the tensor and read back
+  when backward asks (plus one block of prefetch), not at the plan's steps; a read-back tensor stays on
+  the device until every autograd node that saved it has run.
+So the measured peak is NOT guaranteed to be under the plan's budget with this mechanism: measure it.
+The backward must run inside the block: tensors still on the tier at exit are freed (and the store closed
+if this opened it).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from memplan.errors import InvalidInput
+from memplan.ir.frontends.fx_lower import layer_of
+from memplan.planner.exporters.torch_sac import checkpoint_layers, occurrence_keys, policy_for, sac_table
+from memplan.planner.plan import Plan
+from memplan.runtime.tiers.api import Handle, TierStore
+
+SAC_IGNORED: frozenset[Any] = frozenset(
+    getattr(torch_checkpoint, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
+)
+"""Ops SAC's dispatch mode neither counts nor shows to the policy; the swap marker skips them too."""
+
+SwapSpec = dict[tuple[str, int], list[int]]
+"""(aten op, occurrence in the block's forward) -> positions, among the op's tensor outputs, to swap."""
+
+
+@dataclass
+class EagerInfo:
+    """What the torch mechanism did (counters grow while the `applied` block runs)."""
+
+    checkpointed: list[int]
+    """Layers run under SAC."""
+    swap_layers: list[int]
+    """Layers whose swapped tensors go through `saved_tensors_hooks`."""
+    tier: str | None
+    sac: Counter[str] = field(default_factory=Counter)
+    """SAC policy answers in forward: "save", "recompute", "unlisted" (an op the plan does not list)."""
+    swapped_tensors: int = 0
+    """Storages sent to the tier (one per storage per forward, however many saved views share it)."""
+    swapped_bytes: int = 0
+    loaded_tensors: int = 0
+    """Storages read back from the tier in backward."""
+    prefetched_tensors: int = 0
+    missed_swaps: int = 0
+    """Swapped outputs whose op the block's forward did not run as the plan lists it (not swapped)."""
+    swaps_on_device: list[str] = field(default_factory=list)
+    """Plan tensors the plan swaps that stay on the device because their block is checkpointed."""
+    swaps_outside_blocks: list[str] = field(default_factory=list)
+    """Plan tensors the plan swaps outside any repeated block: autograd saves them on the device."""
+
+
+def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(path, module) of the repeated blocks in layer order: modules whose path ends in a layer index
+    (`layer_of` finds one) while their parent's does not."""
+    found: dict[int, tuple[str, torch.nn.Module]] = {}
+    for path, module in model.named_modules():
+        index = layer_of(path)
+        if index is None or layer_of(path.rpartition(".")[0]) is not None:
+            continue
+        if index in found:
+            raise InvalidInput(
+                f"memplan.applied(mechanism='torch'): two blocks claim layer {index} "
+                f"({found[index][0]!r} and {path!r}); the plan's layer indices would be ambiguous"
+            )
+        found[index] = (path, module)
+    return [found[i] for i in sorted(found)]
+
+
+def plan_layers(plan: Plan) -> list[int]:
+    """The layer indices the plan's ops refer to, sorted."""
+    return sorted({op.layer for op in plan.graph().ops if op.layer is not None})
+
+
+def swap_specs(plan: Plan, checkpointed: set[int], info: EagerInfo) -> dict[int, SwapSpec]:
+    """Layer -> the op outputs to swap there; swaps the mechanism cannot honour are noted in `info`."""
+    graph = plan.graph()
+    keys = occurrence_keys(graph)
+    out: dict[int, SwapSpec] = {}
+    for t in plan.decisions.get("remat_swap", {}).get("tensors", []):
+        if t["decision"] != "swap":
+            continue
+        p = graph.producer(t["value_id"])
+        key = keys.get(p) if p is not None else None
+        if key is None:
+            info.swaps_outside_blocks.append(t["name"])
+            continue
+        layer, target, occurrence = key
+        if layer in checkpointed:
+            info.swaps_on_device.append(t["name"])
+            continue
+        position = graph.ops[p].outputs.index(t["value_id"])  # type: ignore[index]
+        out.setdefault(layer, {}).setdefault((target, occurrence), []).append(position)
+    return out
+
+
+class SwapMarker(TorchDispatchMode):
+    """Counts a block's ops like SAC does and notes, in the swapper, the storages of the outputs `spec`
+    names."""
+
+    def __init__(self, layer: int, spec: SwapSpec, swapper: Swapper) -> None:
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        self.swapper = swapper
+        self.counts: Counter[str] = Counter()
+        self.paused = False
+        """Set while a pack hook runs: its own ops are not the block's."""
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.paused or func in SAC_IGNORED:
+            return out
+        name = str(func)
+        occurrence = self.counts[name]
+        self.counts[name] += 1
+        positions = self.spec.get((name, occurrence))
+        if positions:
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            tensors = [t for t in outs if isinstance(t, torch.Tensor)]
+            for i in positions:
+                if i < len(tensors):
+                    key = f"layer{self.layer}.{name}#{occurrence}.{i}"
+                    self.swapper.note(tensors[i].untyped_storage(), self.layer, key)
+        return out
+
+    def missed(self) -> int:
+        """How many outputs of `spec` this forward never produced (an op the plan lists did not run)."""
+        return sum(len(p) for (name, k), p in self.spec.items() if self.counts[name] <= k)
+
+
+class _Swapped:
+    """One storage on the tier, shared by the packed views of it; read back once, freed with the last view."""
+
+    def __init__(self, swapper: Swapper, layer: int, handle: Handle) -> None:
+        self.swapper = swapper
+        self.layer = layer
+        self.handle: Handle | None = handle
+        self.data: torch.Tensor | None = None
+        self.refs = 0
+        self.prefetched = False
+
+    def load(self) -> torch.Tensor:
+        """The storage's bytes on the device (the first call reads them back and frees the tier copy)."""
+        sw = self.swapper
+        with sw.lock:
+            if self.data is None:
+                if self.handle is None:
+                    raise RuntimeError(
+                        "memplan.applied(mechanism='torch'): a swapped activation was freed when the block "
+                        "exited; run the backward inside the `with memplan.applied(...)` block"
+                    )
+                sw.on_first_load(self.layer)
+                self.data = sw.store.get(self.handle)
+                sw.store.free(self.handle)
+                self.handle = None
+                sw.info.loaded_tensors += 1
+            return self.data
+
+    def prefetch(self) -> None:
+        """Start reading the bytes back if they are still only on the tier (the caller holds the lock)."""
+        if self.handle is not None and self.data is None and not self.prefetched:
+            self.swapper.store.prefetch(self.handle)
+            self.prefetched = True
+            self.swapper.info.prefetched_tensors += 1
+
+    def release(self) -> None:
+        """One packed view is gone; with the last one, drop the bytes wherever they are."""
+        sw = self.swapper
+        with sw.lock:
+            self.refs -= 1
+            if self.refs > 0:
+                return
+            self.data = None
+            if self.handle is not None and not sw.closed:
+                sw.store.free(self.handle)
+            self.handle = None
+            sw.live.discard(self)
+
+
+class _Packed:
+    """What autograd holds for a swapped saved tensor: its storage record and how to view it."""
+
+    def __init__(self, record: _Swapped, t: torch.Tensor) -> None:
+        self.record = record
+        self.dtype = t.dtype
+        self.size = tuple(t.shape)
+        self.stride = t.stride()
+        self.offset = t.storage_offset()
+
+
+class Swapper:
+    """The saved-tensor hooks of the swapping blocks, sharing one store, with prefetch across blocks."""
+
+    def __init__(self, store: TierStore, info: EagerInfo) -> None:
+        self.store = store
+        self.info = info
+        self.lock = threading.RLock()
+        self.live: set[_Swapped] = set()
+        self.started: set[int] = set()
+        """Layers whose backward has read a tensor back (reset when a forward swaps in the layer again)."""
+        self.closed = False
+        self.storages: dict[int, tuple[int, str]] = {}
+        """Storage id (`_cdata`) -> (layer, tier key), while that storage lives (ids are reused after a free).
+        Shared by every block, so a tensor saved by a later block than the one producing it is swapped too."""
+        self.records: dict[int, _Swapped] = {}
+        """Storage id -> its copy on the tier, once packed (all the packed views of the storage share it)."""
+
+    def note(self, storage: torch.UntypedStorage, layer: int, key: str) -> None:
+        """A storage to swap if autograd saves it, forgotten when it is freed."""
+        sid = storage._cdata
+        self.storages[sid] = (layer, key)
+        weakref.finalize(storage, self.forget, sid)
+
+    def forget(self, sid: int) -> None:
+        """A noted storage was freed: its id may now name another storage."""
+        self.storages.pop(sid, None)
+        self.records.pop(sid, None)
+
+    def hooks(
+        self, marker: SwapMarker
+    ) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
+        """(pack, unpack) for one forward of the block `marker` watches."""
+        records = self.records
+
+        def pack(t: torch.Tensor) -> Any:
+            sid = t.untyped_storage()._cdata
+            noted = self.storages.get(sid)
+            if noted is None:
+                return t
+            layer, key = noted
+            marker.paused = True
+            try:
+                record = records.get(sid)
+                if record is None:
+                    whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+                    handle = self.store.put(key, whole)
+                    record = records[sid] = _Swapped(self, layer, handle)
+                    with self.lock:
+                        self.live.add(record)
+                        self.started.discard(layer)
+                    self.info.swapped_tensors += 1
+                    self.info.swapped_bytes += handle.nbytes
+                packed = _Packed(record, t)
+                with self.lock:
+                    record.refs += 1
+                weakref.finalize(packed, record.release)
+                return packed
+            finally:
+                marker.paused = False
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if not isinstance(packed, _Packed):
+                return packed  # type: ignore[no-any-return]
+            data = packed.record.load()
+            with torch.no_grad():
+                return torch.empty(0, dtype=packed.dtype, device=data.device).set_(
+                    data.untyped_storage(),
+                    data.storage_offset() // packed.dtype.itemsize + packed.offset,
+                    packed.size,
+                    packed.stride,
+                )
+
+        return pack, unpack
+
+    def on_first_load(self, layer: int) -> None:
+        """Backward reached `layer`: prefetch the swapped tensors of the nearest block before it."""
+        if layer in self.started:
+            return
+        self.started.add(layer)
+        before = [r.layer for r in self.live if r.layer < layer and r.handle is not None]
+        if before:
+            previous = max(before)
+            for r in list(self.live):
+                if r.layer == previous:
+                    r.prefetch()
+
+    def close(self) -> None:
+        """Free what is still on the tier (a forward whose backward did not run inside the block)."""
+        with self.lock:
+            try:
+                self.store.flush()  # raises a failed copy's error, after the frees below
+            finally:
+                for r in list(self.live):
+                    if r.handle is not None:
+                        self.store.free(r.handle)
+                    r.handle = None
+                    r.data = None
+                self.live.clear()
+                self.closed = True
+
+
+def _checkpointed_forward(
+    forward: Callable[..., Any], table: dict[tuple[str, int], str], stats: Counter[str]
+) -> Callable[..., Any]:
+    """`forward` under non-reentrant checkpoint with the SAC policy of `table` (plain without grad)."""
+
+    def context_fn() -> Any:
+        return torch_checkpoint.create_selective_checkpoint_contexts(policy_for(table, stats))
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch_checkpoint.checkpoint(
+            forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs
+        )
+
+    return run
+
+
+def _swapping_forward(
+    forward: Callable[..., Any], layer: int, spec: SwapSpec, swapper: Swapper
+) -> Callable[..., Any]:
+    """`forward` with the plan's swaps of `layer` sent to the tier by saved-tensor hooks (plain without
+    grad)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        marker = SwapMarker(layer, spec, swapper)
+        pack, unpack = swapper.hooks(marker)
+        with marker, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = forward(*args, **kwargs)
+        swapper.info.missed_swaps += marker.missed()
+        return out
+
+    return run
+
+
+@contextmanager
+def applied_torch(
+    plan: Plan,
+    model: torch.nn.Module,
+    store: TierStore | None = None,
+    emulate: frozenset[str] = frozenset(),
+) -> Iterator[EagerInfo]:
+    """Run `model` with the plan applied by SAC and saved-tensor hooks inside the block (module docstring)."""
+    blocks = find_blocks(model)
+    layers = plan_layers(plan)
+    if layers != list(range(len(blocks))):
+        paths = [p for p, _ in blocks]
+        raise InvalidInput(
+            f"memplan.applied(mechanism='torch'): the plan has {len(layers)} repeated layers "
+            f"but the model has {len(blocks)} blocks at paths like '...h.<i>' or '...layers.<i>' "
+            f"({paths[:4]}{' ...' if len(paths) > 4 else ''}); plan this model, or use mechanism='graph'"
+        )
+    rs = plan.decisions.get("remat_swap", {})
+    tier = rs.get("tier")
+    table = sac_table(plan)
+    checkpointed = set(checkpoint_layers(plan))
+    info = EagerInfo(sorted(checkpointed), [], tier)
+    specs = swap_specs(plan, checkpointed, info)
+    info.swap_layers = sorted(specs)
+    patched: list[tuple[torch.nn.Module, bool, Any]] = []
+    with ExitStack() as stack:
+        swapper: Swapper | None = None
+        if specs:
+            if tier is None:
+                raise InvalidInput("memplan.applied: the plan swaps tensors but names no tier to swap to")
+            if store is None:
+                from memplan.runtime.tiers.factory import open_tier
+
+                store = stack.enter_context(open_tier(plan.hardware, tier, emulate=emulate))
+            swapper = Swapper(store, info)
+            stack.callback(swapper.close)
+        try:
+            for layer, (_, block) in enumerate(blocks):
+                own = "forward" in vars(block)
+                forward = block.forward
+                if layer in checkpointed:
+                    new = _checkpointed_forward(forward, table.get(layer, {}), info.sac)
+                elif swapper is not None:  # every plain block: a later one may save a swapped tensor
+                    new = _swapping_forward(forward, layer, specs.get(layer, {}), swapper)
+                else:
+                    continue
+                patched.append((block, own, vars(block).get("forward")))
+                block.forward = new  # type: ignore[method-assign]
+            yield info
+        finally:
+            for block, own, previous in reversed(patched):
+                if own:
+                    block.forward = previous  # type: ignore[method-assign]
+                else:
+                    del block.forward
