@@ -80,9 +80,11 @@ def _row(name: str, kind: str, problem: Problem, sol: Solution, capacity: int | 
     return {
         "instance": name, "kind": kind, "buffers": len(problem.buffers), "capacity": capacity or "",
         "lower_bound": lb, "height": sol.height_bytes if fits else "", "ratio": (sol.height_bytes / lb)
-        if fits and sol.height_bytes and lb else "", "time_s": round(sol.time_s, 3), "status": sol.status.value,
+        if fits and sol.height_bytes and lb else "", "time_s": round(sol.time_s, 3),
+        "status": sol.status.value,
         "solver": sol.solver, "nodes": sol.nodes,
-        "nodes_per_s": round(sol.nodes / sol.time_s) if sol.time_s else "", "valid": ok, "greedy_size_height": g_height,
+        "nodes_per_s": round(sol.nodes / sol.time_s) if sol.time_s else "", "valid": ok,
+        "greedy_size_height": g_height,
         "greedy_size_ratio": round(g_height / lb, 4) if lb else "", "greedy_size_time_s": round(g_time, 3),
     }
 

@@ -1,4 +1,5 @@
-"""The two error families: `MemplanError` for bad input (what, why, what to do) and `InternalError` for our bugs."""
+"""The two error families: `MemplanError` for bad input (what, why, what to do) and `InternalError` for our
+bugs."""
 
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def lifetimes(graph: Graph) -> dict[int, tuple[int, int]]:
 
 
 def device_intervals(graph: Graph, tier: str = "device") -> list[Interval]:
-    """The baseline residency: every storage on one tier for its whole lifetime (zero-byte storages skipped)."""
+    """The baseline residency: every storage on one tier for its whole lifetime (zero-byte storages
+    skipped)."""
     out = []
     for root, (s, e) in sorted(lifetimes(graph).items()):
         size = graph.value(root).size_bytes

@@ -25,7 +25,8 @@ TIER_ORDER: tuple[TierName, ...] = ("device", "host", "cxl", "ssd")
 
 @dataclass(frozen=True, slots=True)
 class Tier:
-    """One memory tier. Capacity in bytes; bandwidths in bytes/s (read: tier to device; write: device to tier)."""
+    """One memory tier. Capacity in bytes; bandwidths in bytes/s (read: tier to device; write: device to
+    tier)."""
 
     name: TierName
     capacity_bytes: int

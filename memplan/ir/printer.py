@@ -16,7 +16,8 @@ def _size(n: int) -> str:
 
 
 def format_graph(graph: Graph) -> str:
-    """`%v3: f32[2, 64] activation 512B = aten.mm(%v1, %v2)`-style listing; views say whose storage they use."""
+    """`%v3: f32[2, 64] activation 512B = aten.mm(%v1, %v2)`-style listing; views say whose storage they
+    use."""
     lines = [f"graph {graph.name} ({len(graph.ops)} ops, {len(graph.values)} values):"]
     produced = {vid for op in graph.ops for vid in op.outputs}
     for v in graph.values:

@@ -24,7 +24,8 @@ class RematSwap:
 
 @dataclass(frozen=True)
 class Allocate:
-    """The `allocate` pass (offsets of every storage in its tier's arena), last: it packs what the others decided."""
+    """The `allocate` pass (offsets of every storage in its tier's arena), last: it packs what the others
+    decided."""
 
     name: str = "allocate"
 

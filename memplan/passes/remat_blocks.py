@@ -12,10 +12,10 @@ member: it stays under its own decision, as checkpointing saves a block's input)
                the re-run; the plan counts, at [B, B+1), those live together at the re-run's worst moment
 
 The re-run reads the block's *frontier*: saved activations the block makes but does not rebuild (read by
-the next layer too), which must be on the device at B, and values made outside the block: saved activations (which must be on
-the device at B), values still live then, and values that died earlier (an attention mask made once for
-all layers): those are *held* on the device until B, as checkpointing holds a block's inputs. A block whose
-forward writes in place has no such option.
+the next layer too), which must be on the device at B, and values made outside the block: saved
+activations (which must be on the device at B), values still live then, and values that died earlier (an
+attention mask made once for all layers): those are *held* on the device until B, as checkpointing holds a
+block's inputs. A block whose forward writes in place has no such option.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def rerun_drops(graph: Graph, ops: tuple[int, ...], transient: tuple[int, ...]) 
 
 
 def _worst_moment(graph: Graph, ops: tuple[int, ...], transient: tuple[int, ...]) -> tuple[int, ...]:
-    """The transients live together (an op's outputs beside its inputs) when their bytes peak in the re-run."""
+    """The transients live together (an op's outputs beside its inputs) when their bytes peak in the
+    re-run."""
     wanted = set(transient)
     drops = rerun_drops(graph, ops, transient)
     live: set[int] = set()

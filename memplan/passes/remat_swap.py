@@ -15,12 +15,12 @@ R_c is c's recompute time, T_c its transfer time (out and back), k the share of 
 delays compute (`remat_schedule.compute_share`: the tier's measured share, else 1 on a CPU device and 0.01
 on a GPU). The cost is linear in phi, so a split pays off only where the link's time binds: it fills the
 link with part of a tensor and recomputes the rest. base(t) is the baseline live bytes (everything kept);
-dS, dR in {-1, 0} are the steps where swapping or recomputing c frees it; a split frees c where a swap does (timed as a whole-tensor swap, an
-upper bound on its part's transfer), and the transients of a rebuild, (r_c + z_c - phi_c) times those of c's
-closure, land at its first backward use. Rows only at steps where the baseline is over the budget or a
-transient lands, one per run of steps with the same coefficients (the one with the largest base). For
-large models the per-layer formulation shares one decision among the same tensor of every repeated layer
-(`Candidate.signature`).
+dS, dR in {-1, 0} are the steps where swapping or recomputing c frees it; a split frees c where a swap
+does (timed as a whole-tensor swap, an upper bound on its part's transfer), and the transients of a
+rebuild, (r_c + z_c - phi_c) times those of c's closure, land at its first backward use. Rows only at
+steps where the baseline is over the budget or a transient lands, one per run of steps with the same
+coefficients (the one with the largest base). For large models the per-layer formulation shares one
+decision among the same tensor of every repeated layer (`Candidate.signature`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class RematSwapOptions:
     swap_tier: str | None = None
     """Tier to swap to; None: the fastest tier after the device that the hardware has."""
     per_layer: bool | None = None
-    """Share decisions across repeated layers; None: only when there are more than `exact_limit` candidates."""
+    """Share decisions across repeated layers; None: only when there are more than `exact_limit`
+    candidates."""
     exact_limit: int = 600
 
 

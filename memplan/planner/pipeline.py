@@ -82,10 +82,12 @@ def check_budget(plan: Plan, graph: Graph, top: int = 8) -> None:
     msg = (
         f"budget {format_size(budget)} is infeasible for {plan.model.name} ({plan.workload.mode}, batch "
         f"{plan.workload.batch}, seq {plan.workload.seq}): with the passes run ({passes}) the device peak is "
-        f"{format_size(peak)} at step {step} ({op}), and the lower bound for this schedule with every tensor kept "
+        f"{format_size(peak)} at step {step} ({op}), and the lower bound for this schedule with every tensor "
+        "kept "
         f"on the device (max load) is {format_size(plan.predictions.max_load_bytes)}.\n"
         f"Tensors live at that step, largest first ({len(live)} in all): " + "; ".join(names) + ".\n"
-        f"Model state (parameters, buffers, optimizer state) alone is {format_size(persistent_bytes(graph))}. "
+        "Model state (parameters, buffers, optimizer state) alone is "
+        f"{format_size(persistent_bytes(graph))}. "
         f"No plan of any kind can go below {format_size(ws)} (the largest single op's operands). "
         f"Raise the budget to at least {format_size(peak)}, or lower the batch or sequence length."
     )

@@ -31,7 +31,8 @@ def parse_size(text: str | int) -> int:
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS:
         raise InvalidInput(
-            f"cannot read size {text!r}: write a number with an optional unit, e.g. 512MiB, 16GiB, 2GB or 1048576"
+            f"cannot read size {text!r}: write a number with an optional unit, e.g. 512MiB, 16GiB, 2GB "
+            "or 1048576"
         )
     value = float(m.group(1)) * _UNITS[unit]
     if unit in ("", "b") and not m.group(1).isdigit():

@@ -116,7 +116,8 @@ def _device(hw: Hardware) -> torch.device:
     if hw.device_kind == "cuda":
         if not torch.cuda.is_available():
             raise InvalidInput(
-                f"hardware {hw.name!r} describes a CUDA device, and this machine has none: calibrate it on the "
+                f"hardware {hw.name!r} describes a CUDA device, and this machine has none: calibrate it on "
+                "the "
                 "machine it describes, or calibrate a cpu description here"
             )
         return torch.device("cuda")

@@ -52,8 +52,9 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memplan.errors import InvalidInput
+from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.frontends.fx_lower import layer_of
+from memplan.ir.graph import Role
 from memplan.planner.exporters.torch_sac import checkpoint_layers, occurrence_keys, policy_for, sac_table
 from memplan.planner.plan import Plan
 from memplan.runtime.tiers.api import Handle, TierStore
@@ -107,6 +108,24 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
             )
         found[index] = (path, module)
     return [found[i] for i in sorted(found)]
+
+
+def check_state(plan: Plan, model: torch.nn.Module) -> None:
+    """Refuse a model whose parameters and buffers (names, shapes, dtypes) differ from those the plan was
+    made for: the half of the plan's fingerprint that needs no capture (the graph mechanism checks it all)."""
+    planned = {
+        (v.name, tuple(v.shape), v.dtype)
+        for v in plan.graph().values
+        if v.role in (Role.PARAMETER, Role.BUFFER)
+    }
+    state = [*model.named_parameters(), *model.named_buffers()]
+    actual = {(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in state}
+    if planned != actual:
+        missing, extra = sorted(planned - actual)[:3], sorted(actual - planned)[:3]
+        raise PlanMismatch(
+            f"memplan.applied(mechanism='torch'): the model's parameters and buffers are not those the plan "
+            f"was made for (in the plan only: {missing}; in the model only: {extra}); re-plan this model"
+        )
 
 
 def plan_layers(plan: Plan) -> list[int]:
@@ -388,6 +407,7 @@ def applied_torch(
             f"but the model has {len(blocks)} blocks at paths like '...h.<i>' or '...layers.<i>' "
             f"({paths[:4]}{' ...' if len(paths) > 4 else ''}); plan this model, or use mechanism='graph'"
         )
+    check_state(plan, model)
     rs = plan.decisions.get("remat_swap", {})
     tier = rs.get("tier")
     table = sac_table(plan)

@@ -60,7 +60,8 @@ class _Schedule:
     reruns: dict[int, list[tuple[tuple[int, ...], frozenset[int], dict[int, list[int]]]]] = field(
         default_factory=lambda: defaultdict(list)
     )
-    """Step -> checkpointed blocks re-run there: (ops, storages they rebuild, transients to drop after an op)."""
+    """Step -> checkpointed blocks re-run there: (ops, storages they rebuild, transients to drop after an
+    op)."""
 
 
 def _schedule(plan: Plan, graph: Graph) -> _Schedule:

@@ -97,7 +97,8 @@ def check_fingerprint(plan: Plan, loaded: LoadedModel) -> Capture | None:
     got = fingerprint(graph)
     if got != plan.model.fingerprint:
         raise PlanMismatch(
-            f"this plan was made for model {plan.model.name!r} (fingerprint {plan.model.fingerprint}), but the "
+            f"this plan was made for model {plan.model.name!r} (fingerprint {plan.model.fingerprint}), "
+            "but the "
             f"model given has fingerprint {got}: different parameters or ops. Re-plan with `memplan plan`."
         )
     return cap

@@ -129,7 +129,8 @@ def _capture(
         model.forward = patched  # type: ignore[method-assign]
     if fingerprint(cap.graph) != plan.model.fingerprint:
         raise PlanMismatch(
-            f"memplan.applied: the model's training step (fingerprint {fingerprint(cap.graph)}) is not the one "
+            f"memplan.applied: the model's training step (fingerprint {fingerprint(cap.graph)}) is not the "
+            "one "
             f"the plan was made for ({plan.model.fingerprint}); re-plan with these inputs and this model"
         )
     return PlannedStep(plan, cap, store)

@@ -116,7 +116,9 @@ def test_measured_compute_share_prices_swaps(graph):
 
     _, base = _plan(graph, 2**40)
     budget = int(base.predictions.peak_bytes["device"] * 0.6)
-    cheap_hw = replace(HW, tiers=tuple(replace(t, compute_share=0.05) if t.name == "ssd" else t for t in HW.tiers))
+    cheap_hw = replace(
+        HW, tiers=tuple(replace(t, compute_share=0.05) if t.name == "ssd" else t for t in HW.tiers)
+    )
     start = baseline_plan(graph, cheap_hw, Workload("train", 4, 64), {"device": budget, "ssd": 2**36}, "x")
     cheap = run(graph, cheap_hw, start).plan
     dear, _ = _plan(graph, budget)

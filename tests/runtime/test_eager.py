@@ -4,6 +4,7 @@ sends the plan's swaps through the tier store (and leaves it empty), and restore
 
 from __future__ import annotations
 
+import copy
 import gc
 from contextlib import AbstractContextManager
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import memplan
-from memplan.errors import InvalidInput
+from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.hardware import Hardware, load_hardware
 from memplan.passes.registry import RematSwap
 from memplan.passes.remat_swap import RematSwapOptions
@@ -175,3 +176,8 @@ def test_unknown_mechanism_and_block_mismatch_refused(setup: Any) -> None:
     with pytest.raises(InvalidInput, match="2 repeated layers.*3 blocks"), _torch(plan, other):
         pass
     assert _restored(other)
+    wider = copy.deepcopy(model)
+    wider.model.lm_head = torch.nn.Linear(64, 300, bias=True)  # another head: the state differs
+    with pytest.raises(PlanMismatch, match="in the model only.*lm_head.bias"), _torch(plan, wider):
+        pass
+    assert _restored(wider)

@@ -20,7 +20,9 @@ def problems(draw: st.DrawFn, max_buffers: int = 14, multi: bool = True, max_siz
         k = draw(st.integers(1, 2)) if multi else 1
         cuts = sorted(draw(st.lists(st.integers(0, 30), min_size=2 * k, max_size=2 * k, unique=True)))
         spans = [(cuts[2 * j], cuts[2 * j + 1]) for j in range(k)]
-        bufs.append(make_buffer(f"b{i}", spans, draw(st.integers(0, max_size)), draw(st.sampled_from([1, 1, 2, 8]))))
+        bufs.append(
+            make_buffer(f"b{i}", spans, draw(st.integers(0, max_size)), draw(st.sampled_from([1, 1, 2, 8])))
+        )
     return Problem(tuple(bufs), None, draw(st.sampled_from([1, 4])))
 
 

@@ -7,8 +7,10 @@ import pytest
 from memplan.errors import InvalidInput
 from memplan.solvers.packing import Failure, Problem, make_buffer, validate
 
-PROBLEM = Problem((make_buffer("a", [(0, 4)], 8), make_buffer("b", [(2, 6)], 8), make_buffer("c", [(4, 8)], 8)),
-                  capacity_bytes=16, alignment_bytes=4)
+PROBLEM = Problem(
+    (make_buffer("a", [(0, 4)], 8), make_buffer("b", [(2, 6)], 8), make_buffer("c", [(4, 8)], 8)),
+    capacity_bytes=16, alignment_bytes=4,
+)
 
 
 def kinds(offsets: list[int] | None) -> list[Failure]:
@@ -41,7 +43,9 @@ def test_overlap_names_both_buffers() -> None:
 
 
 def test_several_lifespans_and_zero_size() -> None:
-    p = Problem((make_buffer("x", [(0, 2), (6, 8)], 8), make_buffer("y", [(2, 6)], 8), make_buffer("z", [(0, 8)], 0)))
+    p = Problem(
+        (make_buffer("x", [(0, 2), (6, 8)], 8), make_buffer("y", [(2, 6)], 8), make_buffer("z", [(0, 8)], 0))
+    )
     assert validate(p, [0, 0, 0]) == []  # y lives in x's gap; z holds no bytes
     w = Problem((*p.buffers, make_buffer("w", [(7, 9)], 8)))
     (v,) = validate(w, [0, 0, 0, 4])  # w meets x's second lifespan

@@ -20,7 +20,8 @@ DATA_MOVEMENT = frozenset(
     embedding embedding_dense_backward slice_scatter select_scatter narrow constant_pad_nd empty empty_like
     empty_strided zeros zeros_like ones ones_like full full_like new_zeros new_empty new_ones scalar_tensor
     arange where masked_fill fill fill_ zero_ lift_fresh_copy _unsafe_view repeat tril triu split_with_sizes
-    flip roll slice_backward select_backward _assert_tensor_metadata detach masked_fill_ expand_copy permute_copy view_copy alias_copy
+    flip roll slice_backward select_backward _assert_tensor_metadata detach masked_fill_ expand_copy
+    permute_copy view_copy alias_copy
     nll_loss_forward nll_loss_backward max_pool2d_with_indices max_pool2d_with_indices_backward
     """.split()
 )

@@ -33,7 +33,8 @@ def export_program(model: torch.nn.Module, example_inputs: Sequence[Any]) -> Exp
     except Exception as e:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}\n"
-            "Check that the forward runs on the example inputs and has no data-dependent Python control flow; "
+            "Check that the forward runs on the example inputs and has no data-dependent Python control "
+            "flow; "
             "or pass an ONNX file instead."
         ) from e
 

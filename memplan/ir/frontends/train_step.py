@@ -191,6 +191,10 @@ def _autograd_seed(gm: torch.fx.GraphModule) -> str | None:
     while loss.op == "call_function" and loss.target == torch.ops.aten.detach.default:
         loss = loss.args[0]
     return next(
-        (u.name for u in loss.users if u.op == "call_function" and u.target == torch.ops.aten.ones_like.default),
+        (
+            u.name
+            for u in loss.users
+            if u.op == "call_function" and u.target == torch.ops.aten.ones_like.default
+        ),
         None,
     )

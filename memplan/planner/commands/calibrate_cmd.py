@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--tiers", help="comma-separated tiers to measure (default: every tier but the device)")
     p.add_argument("--sample", default="128MiB", help="bytes per copy and per transfer (default 128MiB)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per figure, median kept (default 3)")
-    p.add_argument("--emulate", action="append", default=[], help="tier to emulate (cxl), as in `memplan run`")
+    p.add_argument(
+        "--emulate", action="append", default=[], help="tier to emulate (cxl), as in `memplan run`"
+    )
     p.add_argument("-o", "--output", required=True, help="hardware JSON file to write")
     p.set_defaults(func=run)
 

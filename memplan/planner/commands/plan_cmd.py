@@ -1,4 +1,5 @@
-"""`memplan plan MODEL --mode train|infer --budget SIZE [--hardware NAME|FILE] [--batch N] [--seq N] -o plan.json`."""
+"""`memplan plan MODEL --mode train|infer --budget SIZE [--hardware NAME|FILE] [--batch N] [--seq N]
+-o plan.json`."""
 
 from __future__ import annotations
 

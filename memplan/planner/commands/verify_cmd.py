@@ -1,4 +1,5 @@
-"""`memplan verify plan.json`: replay the plan's schedule and check its invariants; exit 0 only if all hold."""
+"""`memplan verify plan.json`: replay the plan's schedule and check its invariants; exit 0 only if all
+hold."""
 
 from __future__ import annotations
 

@@ -191,7 +191,8 @@ def _out_bytes(handle: Handle, out: torch.Tensor | None) -> torch.Tensor | None:
         return None
     if out.dtype != handle.dtype or tuple(out.shape) != handle.shape or not out.is_contiguous():
         raise TierError(
-            f"tensor {handle.key!r}: the buffer to read into must be contiguous {handle.dtype} {list(handle.shape)}, "
+            f"tensor {handle.key!r}: the buffer to read into must be contiguous {handle.dtype} "
+            f"{list(handle.shape)}, "
             f"got {out.dtype} {list(out.shape)}{'' if out.is_contiguous() else ' (strided)'}"
         )
     return out.reshape(-1).view(torch.uint8)
@@ -249,7 +250,8 @@ class AsyncTierStore(Generic[S]):
                 entry.fetched = job
 
     def wait(self, handle: Handle) -> None:
-        """Block until the copy out of this tensor is finished (its source may then be freed); raises its error."""
+        """Block until the copy out of this tensor is finished (its source may then be freed); raises its
+        error."""
         with self._state.lock:
             entry = self._entry(handle)
         start = time.perf_counter()

@@ -23,7 +23,9 @@ REQUIRED = ("id", "lower", "upper", "size")
 OPTIONAL = ("alignment", "offset")
 
 
-def parse(text: str, source: str = "<csv>", capacity_bytes: int | None = None) -> tuple[Problem, list[int] | None]:
+def parse(
+    text: str, source: str = "<csv>", capacity_bytes: int | None = None
+) -> tuple[Problem, list[int] | None]:
     """The problem in `text`, and its offsets when every row has one (None when the column is absent)."""
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
@@ -77,7 +79,9 @@ def _buffer(rec: dict[str, str], where: str, seen: set[str]) -> Buffer:
     if size < 0:
         raise InvalidInput(f"{where}: buffer {bid!r} has negative size {size}")
     if upper <= lower:
-        raise InvalidInput(f"{where}: buffer {bid!r} has an empty lifespan [{lower}, {upper}); need lower < upper")
+        raise InvalidInput(
+            f"{where}: buffer {bid!r} has an empty lifespan [{lower}, {upper}); need lower < upper"
+        )
     if align < 1:
         raise InvalidInput(f"{where}: buffer {bid!r} has alignment {align}; it must be >= 1")
     return make_buffer(bid, [(lower, upper)], size, align)
@@ -95,7 +99,9 @@ def read(path: str | Path, capacity_bytes: int | None = None) -> tuple[Problem, 
 def render(problem: Problem, offsets: list[int] | tuple[int, ...] | None = None) -> str:
     """The problem as CSV (one lifespan per buffer), with an `offset` column when offsets are given."""
     with_align = any(b.alignment_bytes != 1 for b in problem.buffers)
-    cols = list(REQUIRED) + (["alignment"] if with_align else []) + (["offset"] if offsets is not None else [])
+    cols = (
+        list(REQUIRED) + (["alignment"] if with_align else []) + (["offset"] if offsets is not None else [])
+    )
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(cols)

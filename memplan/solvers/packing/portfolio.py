@@ -32,7 +32,6 @@ from memplan.solvers.packing.problem import Problem, Solution, Status, height_of
 from memplan.solvers.packing.search import Outcome, SearchParams, search
 from memplan.solvers.packing.sweep import lower_bound, partitions, sweep
 
-
 DIVE_SHARE = 0.5
 """Share of the time the first exact search at the lower bound gets when minimising (it either dives
 straight to the bound or is better spent on greedy and bisection)."""
@@ -158,7 +157,8 @@ def _solve_part(problem: Problem, lb: int, cap: int | None, options: PortfolioOp
     bound, a first exact search at the bound with `DIVE_SHARE` of the time; then the other orderings; then
     the bisection on heights."""
     target = lb if cap is None else cap
-    if cap is not None:  # fitting: every greedy ordering first (milliseconds), then one search, all the time left
+    # fitting: every greedy ordering first (milliseconds), then one search, all the time left
+    if cap is not None:
         g = _greedy(problem, options, target, deadline)
         can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
         return _fit(problem, cap, lb, (g.offsets_bytes, g.height_bytes, f"greedy-{g.ordering}"), can_search,

@@ -70,7 +70,7 @@ class Problem:
         return math.lcm(self.alignment_bytes, self.buffers[index].alignment_bytes)
 
 
-class Status(str, Enum):
+class Status(str, Enum):  # noqa: UP042
     """What a solver could establish about a problem."""
 
     OPTIMAL = "optimal"
@@ -111,7 +111,10 @@ class Solution:
 
 
 def make_buffer(
-    id: str, lifespans: list[tuple[int, int]] | tuple[tuple[int, int], ...], size_bytes: int, alignment_bytes: int = 1
+    id: str,
+    lifespans: list[tuple[int, int]] | tuple[tuple[int, int], ...],
+    size_bytes: int,
+    alignment_bytes: int = 1,
 ) -> Buffer:
     """A checked `Buffer`: sorts and merges touching lifespans; rejects empty or overlapping ones.
 

@@ -38,8 +38,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from enum import Enum
+from functools import lru_cache
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class SearchParams:
     parallel_min_buffers: int = 64
 
 
-class Outcome(str, Enum):
+class Outcome(str, Enum):  # noqa: UP042
     FOUND = "found"
     INFEASIBLE = "infeasible"
     TIMEOUT = "timeout"

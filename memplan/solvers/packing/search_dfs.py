@@ -182,15 +182,15 @@ class Dfs:
         s, tab, minoff = self.conflict, self.tab, self.minoff
         if not (s0 <= s < s1 and tab.single[b]):
             return False
-        f, l, top = tab.first[b], tab.last[b], minoff[b] + tab.size[b]
-        room = self.cap - self.total[s] + (tab.size[b] if f <= s < l else 0)
+        f, end, top = tab.first[b], tab.last[b], minoff[b] + tab.size[b]
+        room = self.cap - self.total[s] + (tab.size[b] if f <= s < end else 0)
         if room >= self.cap:
             return False  # b was the section's last unplaced buffer
         first, last, single = tab.first, tab.last, tab.single
         for u in tab.members[s]:
             m = minoff[u]
             if m <= room and u != b and (m >= top or top <= room or not single[u] or last[u] <= f
-                                         or first[u] >= l):
+                                         or first[u] >= end):
                 return False
         return True
 
@@ -209,7 +209,7 @@ class Dfs:
         placing c at o keeps o + total(s) <= capacity in every section (its own lose size(c) but gain
         floor o + size(c)), so o <= capacity - max total.
         """
-        key, sw, n, minoff = self.key.__getitem__, self.sw, self.n, self.minoff
+        key, sw, n = self.key.__getitem__, self.sw, self.n
         hi_key = (self.cap + 1) * n
         if sw.dominance:
             hi_key = min(hi_key, self._lowest_top(um) * n)
@@ -318,9 +318,9 @@ class Dfs:
     def _decompose(self, b: int, um: list[int], s0: int, s1: int) -> bool:
         """Recurse, splitting [s0, s1) wherever placing b left no unplaced buffer crossing a boundary."""
         tab, crossing = self.tab, self.crossing
-        f, l = tab.first[b], tab.last[b]
+        f, end = tab.first[b], tab.last[b]
         cuts: list[int] = []
-        for s in range(f, l - 1):
+        for s in range(f, end - 1):
             crossing[s] -= 1
             if not crossing[s] and s0 <= s < s1 - 1:
                 cuts.append(s + 1)
@@ -329,5 +329,5 @@ class Dfs:
                 return self._node(um, s0, s1, self.key[b])
             return self._split(um, [s0, *cuts, s1])
         finally:
-            for s in range(f, l - 1):
+            for s in range(f, end - 1):
                 crossing[s] += 1

@@ -19,7 +19,7 @@ from enum import Enum
 from memplan.solvers.packing.problem import Problem
 
 
-class Failure(str, Enum):
+class Failure(str, Enum):  # noqa: UP042
     MISSING = "missing"
     """The packing has no offset for some buffer (or one too many)."""
     ALIGNMENT = "alignment"
@@ -49,7 +49,8 @@ def validate(problem: Problem, offsets: tuple[int, ...] | list[int] | None) -> l
     for i, (b, o) in enumerate(zip(problem.buffers, offsets, strict=True)):
         align = problem.alignment_of(i)
         if o % align:
-            out.append(Violation(Failure.ALIGNMENT, (b.id,), f"buffer {b.id}: offset {o} is not a multiple of {align}"))
+            out.append(Violation(Failure.ALIGNMENT, (b.id,),
+                                 f"buffer {b.id}: offset {o} is not a multiple of {align}"))
         cap = problem.capacity_bytes
         if o < 0 or (cap is not None and o + b.size_bytes > cap):
             out.append(Violation(Failure.OUT_OF_BOUNDS, (b.id,),
@@ -79,12 +80,15 @@ def _overlaps(problem: Problem, offsets: list[int]) -> list[Violation]:
             a, c = problem.buffers[i], problem.buffers[j]
             out.append(Violation(Failure.OVERLAP, (c.id, a.id),
                                  f"buffers {c.id} [{offsets[j]}, {offsets[j] + c.size_bytes}) and "
-                                 f"{a.id} [{offsets[i]}, {offsets[i] + a.size_bytes}) are live together and overlap"))
+                                 f"{a.id} [{offsets[i]}, {offsets[i] + a.size_bytes}) are live together "
+                                 "and overlap"))
         live.insert(pos, key)
     return out
 
 
-def _clashes(problem: Problem, offsets: list[int], live: list[tuple[int, int]], pos: int, i: int) -> list[int]:
+def _clashes(
+    problem: Problem, offsets: list[int], live: list[tuple[int, int]], pos: int, i: int
+) -> list[int]:
     """Live buffers whose byte ranges intersect buffer i's, given i's insertion position `pos`."""
     lo, hi = offsets[i], offsets[i] + problem.buffers[i].size_bytes
     hits = []
