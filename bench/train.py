@@ -112,7 +112,7 @@ class TrainConfig:
     """Sample size of the calibration memplan plans with (None: the `cpu` preset's figures as they are)."""
 
 
-FULL = TrainConfig(models=("gpt2", LLAMA_GPT2SIZE), batch=4, seq=256, reps=3)
+FULL = TrainConfig(models=("gpt2", LLAMA_GPT2SIZE), batch=4, seq=256, reps=5)
 QUICK = TrainConfig(models=("gpt2-tiny", "llama-tiny"), batch=4, seq=64, threads=1,
                     scale=ScaleConfig("llama-tiny", batch=1, seq=128), calibrate_bytes=32 * MiB)
 
