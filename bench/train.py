@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -70,7 +71,7 @@ from bench.train_peers import (
     without_checkpoints,
     write_pareto,
 )
-from memplan.errors import InfeasibleBudget, MemplanError
+from memplan.errors import InfeasibleBudget
 from memplan.ir.hardware import Hardware, load_hardware
 from memplan.planner.plan import Plan
 from memplan.planner.sizes import format_size
@@ -133,6 +134,8 @@ def _row(model: str, method: str, knob: str, run: StepRun | None, **more: Any) -
               f"{run.equal}",
               file=sys.stderr, flush=True)
     else:
+        if run is not None:  # tracked but not timed: its run says why
+            more.setdefault("grads", run.equal)
         print(f"[train] {model} {method} {knob}: {more.get('solver') or more.get('grads')}", file=sys.stderr,
               flush=True)
     return row | more
@@ -180,9 +183,37 @@ def _plan(lv: Level, budget: int) -> tuple[Plan | None, dict[str, Any]]:
         return None, {"plan_s": time.perf_counter() - t0, "within_budget": "infeasible",
                       "lower_bound_bytes": e.lower_bound_bytes,
                       "solver": f"InfeasibleBudget, lower bound {format_size(e.lower_bound_bytes)}"}
-    except MemplanError as e:  # any other planning failure is a finding too
+    except Exception as e:  # any other planning failure is a finding too
         return None, {"grads": f"CRASH (planning): {e!r}"[:300]}
     return plan, _remat_report(plan) | {"plan_s": time.perf_counter() - t0, "budget_MiB": budget / MiB}
+
+
+@dataclass
+class _Timed:
+    """One step timed in a point's rounds: what it is ("plain", "peer", or a plan's mechanism), how to call
+    it, on which model, its tracked run (None for the plain step, whose times are the reference) and the
+    extra fields of its row."""
+
+    label: str
+    call: LossCall
+    model: BenchModel
+    run: StepRun | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _applied(stack: ExitStack, lv: Level, plan: Plan, twin: BenchModel, mechanism: str,
+             fields: dict[str, Any]) -> list[_Timed]:
+    """Apply `plan` to `twin` (inside `stack`) and track one step: the entry to time, or none (the crash is
+    in `fields`)."""
+    try:
+        done = stack.enter_context(memplan.applied(plan, twin.module, mechanism=mechanism))
+        run = measure(twin.module, twin, lv.cfg.warmup, reference=lv.plain)
+    except Exception as e:  # a runtime failure is a finding: record it, go on
+        fields["grads"] = f"CRASH: {e!r}"[:300]
+        return []
+    if done is not None:
+        fields |= _mechanism_report(done)
+    return [_Timed(mechanism, twin.module, twin, run, fields)]
 
 
 def _memplan_point(lv: Level, budget: int, knob: str, rival: tuple[LossCall, StepRun] | None = None,
@@ -191,45 +222,39 @@ def _memplan_point(lv: Level, budget: int, knob: str, rival: tuple[LossCall, Ste
     """Plan at `budget` bytes and run the plan on the twin (and, with `torch_mechanism`, once more through
     PyTorch's SAC and saved-tensor hooks on the other twin); time them in rounds with the plain step
     (`plain_call`, default the model's forward) and `rival` (a peer's step and its tracked run, which gets
-    its times here too). An `infeasible` row carries the lower bound; a crash is recorded, not raised.
-    Returns memplan's row, then the torch mechanism's if it was asked for."""
+    its times here too). An `infeasible` row carries the lower bound; a crash of any of them is recorded in
+    its row (the rival's in its run's `equal`), not raised. Returns memplan's row, then the torch
+    mechanism's if it was asked for."""
     m = lv.model
     plan, info = _plan(lv, budget)
-    info |= more
-    steps: list[tuple[LossCall, BenchModel]] = [(plain_call or m.module, m)]
-    runs: list[StepRun] = [rival[1]] if rival else []
-    steps += [(rival[0], m)] if rival else []
-    mech_row: dict[str, Any] = {}
-    ours = eager = None
-    with ExitStack() as stack:
-        if plan is not None:
-            try:
-                stack.enter_context(memplan.applied(plan, lv.twin.module))
-                ours = measure(lv.twin.module, lv.twin, lv.cfg.warmup, reference=lv.plain)
-            except Exception as e:  # a runtime failure is a finding: record it, go on
-                info["grads"] = f"CRASH: {e!r}"[:300]
-        if ours is not None and torch_mechanism:
-            try:
-                done = stack.enter_context(memplan.applied(plan, lv.eager.module, mechanism="torch"))
-                eager = measure(lv.eager.module, lv.eager, lv.cfg.warmup, reference=lv.plain)
-                mech_row = _mechanism_report(done)
-            except Exception as e:
-                mech_row = {"grads": f"CRASH: {e!r}"[:300]}
-        planned = ((ours, lv.twin), (eager, lv.eager))
-        ran = [(r, (twin.module, twin)) for r, twin in planned if r is not None]
-        try:
-            times = time_rounds(steps + [step for _, step in ran], lv.cfg.reps)
-        except Exception as e:
-            if not ran:
-                raise
-            info["grads"] = mech_row["grads"] = f"CRASH (timed steps): {e!r}"[:300]
-            ours, eager, ran = None, None, []
-            times = time_rounds(steps, lv.cfg.reps)
-    for run, t in zip([*runs, *(r for r, _ in ran)], times[1:], strict=True):
-        run.times, run.plain_times = t, times[0]
-    rows = [_planned_row(m.name, "memplan", knob, ours, budget, info)]
+    ours, mech = info | more, info | more
+    timed = [_Timed("plain", plain_call or m.module, m)]
+    timed += [_Timed("peer", rival[0], m, rival[1])] if rival else []
+    closing, rounds = None, None
+    try:
+        with ExitStack() as stack:
+            if plan is not None:
+                timed += _applied(stack, lv, plan, lv.twin, "graph", ours)
+                timed += _applied(stack, lv, plan, lv.eager, "torch", mech) if torch_mechanism else []
+            rounds = time_rounds([(t.call, t.model) for t in timed], lv.cfg.reps)
+    except Exception as e:  # leaving an applied plan (closing its tier store) failed: the plans' rows say so
+        closing = f"CRASH (closing): {e!r}"[:300]
+    if rounds is None:  # nothing was timed: a plan could not even be entered and left
+        raise RuntimeError(f"{m.name}: {closing}")
+    if 0 in rounds.errors:
+        raise RuntimeError(f"{m.name}: the plain step failed: {rounds.errors[0]}")
+    runs: dict[str, StepRun] = {}
+    for i, t in enumerate(timed[1:], start=1):
+        assert t.run is not None
+        error = f"CRASH (timed steps): {rounds.errors[i]}" if i in rounds.errors else None
+        if error or (closing and t.label != "peer"):
+            t.run.equal = t.fields["grads"] = error or closing
+            continue
+        t.run.times, t.run.plain_times = rounds.times[i], rounds.times[0]
+        runs[t.label] = t.run
+    rows = [_planned_row(m.name, "memplan", knob, runs.get("graph"), budget, ours)]
     if torch_mechanism and plan is not None:
-        rows.append(_planned_row(m.name, "memplan-torch", knob, eager, budget, info | mech_row))
+        rows.append(_planned_row(m.name, "memplan-torch", knob, runs.get("torch"), budget, mech))
     return rows
 
 
@@ -244,9 +269,11 @@ def _planned_row(model: str, method: str, knob: str, run: StepRun | None, budget
 
 
 def _mechanism_report(info: Any) -> dict[str, Any]:
-    """What `applied(..., mechanism="torch")` did (an `EagerInfo`), for the row."""
+    """What `applied(..., mechanism="torch")` did in the tracked step (an `EagerInfo`), for the row."""
     return {"checkpointed_layers": info.checkpointed, "sac_answers": dict(info.sac),
             "swapped_tensors": info.swapped_tensors, "swapped_MiB": info.swapped_bytes / MiB,
+            "loaded_tensors": info.loaded_tensors, "prefetched_tensors": info.prefetched_tensors,
+            "held_on_device": info.held_on_device, "missed_swaps": info.missed_swaps,
             "swaps_on_device": len(info.swaps_on_device),
             "swaps_outside_blocks": len(info.swaps_outside_blocks)}
 
@@ -284,10 +311,14 @@ def _peer_and_twin(lv: Level, method: str, knob: str, call: LossCall, run: StepR
 def _peer_rows(lv: Level) -> list[dict[str, Any]]:
     """Per-block checkpointing, then torch.compile at each memory budget, each with its memplan twin."""
     m, cfg = lv.model, lv.cfg
-    with checkpointed(m.blocks):
-        run = measure(m.module, m, cfg.warmup, reference=lv.plain)
-        rows = _peer_and_twin(lv, "checkpoint", f"every block ({len(m.blocks)})", m.module, run,
-                              without_checkpoints(m.module, m.blocks), "checkpoint")
+    knob = f"every block ({len(m.blocks)})"
+    try:
+        with checkpointed(m.blocks):
+            run = measure(m.module, m, cfg.warmup, reference=lv.plain)
+            rows = _peer_and_twin(lv, "checkpoint", knob, m.module, run,
+                                  without_checkpoints(m.module, m.blocks), "checkpoint")
+    except Exception as e:  # recorded like memplan's failures
+        rows = [_row(m.name, "checkpoint", knob, None, grads=f"CRASH: {e!r}"[:300])]
     for mb in cfg.compile_budgets:
         knob = f"activation_memory_budget {mb:g}"
         try:
@@ -307,7 +338,10 @@ def bench_model(name: str, cfg: TrainConfig, hw: Hardware) -> list[dict[str, Any
     m = load_bench_model(name, cfg.batch, cfg.seq)
     twin, eager = (BenchModel(m.name, copy.deepcopy(m.module), m.inputs, ()) for _ in range(2))
     plain = measure(m.module, m, cfg.warmup, keep_grads=True)
-    plain.times = plain.plain_times = time_rounds([(m.module, m)], cfg.reps)[0]
+    alone = time_rounds([(m.module, m)], cfg.reps)
+    if alone.errors:
+        raise RuntimeError(f"{name}: the plain step failed: {alone.errors[0]}")
+    plain.times = plain.plain_times = alone.times[0]
     lv = Level(m, twin, eager, plain, cfg, hw)
     rows = [_row(name, "plain", "-", plain, grads="reference"), *_memplan_rows(lv), *_peer_rows(lv)]
     for r in rows:

@@ -167,15 +167,29 @@ def measure(call: LossCall, model: BenchModel, warmup: int, reference: StepRun |
                    grads if keep_grads else [], equal)
 
 
-def time_rounds(steps: Sequence[tuple[LossCall, BenchModel]], reps: int) -> list[list[float]]:
+@dataclass
+class Rounds:
+    """What `time_rounds` measured: one list of step times per entry, and the entries whose step raised
+    (index -> the error; such an entry is left out of the later rounds)."""
+
+    times: list[list[float]]
+    errors: dict[int, str]
+
+
+def time_rounds(steps: Sequence[tuple[LossCall, BenchModel]], reps: int) -> Rounds:
     """Wall seconds of `reps` rounds of steps: each round times one step of every entry, the order rotated
     by one each round, so that the methods compared share the machine's speed of the moment and each
-    follows each other equally often. Returns one list of times per entry."""
-    times: list[list[float]] = [[] for _ in steps]
+    follows each other equally often."""
+    out = Rounds([[] for _ in steps], {})
     for r in range(reps):
         for i in (k % len(steps) for k in range(r, r + len(steps))):
-            times[i] += time_steps(*steps[i], 1)
-    return times
+            if i in out.errors:
+                continue
+            try:
+                out.times[i] += time_steps(*steps[i], 1)
+            except Exception as e:  # recorded for that entry; the others go on
+                out.errors[i] = f"{e!r}"[:300]
+    return out
 
 
 def compare_step(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,

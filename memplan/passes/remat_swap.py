@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -121,8 +121,11 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
     swap_cost = compute_share(hardware, tier)
     form = _formulate(space, base, budget, tier, opts, link_s=clock, swap_cost=swap_cost)
     result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
-    if result.x is None:
-        _raise_infeasible(graph, plan, space, base, budget, result, tier, opts, clock)
+    if result.x is None:  # raises InfeasibleBudget unless the lowest-peak plan fits: then start from it
+        start = _lowest_peak_or_raise(graph, plan, space, base, budget, result, tier, opts, clock)
+        result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap, start=start)
+        if result.x is None:  # HiGHS rejected the start: it fits all the same
+            result = replace(result, status="feasible", x=start)
     assert result.x is not None
     choice, chosen = _decode(result.x, space)
     new_plan = apply_decisions(graph, hardware, plan, cands, choice, tier, chosen)
@@ -437,7 +440,7 @@ def _solver_report(r: MilpResult) -> SolverReport:
     return SolverReport("highs-milp", r.status, r.objective, r.bound, r.gap, r.time_s, r.time_limit_s)
 
 
-def _raise_infeasible(
+def _lowest_peak_or_raise(
     graph: Graph,
     plan: Plan,
     space: _Space,
@@ -447,9 +450,11 @@ def _raise_infeasible(
     tier: Tier | None,
     opts: RematSwapOptions,
     link_s: float,
-) -> None:
-    """No assignment fits: find the lowest peak any keep / swap / recompute plan reaches (a second MILP,
-    objective = peak) and name the tensors that no decision can move at the step where it happens."""
+) -> np.ndarray:
+    """The time MILP found no plan: find the lowest peak any keep / swap / recompute plan reaches (a second
+    MILP, objective = peak). If it fits the budget (the time MILP ran out of time before finding any plan
+    in a tiny feasible set), return its columns as a start; otherwise raise `InfeasibleBudget`, naming the
+    tensors that no decision can move at the step where the peak happens."""
     cands = space.cands
     form = _formulate(space, base, budget, tier, opts, link_s, min_peak=True)
     low = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
@@ -458,6 +463,8 @@ def _raise_infeasible(
         residency = decided_residency(graph, cands, choice, tier, chosen)
         live = timeline(residency, len(graph.ops))["device"]
         step, reach = int(np.argmax(live)), int(live.max())
+        if reach <= budget and result.status != "infeasible":
+            return low.x[: space.width]
     else:
         step, reach = int(np.argmax(base)), int(base.max())
     bound = int((low.bound or 0.0) * MIB)

@@ -32,7 +32,10 @@ What differs from the graph mechanism, and from the plan's prediction:
   device; an op the plan lists that the eager forward does not run is counted in `EagerInfo.missed_swaps`;
 - autograd, not the plan, orders frees; swaps are written out when autograd saves the tensor and read back
   when backward asks (plus one block of prefetch), not at the plan's steps; a read-back tensor stays on
-  the device until every autograd node that saved it has run.
+  the device until every autograd node that saved it has run; a swapped storage that something else still
+  holds on the device when backward needs it is used there (`EagerInfo.held_on_device`), not read back;
+- saved-tensor hooks turn off autograd's check that a saved tensor was not modified in place; the unpack
+  hook repeats it (for a swapped tensor, only while the tensor object is alive).
 So the measured peak is NOT guaranteed to be under the plan's budget with this mechanism: measure it.
 The backward must run inside the block: tensors still on the tier at exit are freed (and the store closed
 if this opened it).
@@ -85,6 +88,9 @@ class EagerInfo:
     loaded_tensors: int = 0
     """Storages read back from the tier in backward."""
     prefetched_tensors: int = 0
+    held_on_device: int = 0
+    """Swapped storages still held on the device by something else when backward needed them: used there,
+    not read back (swapping them saved no device memory)."""
     missed_swaps: int = 0
     """Swapped outputs whose op the block's forward did not run as the plan lists it (not swapped)."""
     swaps_on_device: list[str] = field(default_factory=list)
@@ -182,9 +188,11 @@ class SwapMarker(TorchDispatchMode):
             outs = out if isinstance(out, (tuple, list)) else [out]
             tensors = [t for t in outs if isinstance(t, torch.Tensor)]
             for i in positions:
-                if i < len(tensors):
-                    key = f"layer{self.layer}.{name}#{occurrence}.{i}"
-                    self.swapper.note(tensors[i].untyped_storage(), self.layer, key)
+                if i >= len(tensors):  # the op made fewer tensors than the plan lists: not swapped
+                    self.swapper.info.missed_swaps += 1
+                    continue
+                key = f"layer{self.layer}.{name}#{occurrence}.{i}"
+                self.swapper.note(tensors[i].untyped_storage(), self.layer, key)
         return out
 
     def missed(self) -> int:
@@ -195,9 +203,12 @@ class SwapMarker(TorchDispatchMode):
 class _Swapped:
     """One storage on the tier, shared by the packed views of it; read back once, freed with the last view."""
 
-    def __init__(self, swapper: Swapper, layer: int, handle: Handle) -> None:
+    def __init__(self, swapper: Swapper, layer: int, handle: Handle, original: torch.UntypedStorage) -> None:
         self.swapper = swapper
         self.layer = layer
+        self.original = weakref.ref(original)
+        """The device storage that was swapped: if something outside the hooks still holds it when backward
+        asks (autograd outside the blocks, the caller), it is used instead of a second copy from the tier."""
         self.handle: Handle | None = handle
         self.data: torch.Tensor | None = None
         self.refs = 0
@@ -214,7 +225,12 @@ class _Swapped:
                         "exited; run the backward inside the `with memplan.applied(...)` block"
                     )
                 sw.on_first_load(self.layer)
-                self.data = sw.store.get(self.handle)
+                original = self.original()
+                if original is not None:  # still on the device: reading it back would hold it twice
+                    self.data = torch.empty(0, dtype=torch.uint8, device=original.device).set_(original)
+                    sw.info.held_on_device += 1
+                else:
+                    self.data = sw.store.get(self.handle)
                 sw.store.free(self.handle)
                 self.handle = None
                 sw.info.loaded_tensors += 1
@@ -236,13 +252,17 @@ class _Swapped:
                 return
             self.data = None
             if self.handle is not None and not sw.closed:
-                sw.store.free(self.handle)
+                try:
+                    sw.store.free(self.handle)
+                except Exception:  # noqa: BLE001  a finalizer: a store the caller closed already freed it
+                    pass
             self.handle = None
             sw.live.discard(self)
 
 
 class _Packed:
-    """What autograd holds for a swapped saved tensor: its storage record and how to view it."""
+    """What autograd holds for a swapped saved tensor: its storage record, how to view it, and the version
+    the tensor had when saved."""
 
     def __init__(self, record: _Swapped, t: torch.Tensor) -> None:
         self.record = record
@@ -250,6 +270,28 @@ class _Packed:
         self.size = tuple(t.shape)
         self.stride = t.stride()
         self.offset = t.storage_offset()
+        self.saved = _Saved(weakref.ref(t), t._version)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """A saved tensor (weakly) and its version when saved: saved-tensor hooks turn off autograd's check that
+    a tensor needed for backward was not modified in place since, so the unpack hook does it."""
+
+    tensor: Callable[[], torch.Tensor | None]
+    version: int
+
+    def check(self) -> None:
+        """Raise autograd's error if the tensor is alive and was modified in place since it was saved (a
+        swapped tensor that died since is not checked: its bytes were copied when it was saved)."""
+        t = self.tensor()
+        if t is not None and t._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a tensor of shape {list(t.shape)} is at version {t._version}; expected version "
+                f"{self.version} instead (checked by memplan.applied(mechanism='torch'), whose saved-tensor "
+                "hooks turn off autograd's own check)"
+            )
 
 
 class Swapper:
@@ -281,24 +323,26 @@ class Swapper:
         self.records.pop(sid, None)
 
     def hooks(
-        self, marker: SwapMarker
+        self, marker: SwapMarker | None
     ) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
-        """(pack, unpack) for one forward of the block `marker` watches."""
+        """(pack, unpack) for one forward of a block (`marker`: the one that watches it, if it swaps)."""
         records = self.records
 
         def pack(t: torch.Tensor) -> Any:
             sid = t.untyped_storage()._cdata
             noted = self.storages.get(sid)
             if noted is None:
-                return t
+                return (t, _Saved(weakref.ref(t), t._version))
             layer, key = noted
-            marker.paused = True
+            if marker is not None:
+                marker.paused = True
             try:
                 record = records.get(sid)
-                if record is None:
-                    whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+                if record is None or record.refs == 0:  # not on the tier, or released since: put it (again)
+                    storage = t.untyped_storage()
+                    whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
                     handle = self.store.put(key, whole)
-                    record = records[sid] = _Swapped(self, layer, handle)
+                    record = records[sid] = _Swapped(self, layer, handle, storage)
                     with self.lock:
                         self.live.add(record)
                         self.started.discard(layer)
@@ -310,11 +354,15 @@ class Swapper:
                 weakref.finalize(packed, record.release)
                 return packed
             finally:
-                marker.paused = False
+                if marker is not None:
+                    marker.paused = False
 
         def unpack(packed: Any) -> torch.Tensor:
-            if not isinstance(packed, _Packed):
-                return packed  # type: ignore[no-any-return]
+            if isinstance(packed, tuple):
+                t, saved = packed
+                saved.check()
+                return t  # type: ignore[no-any-return]
+            packed.saved.check()
             data = packed.record.load()
             with torch.no_grad():
                 return torch.empty(0, dtype=packed.dtype, device=data.device).set_(
@@ -338,19 +386,32 @@ class Swapper:
                 if r.layer == previous:
                     r.prefetch()
 
-    def close(self) -> None:
-        """Free what is still on the tier (a forward whose backward did not run inside the block)."""
+    def close(self, raise_errors: bool = True) -> None:
+        """Free what is still on the tier (a forward whose backward did not run inside the block); a failed
+        copy's error is raised after the frees, unless `raise_errors` is off (another error is on its way)."""
         with self.lock:
-            try:
-                self.store.flush()  # raises a failed copy's error, after the frees below
-            finally:
-                for r in list(self.live):
-                    if r.handle is not None:
-                        self.store.free(r.handle)
-                    r.handle = None
-                    r.data = None
-                self.live.clear()
-                self.closed = True
+            errors: list[Exception] = []
+            for step in [self.store.flush] + [self._dropper(r) for r in list(self.live)]:
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001  free the rest first
+                    errors.append(e)
+            self.live.clear()
+            self.closed = True
+        if errors and raise_errors:
+            raise errors[0]
+
+    def exit(self, kind: type[BaseException] | None, *_: object) -> None:
+        """`close` as an exit callback: the body's own error, if any, wins over a failed copy's."""
+        self.close(raise_errors=kind is None)
+
+    def _dropper(self, r: _Swapped) -> Callable[[], None]:
+        def drop() -> None:
+            handle, r.handle, r.data = r.handle, None, None
+            if handle is not None:
+                self.store.free(handle)
+
+        return drop
 
 
 def _checkpointed_forward(
@@ -380,11 +441,15 @@ def _swapping_forward(
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        marker = SwapMarker(layer, spec, swapper)
+        marker = SwapMarker(layer, spec, swapper) if spec else None  # no per-op Python cost without swaps
         pack, unpack = swapper.hooks(marker)
-        with marker, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with ExitStack() as stack:
+            if marker is not None:
+                stack.enter_context(marker)
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
             out = forward(*args, **kwargs)
-        swapper.info.missed_swaps += marker.missed()
+        if marker is not None:
+            swapper.info.missed_swaps += marker.missed()
         return out
 
     return run
@@ -426,7 +491,7 @@ def applied_torch(
 
                 store = stack.enter_context(open_tier(plan.hardware, tier, emulate=emulate))
             swapper = Swapper(store, info)
-            stack.callback(swapper.close)
+            stack.push(swapper.exit)
         try:
             for layer, (_, block) in enumerate(blocks):
                 own = "forward" in vars(block)

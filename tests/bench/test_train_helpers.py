@@ -103,10 +103,20 @@ def test_time_rounds_rotates_the_order():
 
         return call
 
-    times = time_rounds([(step("a"), model), (step("b"), model), (step("c"), model)], 3)
+    rounds = time_rounds([(step("a"), model), (step("b"), model), (step("c"), model)], 3)
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert [len(t) for t in times] == [3, 3, 3] and all(x > 0 for t in times for x in t)
-    assert all(p.grad is None for p in model.params)
+    assert [len(t) for t in rounds.times] == [3, 3, 3] and all(x > 0 for t in rounds.times for x in t)
+    assert all(p.grad is None for p in model.params) and rounds.errors == {}
+
+
+def test_time_rounds_records_a_failing_step_and_goes_on():
+    model = BenchModel("m", nn.Linear(2, 1), (torch.ones(1, 2),), ())
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("boom")
+
+    rounds = time_rounds([(model.module, model), (broken, model)], 3)
+    assert [len(t) for t in rounds.times] == [3, 0] and rounds.errors == {1: "ValueError('boom')"}
 
 
 def test_write_pareto(tmp_path: Path):

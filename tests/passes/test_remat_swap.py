@@ -128,3 +128,25 @@ def test_measured_compute_share_prices_swaps(graph):
 
     assert swapped(cheap) > swapped(dear)
     assert cheap.predictions.time_s < dear.predictions.time_s
+
+
+def test_no_plan_in_time_falls_back_to_the_lowest_peak_plan(graph, monkeypatch):
+    """The time MILP stops without any plan (a tiny feasible set, a short limit): the lowest-peak MILP's
+    plan fits the budget, so it starts a second solve instead of an InfeasibleBudget being raised."""
+    import memplan.passes.remat_swap as rs
+    from memplan.solvers.milp import MilpResult
+
+    real, calls = rs.solve_milp, []
+
+    def first_times_out(problem, time_limit_s, gap=1e-4, start=None):
+        calls.append(start is not None)
+        if len(calls) == 1:
+            return MilpResult("timeout", None, None, None, None, time_limit_s, time_limit_s)
+        return real(problem, time_limit_s, gap, start=start)
+
+    monkeypatch.setattr(rs, "solve_milp", first_times_out)
+    _, base = _plan(graph, 2**40)
+    budget = int(base.predictions.peak_bytes["device"] * 0.7)
+    plan, _ = _plan(graph, budget)
+    assert calls == [False, False, True]  # timed out; lowest peak; the time MILP again, from that start
+    assert _peak(plan) <= budget and verify_plan(plan).ok

@@ -97,6 +97,7 @@ def test_swap_plan_bitwise_through_the_store(setup: Any, fast_host_hw: Hardware)
     assert stats.live_bytes == 0  # every swapped tensor came back and was freed on the tier
     predicted = plan.predictions.peak_bytes["device"]
     print(f"\nswap plan: measured peak {peak} B, plan predicts {predicted} B, plain step {ref_peak} B")
+    assert peak < ref_peak and info.held_on_device == 0  # the swapped storages left the device
     loss2, _, _, info2 = _step(model, inputs, _torch(plan, model))  # store opened and closed by applied
     assert torch.equal(loss2, ref_loss) and info2.swapped_tensors == info.swapped_tensors
     assert _restored(model)
@@ -175,9 +176,23 @@ def test_unknown_mechanism_and_block_mismatch_refused(setup: Any) -> None:
     other = Stack()
     with pytest.raises(InvalidInput, match="2 repeated layers.*3 blocks"), _torch(plan, other):
         pass
-    assert _restored(other)
     wider = copy.deepcopy(model)
     wider.model.lm_head = torch.nn.Linear(64, 300, bias=True)  # another head: the state differs
     with pytest.raises(PlanMismatch, match="in the model only.*lm_head.bias"), _torch(plan, wider):
         pass
-    assert _restored(wider)
+
+
+def test_in_place_change_of_a_saved_tensor_is_refused(setup: Any, fast_host_hw: Hardware) -> None:
+    """Saved-tensor hooks turn autograd's version check off; the mechanism's unpack hook makes it again."""
+    model, inputs, base_peak, _ = setup
+    plan = _plan(model, inputs, fast_host_hw, int(base_peak * 0.8), allow_recompute=False)
+    weight = find_blocks(model)[1][1].attn.c_attn.weight  # saved by its matmul for the input's gradient
+    with _torch(plan, model) as info:
+        loss = model(*inputs)
+        with torch.no_grad():
+            weight.mul_(1.0)  # same values, new version: plain autograd refuses the backward too
+        with pytest.raises(RuntimeError, match="modified by an inplace operation.*memplan"):
+            loss.backward()
+    assert info.swap_layers == [0, 1]
+    for p in model.parameters():
+        p.grad = None
