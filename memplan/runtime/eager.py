@@ -270,28 +270,22 @@ class _Packed:
         self.size = tuple(t.shape)
         self.stride = t.stride()
         self.offset = t.storage_offset()
-        self.saved = _Saved(weakref.ref(t), t._version)
+        self.tensor = weakref.ref(t)
+        self.version = t._version
+        """The version the tensor had when saved (checked on unpack while the tensor is alive: a swapped
+        tensor that died since is not checked, its bytes were copied when it was saved)."""
 
 
-@dataclass(frozen=True)
-class _Saved:
-    """A saved tensor (weakly) and its version when saved: saved-tensor hooks turn off autograd's check that
-    a tensor needed for backward was not modified in place since, so the unpack hook does it."""
-
-    tensor: Callable[[], torch.Tensor | None]
-    version: int
-
-    def check(self) -> None:
-        """Raise autograd's error if the tensor is alive and was modified in place since it was saved (a
-        swapped tensor that died since is not checked: its bytes were copied when it was saved)."""
-        t = self.tensor()
-        if t is not None and t._version != self.version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: a tensor of shape {list(t.shape)} is at version {t._version}; expected version "
-                f"{self.version} instead (checked by memplan.applied(mechanism='torch'), whose saved-tensor "
-                "hooks turn off autograd's own check)"
-            )
+def _check_version(t: torch.Tensor, saved: int) -> None:
+    """Raise autograd's error if `t` was modified in place since it was saved at version `saved`:
+    saved-tensor hooks turn autograd's own check off, so the unpack hook makes it."""
+    if t._version != saved:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: a tensor of shape {list(t.shape)} is at version {t._version}; expected version "
+            f"{saved} instead (checked by memplan.applied(mechanism='torch'), whose saved-tensor hooks turn "
+            "off autograd's own check)"
+        )
 
 
 class Swapper:
@@ -332,7 +326,7 @@ class Swapper:
             sid = t.untyped_storage()._cdata
             noted = self.storages.get(sid)
             if noted is None:
-                return (t, _Saved(weakref.ref(t), t._version))
+                return (t, t._version)
             layer, key = noted
             if marker is not None:
                 marker.paused = True
@@ -359,10 +353,12 @@ class Swapper:
 
         def unpack(packed: Any) -> torch.Tensor:
             if isinstance(packed, tuple):
-                t, saved = packed
-                saved.check()
+                t, version = packed
+                _check_version(t, version)
                 return t  # type: ignore[no-any-return]
-            packed.saved.check()
+            alive = packed.tensor()
+            if alive is not None:
+                _check_version(alive, packed.version)
             data = packed.record.load()
             with torch.no_grad():
                 return torch.empty(0, dtype=packed.dtype, device=data.device).set_(
