@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memplan.planner.files import atomic_write_text
+from memplan.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

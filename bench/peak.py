@@ -1,7 +1,7 @@
 """Predicted vs measured peak on the zoo models that fit in this machine's RAM, and capture time at scale.
 
 For each (model, mode): plan with memplan (captured on the meta device), then run the same step for real on
-the CPU under the live-storage tracker (`memplan.runtime.measure.run_plan`) and report both peaks and the
+the CPU under the live-storage tracker (`memplan.planner.run.run_plan`) and report both peaks and the
 error. Then capture Llama-2-7B and Llama-2-70B training steps on the meta device (nothing allocated) and
 report capture + planning time. Peer: PyTorch's own eager run is the ground truth here.
 """
@@ -14,7 +14,7 @@ import warnings
 import memplan
 from bench.harness import Result
 from memplan.errors import InfeasibleBudget
-from memplan.runtime.measure import run_plan
+from memplan.planner.run import run_plan
 
 MiB = 2**20
 

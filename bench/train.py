@@ -73,9 +73,9 @@ from bench.train_peers import (
 )
 from memplan.errors import InfeasibleBudget
 from memplan.ir.hardware import Hardware, load_hardware
-from memplan.planner.plan import Plan
-from memplan.planner.sizes import format_size
+from memplan.plans.plan import Plan
 from memplan.runtime.calibrate import calibrate
+from memplan.units import format_size
 
 COLUMNS = ["model", "method", "knob", "peak_MiB", "peak/plain", "step_s", "overhead_%",
            "predicted_overhead_%", "within_budget", "grads", "plan_s", "keep/swap/recompute/split", "solver"]
@@ -143,15 +143,15 @@ def _row(model: str, method: str, knob: str, run: StepRun | None, **more: Any) -
 
 def _remat_report(plan: Plan) -> dict[str, Any]:
     """Keep / swap / recompute / split counts and MiB, solver status and gap of the remat_swap pass."""
-    tensors = plan.decisions.get("remat_swap", {}).get("tensors", [])
-    split = {d: [t for t in tensors if t["decision"] == d] for d in ("keep", "swap", "recompute", "split")}
+    tensors = plan.decisions.remat.tensors if plan.decisions.remat else ()
+    split = {d: [t for t in tensors if t.decision == d] for d in ("keep", "swap", "recompute", "split")}
     report = next((p for p in plan.passes if p.name == "remat_swap"), None)
     gap = report.solver.gap if report is not None else None
     compute_s = sum(e.duration_s for e in plan.events if e.kind == "compute")  # the plan-free step
     return {
         "keep/swap/recompute/split": "/".join(str(len(ts)) for ts in split.values()),
         "recomputed": len(split["recompute"]) + len(split["split"]),
-        "split_MiB": {d: sum(t["size_bytes"] for t in ts) / MiB for d, ts in split.items()},
+        "split_MiB": {d: sum(t.size_bytes for t in ts) / MiB for d, ts in split.items()},
         "solver": (report.solver.status if report else "-") + (f", gap {gap:.2g}" if gap else ""),
         "solver_gap": gap,
         "pass_s": {p.name: p.time_s for p in plan.passes},

@@ -40,8 +40,8 @@ from transformers import LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from memplan.planner.models import load_model
-from memplan.planner.zoo import INPUT_SEED, build_from_config, llama_config
 from memplan.runtime.tracker import CompiledCodeTracker
+from memplan.zoo.catalog import INPUT_SEED, build_from_config, llama_config
 
 MiB = 2**20
 RTOL, ATOL = 1e-5, 1e-6

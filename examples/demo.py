@@ -21,7 +21,7 @@ from rich.console import Console
 import memplan
 from memplan.planner.plot import plot_timeline
 from memplan.planner.report import render_summary
-from memplan.runtime.measure import run_plan
+from memplan.planner.run import run_plan
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from memplan.planner.tiny_lm import DEFAULT_STEPS, TrainReport, TrainSettings, cache_dir, train_tiny_lm
+from memplan.zoo.tiny_lm import DEFAULT_STEPS, TrainReport, TrainSettings, cache_dir, train_tiny_lm
 
 
 def report_table(report: TrainReport) -> Table:

@@ -7,7 +7,8 @@ memory tiers, 4096 for the SSD tier so that file reads are page-aligned). The po
 under several orderings, then exact search) minimises each arena's height against the max-load bound.
 
 Reads `plan.residency`; writes `plan.offsets` (tier -> value id -> offset), `predictions.arena_bytes`
-and a decision summary per tier. Never mutates its inputs.
+and its `AllocateDecision` (one arena per tier, each packing's height, bound and solver). Runs last: a pass
+after it would move storages its offsets were packed for. Never mutates its inputs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field, replace
 from memplan.ir.analysis import Interval
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware
-from memplan.passes.base import PassOutput
-from memplan.planner.plan import PassReport, Plan, SolverReport
+from memplan.passes.base import PassOutput, PassSpec
+from memplan.plans.decisions import AllocateDecision, Arena, TierPacking
+from memplan.plans.plan import PassReport, Plan, SolverReport
 from memplan.solvers.packing import PortfolioOptions, Problem, Solution, Status, make_buffer, solve
 
 NAME = "allocate"
@@ -33,7 +35,7 @@ class AllocateOptions:
     """`timeout_s` is shared by all tiers (each gets its share of what is left); `alignment_bytes`
     overrides the defaults per tier; `exact=False` keeps to greedy best fit."""
 
-    timeout_s: float = 10.0
+    timeout_s: float = 5.0
     alignment_bytes: dict[str, int] = field(default_factory=dict)
     exact: bool = True
 
@@ -111,28 +113,30 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: AllocateOptions |
         opts.timeout_s,
     )
     arena = {t: a.solution.height_bytes or 0 for t, a in allocs.items()}
+    decision = AllocateDecision(
+        tuple(Arena(t, t, arena[t], align[t]) for t in allocs),
+        tuple(_packing(a) for a in allocs.values()),
+    )
     new_plan = plan.with_(
         offsets={t: dict(a.offsets_bytes) for t, a in allocs.items()},
         predictions=replace(plan.predictions, arena_bytes=arena),
-        decisions={**plan.decisions, NAME: {t: _decision(a) for t, a in allocs.items()}},
+        decisions=plan.decisions.with_(allocate=decision),
         warnings=(*plan.warnings, *(n for n in notes if "exceeds" in n)),
     )
     return PassOutput(new_plan, PassReport(NAME, time.perf_counter() - t0, report, notes))
 
 
-run.name = NAME  # type: ignore[attr-defined]
-
-
-def _decision(a: TierAllocation) -> dict[str, object]:
+def _packing(a: TierAllocation) -> TierPacking:
     s = a.solution
-    return {
-        "arena_bytes": s.height_bytes,
-        "lower_bound_bytes": s.lower_bound_bytes,
-        "status": s.status.value,
-        "solver": s.solver,
-        "buffers": len(a.offsets_bytes),
-        "time_s": round(s.time_s, 4),
-    }
+    return TierPacking(
+        a.tier, s.height_bytes or 0, s.lower_bound_bytes, s.status.value, s.solver, len(a.offsets_bytes),
+        round(s.time_s, 4),
+    )
+
+
+PASS = PassSpec(
+    NAME, run, AllocateOptions, before=frozenset({"allocate"}), ensures=frozenset({"offsets"})
+)
 
 
 def _note(a: TierAllocation, budget: int | None) -> str:

@@ -1,17 +1,24 @@
-"""The pass interface: a pass is a function `(graph, hardware, plan, options) -> PassOutput`.
+"""The pass interface. A pass is a function `run(graph, hardware, plan, options) -> PassOutput`, described
+to the pass manager by a `PassSpec`.
 
-A pass reads the IR, the hardware and the plan so far, and returns a new plan with its own decisions added
-and a report of what its solver did. It never mutates its inputs (plans and IR records are immutable).
+`graph` is the plan's effective graph (`memplan.plans.effective`: the order and sizes under the passes
+before), so a step index in it is a schedule step. A pass starts from the plan it is given, adds its own
+typed decision record and updates residency, events and predictions; it never mutates its inputs and
+never drops what an earlier pass decided.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware
-from memplan.planner.plan import PassReport, Plan
+from memplan.plans.plan import PassReport, Plan
+
+Guarantee = Literal["device-budget", "offsets"]
+"""What a pass can promise about the plan it returns: the device peak within the device budget (or it
+raised `InfeasibleBudget`), or every resident storage has an offset in its tier's arena."""
 
 
 @dataclass(frozen=True)
@@ -22,9 +29,24 @@ class PassOutput:
     report: PassReport
 
 
-class Pass(Protocol):
-    """What the pipeline calls. `name` is the key of the pass's decisions in `Plan.decisions`."""
-
-    name: str
+class PassFn(Protocol):
+    """The function of a pass."""
 
     def __call__(self, graph: Graph, hardware: Hardware, plan: Plan, options: Any) -> PassOutput: ...
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A pass as the manager sees it: its name, function and options type (whose defaults are the pass's
+    defaults), the decisions it needs before it, the decisions that must not be made yet (it would
+    invalidate them), the guarantees it makes and the modes it applies to."""
+
+    name: str
+    run: PassFn
+    options: type
+    requires: frozenset[str] = frozenset()
+    """Fields of `Decisions` that an earlier pass must have filled."""
+    before: frozenset[str] = frozenset()
+    """Fields of `Decisions` that must still be empty: this pass changes what they were decided on."""
+    ensures: frozenset[Guarantee] = frozenset()
+    modes: frozenset[str] = frozenset({"train", "infer"})

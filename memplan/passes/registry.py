@@ -1,38 +1,31 @@
-"""Which passes exist and the order the default pipeline runs them in."""
+"""The passes that exist, by name, and the order the default pipeline runs them in.
+
+Each pass module defines its `PASS` (a `PassSpec`: function, options type with the pass's defaults,
+requirements and guarantees); this module only lists them. The pipeline order is the architecture's:
+schedule, bitwidth, kv_budget, remat_swap, placement, allocate — of which remat_swap and allocate are built.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-from memplan.ir.graph import Graph
-from memplan.ir.hardware import Hardware
+from memplan.errors import InvalidInput
 from memplan.passes import allocate, remat_swap
-from memplan.passes.base import Pass, PassOutput
-from memplan.planner.plan import Plan
+from memplan.passes.base import PassSpec
+
+PASSES: dict[str, PassSpec] = {p.name: p for p in (remat_swap.PASS, allocate.PASS)}
+"""Every built pass, in pipeline order."""
 
 
-@dataclass(frozen=True)
-class RematSwap:
-    """The `remat_swap` pass (keep / swap / recompute saved activations); training plans only."""
-
-    name: str = "remat_swap"
-
-    def __call__(self, graph: Graph, hardware: Hardware, plan: Plan, options: Any) -> PassOutput:
-        return remat_swap.run(graph, hardware, plan, options)
+def default_pipeline() -> list[PassSpec]:
+    """Passes in pipeline order."""
+    return list(PASSES.values())
 
 
-@dataclass(frozen=True)
-class Allocate:
-    """The `allocate` pass (offsets of every storage in its tier's arena), last: it packs what the others
-    decided."""
-
-    name: str = "allocate"
-
-    def __call__(self, graph: Graph, hardware: Hardware, plan: Plan, options: Any) -> PassOutput:
-        return allocate.run(graph, hardware, plan, options or allocate.AllocateOptions(timeout_s=5.0))
-
-
-def default_pipeline() -> list[Pass]:
-    """Passes in pipeline order. Only passes that are implemented are listed."""
-    return [RematSwap(), Allocate()]
+def passes_named(names: list[str]) -> list[PassSpec]:
+    """The passes `names` lists (as `--passes remat_swap,allocate` gives them), in the order given."""
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise InvalidInput(
+            f"unknown pass {', '.join(map(repr, unknown))}; the built passes are {', '.join(PASSES)} "
+            "(schedule, bitwidth, kv_budget and placement are not built yet)"
+        )
+    return [PASSES[n] for n in names]

@@ -24,10 +24,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from memplan.ir.analysis import lifetimes
+from memplan.ir.cost import op_time_s
 from memplan.ir.graph import PERSISTENT_ROLES, Graph
 from memplan.ir.hardware import Hardware
-from memplan.passes.remat_candidates import Candidate, Phases, uses_by_root, written_in_place
-from memplan.planner.baseline import op_time_s
+from memplan.ir.phases import Phases, last_reads, uses_by_root, written_in_place
+from memplan.passes.remat_candidates import Candidate
 
 
 @dataclass(frozen=True)
@@ -123,26 +124,11 @@ def _block(
     )
 
 
-def rerun_drops(graph: Graph, ops: tuple[int, ...], transient: tuple[int, ...]) -> dict[int, list[int]]:
-    """Op index -> the transients a block's re-run no longer needs after it (last read there, or never)."""
-    wanted = set(transient)
-    last: dict[int, int] = {}
-    for i in ops:
-        for vid in (*graph.ops[i].outputs, *graph.ops[i].inputs):
-            root = graph.storage_of(vid)
-            if root in wanted:
-                last[root] = i
-    out: dict[int, list[int]] = defaultdict(list)
-    for root, i in last.items():
-        out[i].append(root)
-    return dict(out)
-
-
 def _worst_moment(graph: Graph, ops: tuple[int, ...], transient: tuple[int, ...]) -> tuple[int, ...]:
     """The transients live together (an op's outputs beside its inputs) when their bytes peak in the
     re-run."""
     wanted = set(transient)
-    drops = rerun_drops(graph, ops, transient)
+    drops = last_reads(graph, ops, transient)
     live: set[int] = set()
     worst: tuple[int, ...] = ()
     worst_bytes = 0

@@ -28,64 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from memplan.ir.analysis import lifetimes
+from memplan.ir.cost import op_time_s
 from memplan.ir.graph import PERSISTENT_ROLES, Graph, Op, Role
 from memplan.ir.hardware import Hardware, Tier
-from memplan.planner.baseline import op_time_s
+from memplan.ir.phases import Phases, phases, uses_by_root, written_in_place
+from memplan.ir.row_ops import ROW_OPERAND, ROW_OPS, ROW_POINTWISE, ROW_VIEWS
 
 MAX_CLOSURE_OPS = 12
-
-ROW_POINTWISE = frozenset(
-    f"aten.{n}"
-    for n in (
-        "add.Tensor",
-        "sub.Tensor",
-        "mul.Tensor",
-        "div.Tensor",
-        "add.Scalar",
-        "mul.Scalar",
-        "pow.Tensor_Scalar",
-        "gelu.default",
-        "relu.default",
-        "silu.default",
-        "tanh.default",
-        "sigmoid.default",
-        "rsqrt.default",
-        "neg.default",
-        "erf.default",
-        "exp.default",
-        "_to_copy.default",
-        "clone.default",
-    )
-)
-"""Elementwise ops: row i of the output reads row i of the inputs (and parameters broadcast over rows)."""
-ROW_VIEWS = frozenset(
-    [
-        "aten.view.default",
-        "aten._unsafe_view.default",
-        "aten.reshape.default",
-        "aten.alias.default",
-        "aten.detach.default",
-    ]
-)
-"""Views that keep the last dim: the same rows in the same order (identity on a [rows, last] block)."""
-ROW_OPS = (
-    ROW_POINTWISE
-    | ROW_VIEWS
-    | frozenset(["aten.mm.default", "aten.addmm.default", "aten.native_layer_norm.default", "aten.mean.dim"])
-)
-"""Ops a split's closure may run on a block of rows; `mm`/`addmm` with the rows as the left operand,
-`native_layer_norm` and `mean.dim` over the last dim only."""
-ROW_OPERAND = {"aten.mm.default": 0, "aten.addmm.default": 1}
-"""The one input of a matmul that carries rows; its other inputs are parameters."""
-
-
-@dataclass(frozen=True, slots=True)
-class Phases:
-    """Schedule positions: forward is [0, fwd_end), backward [fwd_end, bwd_end), optimizer after."""
-
-    fwd_end: int
-    bwd_end: int
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -131,35 +80,6 @@ class Candidate:
     @property
     def can_split(self) -> bool:
         return self.rows > 1 and self.can_swap and self.can_recompute
-
-
-def phases(graph: Graph) -> Phases:
-    """Forward ends after the op that computes the loss (output 0); backward after the last gradient."""
-    if not graph.outputs:
-        return Phases(len(graph.ops), len(graph.ops))
-    loss = graph.producer(graph.storage_of(graph.outputs[0]))
-    fwd_end = (loss if loss is not None else len(graph.ops) - 1) + 1
-    grads = [graph.producer(graph.storage_of(o)) for o in graph.outputs[1:]]
-    bwd_end = max([g for g in grads if g is not None], default=len(graph.ops) - 1) + 1
-    return Phases(fwd_end, max(bwd_end, fwd_end))
-
-
-def uses_by_root(graph: Graph) -> dict[int, list[int]]:
-    uses: dict[int, list[int]] = {}
-    for i, op in enumerate(graph.ops):
-        for vid in op.inputs:
-            uses.setdefault(graph.storage_of(vid), []).append(i)
-    return uses
-
-
-def written_in_place(graph: Graph) -> set[int]:
-    """Storages some op updates in place (an `op_` target writing an alias): not recomputable."""
-    out = set()
-    for op in graph.ops:
-        name = op.target.split(".")[1] if op.target.count(".") >= 2 else op.target
-        if name.endswith("_"):
-            out.update(graph.storage_of(v) for v in op.outputs)
-    return out
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """Turn `remat_swap`'s keep / swap / recompute / split decisions into a plan: the residency of every storage
 on every tier, the event schedule (recomputes before their first backward use, transfers on one link per
 direction, stalls where a transfer is late), and the decisions in `Plan.decisions["remat_swap"]`, which
-the executor (`memplan.runtime.executor`) follows.
+the executor (`memplan.runtime.executor`) follows, as a typed `RematDecision` (op ids, schedule steps).
+
+It composes: it starts from the plan it is given (whatever earlier passes placed or moved stays as it was;
+only the candidates' device intervals are replaced) and keeps the earlier passes' events, shifted in time
+by the stalls and recomputes it inserts.
 
 A member of a checkpointed block (`remat_blocks`) is dropped after its last forward use and rebuilt, with
 the rest of the block, by one re-run of the block's forward at the block's rebuild step.
@@ -19,13 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from memplan.ir.analysis import Interval, device_intervals
+from memplan.ir.analysis import Interval
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware, Tier
 from memplan.passes.remat_blocks import Block
 from memplan.passes.remat_candidates import Candidate
-from memplan.planner.baseline import compute_events, predictions_for
-from memplan.planner.plan import Event, Plan
+from memplan.plans.decisions import BlockRemat, RematDecision, TensorRemat
+from memplan.plans.effective import predictions_for
+from memplan.plans.plan import Event, Plan
 
 Decision = Literal["keep", "swap", "recompute", "split"]
 
@@ -56,21 +61,25 @@ class Choice:
 
 def decided_residency(
     graph: Graph,
+    start: Sequence[Interval],
     cands: list[Candidate],
     choice: list[Choice],
     tier: Tier | None,
     blocks: Sequence[Block] = (),
 ) -> list[Interval]:
-    """Baseline intervals, with each moved candidate's replaced by its profile, and the transients of the
-    checkpointed `blocks` at their rebuild steps."""
+    """The `start` residency (the plan so far), with each moved candidate's device interval replaced by
+    its profile, and the transients of the checkpointed `blocks` at their rebuild steps."""
     moved = {c.value_id: (c, ch) for c, ch in zip(cands, choice, strict=True) if ch.decision != "keep"}
-    out = [iv for iv in device_intervals(graph) if iv.value_id not in moved]
+    out = [iv for iv in start if not (iv.value_id in moved and iv.tier == "device")]
     rebuild = {b.layer: b.rebuild_step for b in blocks}
     hold: dict[int, int] = {}
     for b in blocks:
         for vid, _, _ in b.held:
             hold[vid] = max(hold.get(vid, 0), b.rebuild_step + 1)
-    out = [replace(iv, end=max(iv.end, hold[iv.value_id])) if iv.value_id in hold else iv for iv in out]
+    out = [
+        replace(iv, end=max(iv.end, hold[iv.value_id])) if iv.value_id in hold and iv.tier == "device" else iv
+        for iv in out
+    ]
     for b in blocks:
         out += [
             Interval(t, "device", b.rebuild_step, b.rebuild_step + 1, graph.value(t).size_bytes)
@@ -127,16 +136,17 @@ def compute_share(hw: Hardware, tier: Tier | None) -> float:
 
 
 def _events(
-    graph: Graph,
+    plan: Plan,
     hw: Hardware,
     cands: list[Candidate],
     choice: list[Choice],
     tier: Tier | None,
     blocks: Sequence[Block] = (),
 ) -> list[Event]:
-    """Compute events with recomputes inserted before their first backward use, and transfer events on one
-    link per direction (FIFO); a read not done by its use, or a write not done when its device copy is due
-    to be freed, stalls compute. Each transfer also delays compute by its `compute_share` of its duration."""
+    """The plan's compute events with recomputes inserted before their first backward use, and transfer
+    events on one link per direction (FIFO); a read not done by its use, or a write not done when its
+    device copy is due to be freed, stalls compute. Each transfer also delays compute by its
+    `compute_share` of its duration. The plan's other events stay at their steps, shifted with them."""
     by_step: dict[int, list[tuple[str, Candidate, Choice]]] = defaultdict(list)
     for c, ch in zip(cands, choice, strict=True):
         if ch.decision in ("swap", "split"):
@@ -154,8 +164,13 @@ def _events(
     now, link_out, link_in = 0.0, 0.0, 0.0
     done: dict[tuple[str, int], float] = {}
     share = compute_share(hw, tier)
-    for i, ce in enumerate(compute_events(graph, hw)):
+    computes = sorted((e for e in plan.events if e.kind == "compute"), key=lambda e: e.step)
+    shift: dict[int, float] = {}
+    for i, ce in enumerate(computes):
         for kind, c, ch in sorted(by_step.get(i, []), key=lambda e: order[e[0]]):
+            if kind == "recompute":
+                now = _recompute(c, ch, i, computes[c.recompute_ops[-1]].op_id, now, events)
+                continue
             now, link_out, link_in = _event(kind, c, ch, i, now, link_out, link_in, done, tier, events)
             if kind in ("swap_out", "prefetch"):
                 now += share * events[-1].duration_s
@@ -164,7 +179,7 @@ def _events(
                 Event(
                     "recompute",
                     i,
-                    op_id=b.ops[-1],
+                    op_id=computes[b.ops[-1]].op_id,
                     value_id=b.members[0],
                     start_s=now,
                     duration_s=b.recompute_s,
@@ -172,9 +187,20 @@ def _events(
             )
             events += [Event("recompute", i, value_id=v, start_s=now) for v in (*b.members[1:], *b.transient)]
             now += b.recompute_s
+        shift[i] = now - ce.start_s
         events.append(replace(ce, start_s=now))
         now += ce.duration_s
-    return events
+    earlier = [replace(e, start_s=e.start_s + shift.get(e.step, 0.0)) for e in plan.events if e.kind != "compute"]
+    return sorted([*earlier, *events], key=lambda e: (e.step, e.kind == "compute"))
+
+
+def _recompute(c: Candidate, ch: Choice, step: int, op_id: int | None, now: float, events: list[Event]) -> float:
+    """One event for the value (named by the op that makes it), zero-length ones for the transients rebuilt
+    with it; returns the time after it."""
+    dur = c.recompute_s * ch.rebuilt_share(c)
+    events.append(Event("recompute", step, op_id=op_id, value_id=c.value_id, start_s=now, duration_s=dur))
+    events.extend(Event("recompute", step, value_id=t, start_s=now) for t in c.recompute_transient)
+    return now + dur
 
 
 def _event(
@@ -189,15 +215,7 @@ def _event(
     tier: Tier | None,
     events: list[Event],
 ) -> tuple[float, float, float]:
-    if kind == "recompute":  # one event for the value, zero-length ones for the transients rebuilt with it
-        dur = c.recompute_s * ch.rebuilt_share(c)
-        events.append(
-            Event(
-                "recompute", step, op_id=c.recompute_ops[-1], value_id=c.value_id, start_s=now, duration_s=dur
-            )
-        )
-        events.extend(Event("recompute", step, value_id=t, start_s=now) for t in c.recompute_transient)
-        return now + dur, link_out, link_in
+    """A transfer (swap_out, prefetch) on its link, or a wait for one to be done (write_due, read_due)."""
     assert tier is not None
     if kind in ("swap_out", "prefetch"):
         out = kind == "swap_out"
@@ -222,48 +240,56 @@ def apply_decisions(
     tier: Tier | None,
     blocks: Sequence[Block] = (),
 ) -> Plan:
-    residency = decided_residency(graph, cands, choice, tier, blocks)
-    events = _events(graph, hw, cands, choice, tier, blocks)
-    decisions = dict(plan.decisions)
-    decisions["remat_swap"] = {
-        "tier": tier.name if tier else None,
-        "tensors": [
-            {
-                "value_id": c.value_id,
-                "name": graph.value(c.value_id).name,
-                "decision": ch.decision,
-                "size_bytes": c.size_bytes,
-                "layer": c.layer,
-                "produced": c.produced,
-                "last_fwd_use": c.last_fwd_use,
-                "first_bwd_use": c.first_bwd_use,
-                "last_use": c.last_use,
-                "write_done_step": max(c.last_fwd_use + 1, c.swap_write_done),
-                "prefetch_step": c.prefetch_step,
-                "recompute_ops": list(c.recompute_ops) if ch.rebuilt_share(c) else [],
-                "recompute_transient": list(c.recompute_transient) if ch.rebuilt_share(c) else [],
-                "view_ops": list(c.view_ops),
-                "rows": c.rows,
-                "swap_rows": ch.swap_rows,
-                "block": ch.block,
-            }
-            for c, ch in zip(cands, choice, strict=True)
-        ],
-        "blocks": [
-            {
-                "layer": b.layer,
-                "rebuild_step": b.rebuild_step,
-                "ops": list(b.ops),
-                "members": list(b.members),
-                "transient": list(b.transient),
-                "peak_transient": list(b.peak_transient),
-            }
-            for b in blocks
-        ],
-    }
+    """The plan with these decisions: its residency and events updated, its `RematDecision` set."""
+    residency = decided_residency(graph, plan.residency, cands, choice, tier, blocks)
+    events = _events(plan, hw, cands, choice, tier, blocks)
+    decision = remat_decision(graph, cands, choice, tier, blocks)
     return plan.with_(
         residency=tuple(residency),
         events=tuple(events),
-        decisions=decisions,
+        decisions=plan.decisions.with_(remat=decision),
         predictions=predictions_for(graph, residency, events),
     )
+
+
+def remat_decision(
+    graph: Graph,
+    cands: list[Candidate],
+    choice: list[Choice],
+    tier: Tier | None,
+    blocks: Sequence[Block] = (),
+) -> RematDecision:
+    """The typed record of the decisions: steps as they are, ops by id (graph positions are steps)."""
+    ids = [op.id for op in graph.ops]
+
+    def op_ids(steps: Sequence[int]) -> tuple[int, ...]:
+        return tuple(ids[i] for i in steps)
+
+    tensors = tuple(
+        TensorRemat(
+            value_id=c.value_id,
+            name=graph.value(c.value_id).name,
+            decision=ch.decision,
+            size_bytes=c.size_bytes,
+            layer=c.layer,
+            produced=c.produced,
+            last_fwd_use=c.last_fwd_use,
+            first_bwd_use=c.first_bwd_use,
+            last_use=c.last_use,
+            write_done_step=max(c.last_fwd_use + 1, c.swap_write_done),
+            prefetch_step=c.prefetch_step,
+            recompute_ops=op_ids(c.recompute_ops) if ch.rebuilt_share(c) else (),
+            recompute_transient=tuple(c.recompute_transient) if ch.rebuilt_share(c) else (),
+            view_ops=op_ids(c.view_ops),
+            rows=c.rows,
+            swap_rows=ch.swap_rows,
+            block=ch.block,
+        )
+        for c, ch in zip(cands, choice, strict=True)
+    )
+    records = tuple(
+        BlockRemat(b.layer, b.rebuild_step, op_ids(b.ops), tuple(b.members), tuple(b.transient),
+                   tuple(b.peak_transient))
+        for b in blocks
+    )
+    return RematDecision(tier.name if tier else None, tensors, records)

@@ -33,10 +33,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from memplan.errors import InfeasibleBudget
-from memplan.ir.analysis import device_intervals, timeline
+from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import TIER_ORDER, Hardware, Tier
-from memplan.passes.base import PassOutput
+from memplan.passes.base import PassOutput, PassSpec
 from memplan.passes.remat_blocks import Block, find_blocks
 from memplan.passes.remat_candidates import Candidate, find_candidates
 from memplan.passes.remat_schedule import (
@@ -46,9 +46,9 @@ from memplan.passes.remat_schedule import (
     compute_share,
     decided_residency,
 )
-from memplan.planner.plan import PassReport, Plan, SolverReport
-from memplan.planner.sizes import format_size
+from memplan.plans.plan import PassReport, Plan, SolverReport
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
+from memplan.units import format_size
 
 MIB = float(2**20)
 
@@ -104,8 +104,10 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
     t0 = time.perf_counter()
     budget = plan.budget_bytes["device"]
     tier = _swap_tier(hardware, opts)
-    ph, cands = find_candidates(graph, hardware, tier)
-    base = timeline(device_intervals(graph), len(graph.ops)).get("device", np.zeros(1, dtype=np.int64))
+    ph, found = find_candidates(graph, hardware, tier)
+    cands = _on_device(found, plan.residency)
+    device = [iv for iv in plan.residency if iv.tier == "device"]
+    base = timeline(device, len(graph.ops)).get("device", np.zeros(1, dtype=np.int64))
     if plan.workload.mode != "train" or not cands or int(base.max()) <= budget:
         report = PassReport(
             "remat_swap",
@@ -132,6 +134,13 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
     notes = _notes(cands, choice, chosen, per_layer, tier)
     report = PassReport("remat_swap", time.perf_counter() - t0, _solver_report(result), notes)
     return PassOutput(new_plan, report)
+
+
+def _on_device(cands: list[Candidate], residency: tuple[Interval, ...]) -> list[Candidate]:
+    """The candidates that the plan so far keeps on the device from their making to their last use (an
+    earlier pass may have placed or moved others; their decisions stand)."""
+    device = {(iv.value_id, iv.start, iv.end) for iv in residency if iv.tier == "device"}
+    return [c for c in cands if (c.value_id, c.produced, c.last_use + 1) in device]
 
 
 def _swap_tier(hw: Hardware, opts: RematSwapOptions) -> Tier | None:
@@ -460,7 +469,7 @@ def _lowest_peak_or_raise(
     low = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if low.x is not None:
         choice, chosen = _decode(low.x, space)
-        residency = decided_residency(graph, cands, choice, tier, chosen)
+        residency = decided_residency(graph, plan.residency, cands, choice, tier, chosen)
         live = timeline(residency, len(graph.ops))["device"]
         step, reach = int(np.argmax(live)), int(live.max())
         if reach <= budget and result.status != "infeasible":
@@ -470,7 +479,11 @@ def _lowest_peak_or_raise(
     bound = int((low.bound or 0.0) * MIB)
     movable = {c.value_id for c in cands}
     stuck = sorted(
-        (iv for iv in device_intervals(graph) if iv.start <= step < iv.end and iv.value_id not in movable),
+        (
+            iv
+            for iv in plan.residency
+            if iv.tier == "device" and iv.start <= step < iv.end and iv.value_id not in movable
+        ),
         key=lambda iv: -iv.size_bytes,
     )
     names = [
@@ -506,3 +519,15 @@ def _lowest_peak_or_raise(
         budget,
         names,
     )
+
+
+PASS = PassSpec(
+    "remat_swap",
+    run,
+    RematSwapOptions,
+    before=frozenset({"remat", "placement", "allocate"}),
+    ensures=frozenset({"device-budget"}),
+    modes=frozenset({"train"}),
+)
+"""Runs after schedule, bitwidth and kv_budget (it prices their order and sizes), before placement and
+allocate (which place and pack what it leaves on the device)."""

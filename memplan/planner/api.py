@@ -1,72 +1,98 @@
-"""The public Python API: `memplan.plan(...)`, `memplan.verify(plan)`, `memplan.load(path)`.
+"""The public Python API: `memplan.plan(...)`, `memplan.verify(plan)`, `memplan.load(path)`,
+`memplan.summary(plan)`, `memplan.run_plan(plan, ...)`.
 
-The CLI calls these same functions; nothing here formats output for a terminal.
+The CLI calls these same functions; nothing here formats output for a terminal. torch is imported only by
+the calls that capture or run a model.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
-
-import torch
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from memplan.errors import InvalidInput
 from memplan.ir.hardware import Hardware, load_hardware
-from memplan.passes.base import Pass
-from memplan.planner.models import Mode, capture, load_model, parse_dtype
-from memplan.planner.pipeline import Progress, run_pipeline
-from memplan.planner.plan import Plan, Workload
-from memplan.planner.plan_io import load_plan
-from memplan.planner.sizes import parse_size
-from memplan.planner.verify import VerifyReport, verify_plan
+from memplan.passes.base import PassSpec
+from memplan.passes.manager import Progress, run_pipeline
+from memplan.passes.registry import default_pipeline, passes_named
+from memplan.plans.plan import Plan, Workload
+from memplan.plans.serialize import load_plan
+from memplan.plans.verify import VerifyReport, verify_plan
+from memplan.units import parse_size
+
+if TYPE_CHECKING:
+    import torch
+
+Budget = str | int | Mapping[str, str | int] | None
+"""A device peak (`"16GiB"`, an int of bytes), or a peak per tier (`{"device": "6GiB", "host": "32GiB"}`)."""
 
 
-def default_passes() -> list[Pass]:
-    """The passes that exist today, in pipeline order."""
-    from memplan.passes import registry
-
-    return registry.default_pipeline()
+def budgets_from(budget: Budget, hw: Hardware) -> dict[str, int]:
+    """Tier -> bytes from what the user gave; None means every tier's capacity."""
+    if budget is None:
+        return {}
+    given = budget if isinstance(budget, Mapping) else {"device": budget}
+    out = {}
+    for tier, size in given.items():
+        if not hw.has_tier(tier):
+            names = ", ".join(t.name for t in hw.tiers)
+            raise InvalidInput(f"budget for tier {tier!r}, which {hw.name} lacks (it has: {names})")
+        out[tier] = parse_size(size)
+        if out[tier] <= 0:
+            raise InvalidInput(f"the {tier} budget must be a positive size, e.g. 16GiB")
+    return out
 
 
 def plan(
     model_or_path: str | torch.nn.Module,
     example_inputs: Sequence[Any] | None = None,
-    mode: Mode = "infer",
-    budget: str | int | None = None,
+    mode: str = "infer",
+    budget: Budget = None,
     hardware: str | os.PathLike[str] | Hardware = "cpu",
     batch: int | None = None,
     seq: int | None = None,
     optimizer: str = "none",
     dtype: str = "fp32",
-    passes: Sequence[Pass] | None = None,
+    passes: Sequence[PassSpec | str] | None = None,
+    options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Plan:
-    """Capture the model's step, run the passes and return a plan that fits `budget` on the device tier.
+    """Capture the model's step, run the passes and return a plan that fits `budget` on every tier.
 
-    `budget` is a peak in bytes on the device (`"16GiB"`, `"512MiB"`, or an int); None means the device
-    tier's capacity. `dtype` (fp32, bf16, fp16) is the parameter dtype of zoo models. Raises
-    `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no plan the passes make fits.
+    `budget` is a peak in bytes on the device (`"16GiB"`, `"512MiB"`, or an int), or a dict of peaks per
+    tier; a tier without one is held to its capacity. `dtype` (fp32, bf16, fp16) is the parameter dtype of
+    zoo models; `passes` names or gives the passes (default: every built pass, in pipeline order), and
+    `options` maps a pass name to its options dataclass. Raises `InfeasibleBudget` (with the lower bound
+    and the tensors forcing it) if no plan the passes make fits.
     """
+    from memplan.planner.models import capture, load_model, parse_dtype
+
     if mode not in ("train", "infer"):
         raise InvalidInput(f"mode must be 'train' or 'infer', got {mode!r}")
     if optimizer not in ("none", "sgd", "adamw"):
         raise InvalidInput(f"optimizer must be none, sgd or adamw, got {optimizer!r}")
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
-    budget_bytes = hw.tier("device").capacity_bytes if budget is None else parse_size(budget)
-    if budget_bytes <= 0:
-        raise InvalidInput("budget must be a positive size, e.g. 16GiB")
+    budgets = budgets_from(budget, hw)
+    chosen = _passes(passes)
     if progress:
         progress("capturing")
-    loaded = load_model(model_or_path, mode, example_inputs, batch, seq, dtype=parse_dtype(dtype))
-    graph, _ = capture(loaded, mode, optimizer)
-    workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")
-    chosen = default_passes() if passes is None else list(passes)
-    return run_pipeline(graph, hw, workload, budget_bytes, loaded.source, chosen, progress=progress)
+    loaded = load_model(model_or_path, mode, example_inputs, batch, seq, dtype=parse_dtype(dtype))  # type: ignore[arg-type]
+    graph, _ = capture(loaded, mode, optimizer)  # type: ignore[arg-type]
+    workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")  # type: ignore[arg-type]
+    return run_pipeline(graph, hw, workload, budgets, loaded.source, chosen, options, progress=progress)
+
+
+def _passes(passes: Sequence[PassSpec | str] | None) -> list[PassSpec]:
+    if passes is None:
+        return default_pipeline()
+    names = [p for p in passes if isinstance(p, str)]
+    named = iter(passes_named(names))
+    return [next(named) if isinstance(p, str) else p for p in passes]
 
 
 def verify(plan_or_path: Plan | str | os.PathLike[str]) -> VerifyReport:
-    """Replay a plan and check its invariants (see `memplan.planner.verify`)."""
+    """Replay a plan and check its invariants (see `memplan.plans.verify`)."""
     p = plan_or_path if isinstance(plan_or_path, Plan) else load_plan(plan_or_path)
     return verify_plan(p)
 
@@ -74,3 +100,10 @@ def verify(plan_or_path: Plan | str | os.PathLike[str]) -> VerifyReport:
 def load(path: str | os.PathLike[str]) -> Plan:
     """Read a plan file (validated against the schema)."""
     return load_plan(path)
+
+
+def summary(plan: Plan) -> str:
+    """The plan in plain text: peaks per tier, the tensors at the device peak, each pass's solver report."""
+    from memplan.planner.report import summary_text
+
+    return summary_text(plan)

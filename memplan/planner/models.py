@@ -1,7 +1,7 @@
 """Resolve what the user names as a model into something we can capture and run.
 
 MODEL is one of:
-- `zoo:NAME`: a model of the zoo (`memplan.planner.zoo`), built from its config on the meta device for
+- `zoo:NAME`: a model of the zoo (`memplan.zoo.catalog`), built from its config on the meta device for
   planning (nothing allocated) and on the CPU for running;
 - a path to an `.onnx` file;
 - `package.module:factory`: `factory()` returns `(module, example_inputs)`; in train mode
@@ -80,7 +80,7 @@ def load_model(
 def _load_zoo(
     spec: str, mode: Mode, batch: int | None, seq: int | None, device: str, dtype: torch.dtype
 ) -> LoadedModel:
-    from memplan.planner import zoo
+    from memplan.zoo import catalog as zoo
 
     entry = zoo.get(spec)
     b, s = batch or entry.default_batch, seq or entry.default_seq

@@ -20,11 +20,11 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from memplan.files import atomic_write
 from memplan.ir.graph import Role
-from memplan.planner.files import atomic_write
-from memplan.planner.plan import Plan
 from memplan.planner.report import ordered_tiers
-from memplan.planner.sizes import format_size
+from memplan.plans.plan import Plan
+from memplan.units import format_size
 
 MAX_POINTS = 4000
 """Most x positions drawn per tier; longer schedules are binned, keeping each bin's highest step."""

@@ -12,10 +12,9 @@ Residency is per storage root (views own 0 bytes), so the tensors at a peak are 
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from rich.console import Console
@@ -24,8 +23,17 @@ from rich.text import Text
 
 from memplan.ir.analysis import live_at
 from memplan.ir.hardware import TIER_ORDER
-from memplan.planner.plan import PassReport, Plan
-from memplan.planner.sizes import format_size
+from memplan.plans.decisions import (
+    PASS_OF_FIELD,
+    AllocateDecision,
+    BitsDecision,
+    KVDecision,
+    OrderDecision,
+    PlacementDecision,
+    RematDecision,
+)
+from memplan.plans.plan import PassReport, Plan
+from memplan.units import format_size
 
 TOP_TENSORS = 10
 _DECISION_WIDTH = 100
@@ -111,7 +119,11 @@ def summarize(plan: Plan, top: int = TOP_TENSORS) -> PlanSummary:
         live_tensor_count=len(tensors),
         role_bytes=tuple(sorted(roles.items(), key=lambda kv: -kv[1])),
         passes=tuple(_pass_row(p) for p in plan.passes),
-        decisions=tuple((name, _describe(d)) for name, d in plan.decisions.items()),
+        decisions=tuple(
+            (PASS_OF_FIELD[f.name], _describe(getattr(plan.decisions, f.name)))
+            for f in fields(plan.decisions)
+            if getattr(plan.decisions, f.name) is not None
+        ),
         warnings=plan.warnings,
     )
 
@@ -180,23 +192,34 @@ def _pass_row(p: PassReport) -> PassRow:
     return PassRow(p.name, s.solver, s.status, s.objective, s.bound, s.gap, p.time_s, "; ".join(p.notes))
 
 
-def _describe(decision: Any) -> str:
-    """A one-line digest of a pass's decision summary: scalars as they are, collections by their size."""
-    if isinstance(decision, dict):
-        text = ", ".join(f"{k}={_short(v)}" for k, v in decision.items())
-    else:
-        text = _short(decision)
+def _describe(record: Any) -> str:
+    """A one-line digest of a pass's decision record."""
+    text = _digest(record)
     return text if len(text) <= _DECISION_WIDTH else text[: _DECISION_WIDTH - 1] + "…"
 
 
-def _short(v: Any) -> str:
-    if isinstance(v, dict):
-        return f"{{{len(v)} entries}}"
-    if isinstance(v, (list, tuple)):
-        return f"[{len(v)} items]"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return json.dumps(v) if isinstance(v, str) else str(v)
+def _digest(record: Any) -> str:
+    if isinstance(record, RematDecision):
+        count = Counter(t.decision for t in record.tensors)
+        kinds = ", ".join(f"{k} {count[k]}" for k in ("keep", "swap", "recompute", "split"))
+        return f"{kinds}; {len(record.blocks)} checkpointed blocks; swap tier {record.tier or 'none'}"
+    if isinstance(record, AllocateDecision):
+        return "; ".join(
+            f"{p.tier} arena {format_size(p.arena_bytes)} (bound {format_size(p.lower_bound_bytes)}, {p.status})"
+            for p in record.packings
+        )
+    if isinstance(record, OrderDecision):
+        moved = sum(a != b for a, b in zip(record.op_ids, sorted(record.op_ids), strict=True))
+        return f"{len(record.op_ids)} ops, {moved} away from their captured position"
+    if isinstance(record, BitsDecision):
+        count = Counter(b.format for b in record.tensors)
+        return f"{len(record.tensors)} tensors: " + ", ".join(f"{f} {n}" for f, n in sorted(count.items()))
+    if isinstance(record, KVDecision):
+        return f"{len(record.budgets)} budgets, {sum(b.tokens for b in record.budgets)} tokens in all"
+    if isinstance(record, PlacementDecision):
+        count = Counter(p.tier for p in record.tensors)
+        return "off the device: " + ", ".join(f"{t} {n}" for t, n in sorted(count.items()))
+    return str(record)
 
 
 # -- cell formatting shared by both renderers ---------------------------------------------------------

@@ -46,7 +46,8 @@ from torch.utils._pytree import tree_leaves
 from memplan.errors import InternalError, InvalidInput, PlanMismatch, internal_assert
 from memplan.ir.analysis import Interval
 from memplan.ir.frontends.fx_lower import Capture
-from memplan.planner.plan import Plan, fingerprint
+from memplan.plans.plan import Plan, fingerprint
+from memplan.plans.verify import verify_plan
 from memplan.runtime.measure import bind_placeholders
 from memplan.runtime.out_variants import (
     DIRECT_WRITERS,
@@ -385,7 +386,6 @@ def check_arena_run(
     run: ArenaRun, plan: Plan, cap: Capture, module: torch.nn.Module, inputs: Sequence[Any]
 ) -> ArenaCheck:
     """Compare an arena run with the same graph run normally and with the eager module (see `ArenaCheck`)."""
-    from memplan.planner.verify import verify_plan
 
     with torch.no_grad():
         graph_out = _tensors(tuple(tree_leaves(cap.gm(*bind_placeholders(cap, module, inputs)))))
@@ -397,30 +397,6 @@ def check_arena_run(
     close = shapes_ok and all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in pairs)
     planned = {t: plan.predictions.arena_bytes.get(t, 0) for t in run.arena_bytes}
     return ArenaCheck(same, close, max(diffs, default=0.0), planned == run.arena_bytes, verify_plan(plan).ok)
-
-
-def run_arena_for_plan(plan: Plan) -> str:
-    """`memplan run --arena`: rebuild the zoo model the plan names, run it in the plan's arenas, check it
-    against the exported graph and eager execution, and describe the run in one paragraph."""
-    from memplan.planner.models import load_model
-    from memplan.runtime.measure import _dtype, check_fingerprint, run_inference
-
-    w = plan.workload
-    if not plan.model.source.startswith("zoo:"):
-        raise InvalidInput(
-            f"plan for {plan.model.source!r}: `--arena` rebuilds zoo models only; call "
-            "memplan.runtime.arena.run_in_arena with the module and its inputs"
-        )
-    if w.mode != "infer":
-        raise InvalidInput("`--arena` runs inference plans; this one is a training plan")
-    loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
-    cap, module = check_fingerprint(plan, loaded), loaded.module
-    if cap is None or module is None:
-        raise InternalError(f"zoo model {plan.model.source} came without a capture or a module")
-    run = run_in_arena(plan, cap, module, loaded.example_inputs)
-    check = check_arena_run(run, plan, cap, module, loaded.example_inputs)
-    ref = run_inference(cap, module, loaded.example_inputs)
-    return describe(run, check, ref.wall_s, ref.peak_bytes)
 
 
 def describe(run: ArenaRun, check: ArenaCheck, ref_wall_s: float, ref_peak_bytes: int) -> str:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from memplan.errors import InvalidInput
+from memplan.files import atomic_write_text
 from memplan.ir.hardware import Hardware, hardware_from_dict
-from memplan.planner.files import atomic_write_text
 from memplan.runtime.tiers.factory import open_tier
 
 MiB = 2**20

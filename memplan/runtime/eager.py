@@ -58,8 +58,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.frontends.fx_lower import layer_of
 from memplan.ir.graph import Role
-from memplan.planner.exporters.torch_sac import checkpoint_layers, occurrence_keys, policy_for, sac_table
-from memplan.planner.plan import Plan
+from memplan.plans.plan import Plan
+from memplan.runtime.sac_policy import checkpoint_layers, occurrence_keys, policy_for, sac_table
 from memplan.runtime.tiers.api import Handle, TierStore
 
 SAC_IGNORED: frozenset[Any] = frozenset(
@@ -144,19 +144,19 @@ def swap_specs(plan: Plan, checkpointed: set[int], info: EagerInfo) -> dict[int,
     graph = plan.graph()
     keys = occurrence_keys(graph)
     out: dict[int, SwapSpec] = {}
-    for t in plan.decisions.get("remat_swap", {}).get("tensors", []):
-        if t["decision"] != "swap":
+    for t in plan.decisions.remat.tensors if plan.decisions.remat else ():
+        if t.decision != "swap":
             continue
-        p = graph.producer(t["value_id"])
+        p = graph.producer(t.value_id)
         key = keys.get(p) if p is not None else None
         if key is None:
-            info.swaps_outside_blocks.append(t["name"])
+            info.swaps_outside_blocks.append(t.name)
             continue
         layer, target, occurrence = key
         if layer in checkpointed:
-            info.swaps_on_device.append(t["name"])
+            info.swaps_on_device.append(t.name)
             continue
-        position = graph.ops[p].outputs.index(t["value_id"])  # type: ignore[index]
+        position = graph.ops[p].outputs.index(t.value_id)
         out.setdefault(layer, {}).setdefault((target, occurrence), []).append(position)
     return out
 
@@ -469,8 +469,7 @@ def applied_torch(
             f"({paths[:4]}{' ...' if len(paths) > 4 else ''}); plan this model, or use mechanism='graph'"
         )
     check_state(plan, model)
-    rs = plan.decisions.get("remat_swap", {})
-    tier = rs.get("tier")
+    tier = plan.decisions.remat.tier if plan.decisions.remat else None
     table = sac_table(plan)
     checkpointed = set(checkpoint_layers(plan))
     info = EagerInfo(sorted(checkpointed), [], tier)

@@ -29,9 +29,10 @@ import torch.fx
 from memplan.errors import PlanMismatch
 from memplan.ir.frontends.fx_lower import Capture
 from memplan.ir.graph import PERSISTENT_ROLES, Graph
-from memplan.passes.remat_blocks import rerun_drops
-from memplan.passes.remat_candidates import ROW_VIEWS, phases
-from memplan.planner.plan import Plan, fingerprint
+from memplan.ir.phases import last_reads, phases
+from memplan.ir.row_ops import ROW_VIEWS
+from memplan.plans.decisions import TensorRemat
+from memplan.plans.plan import Plan, fingerprint
 from memplan.runtime.out_variants import DIRECT_WRITERS, bind_arguments, out_call_kwargs, out_variant
 from memplan.runtime.tiers.api import Handle, TierStore
 
@@ -65,54 +66,54 @@ class _Schedule:
 
 
 def _schedule(plan: Plan, graph: Graph) -> _Schedule:
-    """Drop points from the device residency; swap and recompute points from the pass's decisions."""
+    """Drop points from the device residency; swap and recompute points from the pass's decisions (its op
+    ids turned into steps of `graph`, the plan's effective order)."""
     sch = _Schedule()
-    decided = {t["value_id"]: t for t in plan.decisions.get("remat_swap", {}).get("tensors", [])}
-    moved = {vid for vid, t in decided.items() if t["decision"] != "keep"}
+    remat = plan.decisions.remat
+    decided = {t.value_id: t for t in (remat.tensors if remat else ())}
+    moved = {vid for vid, t in decided.items() if t.decision != "keep"}
+    step_of = {op.id: i for i, op in enumerate(graph.ops)}
     n = len(plan.ops)
     for iv in plan.residency:
         if iv.tier == "device" and iv.value_id not in moved and iv.end < n:
             sch.drop_after[iv.end - 1].append(iv.value_id)
     for vid, t in decided.items():
-        if t["decision"] in ("swap", "split"):
-            _schedule_swap(sch, vid, t)
-        if t["decision"] == "split":
-            sch.swap_rows[vid] = t["swap_rows"]
-            sch.split[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"]), t["swap_rows"]))
-        elif t["decision"] == "recompute" and t.get("block") is not None:
-            sch.drop_after[t["last_fwd_use"]].append(vid)  # its block's re-run rebuilds it
-        elif t["decision"] == "recompute":
-            _schedule_recompute(sch, plan, vid, t, decided)
-        if t["decision"] != "keep" and t["last_use"] + 1 < n:
-            sch.drop_after[t["last_use"]].append(vid)
-    for b in plan.decisions.get("remat_swap", {}).get("blocks", []):  # checkpointed blocks: one re-run each
-        ops, transient = tuple(b["ops"]), tuple(b["transient"])
-        rebuilt = frozenset([*b["members"], *transient])
-        held = set(b["peak_transient"])  # the plan counts these through step B: hold them as long
-        drops = {i: [r for r in rs if r not in held] for i, rs in rerun_drops(graph, ops, transient).items()}
-        sch.reruns[b["rebuild_step"]].append((ops, rebuilt, drops))
-        sch.drop_after[b["rebuild_step"]].extend(held)
+        ops = tuple(step_of[i] for i in t.recompute_ops)
+        if t.decision in ("swap", "split"):
+            _schedule_swap(sch, vid, t, tuple(step_of[i] for i in t.view_ops))
+        if t.decision == "split":
+            sch.swap_rows[vid] = t.swap_rows
+            sch.split[t.first_bwd_use].append((vid, ops, t.swap_rows))
+        elif t.decision == "recompute" and t.block is not None:
+            sch.drop_after[t.last_fwd_use].append(vid)  # its block's re-run rebuilds it
+        elif t.decision == "recompute":
+            _schedule_recompute(sch, vid, t, ops)
+        if t.decision != "keep" and t.last_use + 1 < n:
+            sch.drop_after[t.last_use].append(vid)
+    for b in remat.blocks if remat else ():  # checkpointed blocks: one re-run each
+        ops = tuple(step_of[i] for i in b.ops)
+        rebuilt = frozenset([*b.members, *b.transient])
+        held = set(b.peak_transient)  # the plan counts these through step B: hold them as long
+        drops = {i: [r for r in rs if r not in held] for i, rs in last_reads(graph, ops, b.transient).items()}
+        sch.reruns[b.rebuild_step].append((ops, rebuilt, drops))
+        sch.drop_after[b.rebuild_step].extend(held)
     return sch
 
 
-def _schedule_swap(sch: _Schedule, vid: int, t: dict[str, Any]) -> None:
-    sch.swap_out[t["produced"] + 1].append(vid)
-    sch.release[t["write_done_step"]].append(vid)
-    sch.prefetch[t["prefetch_step"]].append(vid)
-    sch.arrive[t["first_bwd_use"]].append(vid)
-    sch.views[vid] = tuple(t["view_ops"])
+def _schedule_swap(sch: _Schedule, vid: int, t: TensorRemat, view_steps: tuple[int, ...]) -> None:
+    sch.swap_out[t.produced + 1].append(vid)
+    sch.release[t.write_done_step].append(vid)
+    sch.prefetch[t.prefetch_step].append(vid)
+    sch.arrive[t.first_bwd_use].append(vid)
+    sch.views[vid] = view_steps
 
 
-def _schedule_recompute(
-    sch: _Schedule, plan: Plan, vid: int, t: dict[str, Any], decided: dict[int, Any]
-) -> None:
+def _schedule_recompute(sch: _Schedule, vid: int, t: TensorRemat, ops: tuple[int, ...]) -> None:
     """Dropped after its last forward use, rebuilt before its first backward use; the values rebuilt on the
     way (not saved activations themselves) are dropped right after that step."""
-    sch.drop_after[t["last_fwd_use"]].append(vid)
-    sch.recompute[t["first_bwd_use"]].append(
-        (vid, tuple(t["recompute_ops"]), frozenset([vid, *t["recompute_transient"]]))
-    )
-    sch.drop_after[t["first_bwd_use"]].extend(t["recompute_transient"])
+    sch.drop_after[t.last_fwd_use].append(vid)
+    sch.recompute[t.first_bwd_use].append((vid, ops, frozenset([vid, *t.recompute_transient])))
+    sch.drop_after[t.first_bwd_use].extend(t.recompute_transient)
 
 
 class PlannedStep:

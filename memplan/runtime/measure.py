@@ -1,8 +1,8 @@
 """Run a model's step for real on the CPU and measure it with the live-storage tracker.
 
 `run_inference` executes the captured inference graph in its schedule; `run_step` runs an eager training
-step (forward + backward + optimizer update) on real tensors; `run_plan` first checks that the model is
-the one the plan was made for (fingerprint), then runs and compares the measurement with the prediction.
+step (forward + backward + optimizer update) on real tensors. (`memplan.planner.run.run_plan` checks the
+model against a plan, runs it with these and compares the measurement with the prediction.)
 """
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ from typing import Any
 
 import torch
 
-from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.frontends.fx_lower import Capture
-from memplan.planner.compare import Comparison, compare
-from memplan.planner.models import LoadedModel, capture, load_model
-from memplan.planner.plan import Plan, fingerprint
 from memplan.runtime.tracker import LiveStorageTracker, Measurement
 
 
@@ -89,57 +85,3 @@ def run_step(
                 opt.step()
         del out
     return tracker.result
-
-
-def check_fingerprint(plan: Plan, loaded: LoadedModel) -> Capture | None:
-    """Refuse to run a plan on a model it was not made for; returns the fresh capture."""
-    graph, cap = capture(loaded, plan.workload.mode, plan.workload.optimizer)
-    got = fingerprint(graph)
-    if got != plan.model.fingerprint:
-        raise PlanMismatch(
-            f"this plan was made for model {plan.model.name!r} (fingerprint {plan.model.fingerprint}), "
-            "but the "
-            f"model given has fingerprint {got}: different parameters or ops. Re-plan with `memplan plan`."
-        )
-    return cap
-
-
-def run_plan(
-    plan: Plan,
-    module: torch.nn.Module | None = None,
-    example_inputs: Sequence[Any] | None = None,
-    emulate: Sequence[str] = (),
-) -> tuple[Measurement, Comparison]:
-    """Check the model is the plan's, run the step the plan describes, and compare with its prediction.
-
-    Inference runs the captured graph in the planned schedule; training runs the step (forward, backward,
-    optimizer) from an ordinary eager loop, under `memplan.applied` when the plan moves activations.
-    `emulate` names tiers to back with host memory (`cxl`), said so in every report. Zoo plans rebuild
-    their model from `plan.model.source`; any other plan needs `module` and `example_inputs`.
-    """
-    w = plan.workload
-    if module is None:
-        if not plan.model.source.startswith("zoo:"):
-            raise InvalidInput(
-                f"plan for {plan.model.source!r}: pass the module and example inputs to run it"
-            )
-        loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
-    else:
-        loaded = load_model(module, w.mode, example_inputs, w.batch, w.seq)
-    cap = check_fingerprint(plan, loaded)
-    assert loaded.module is not None
-    if w.mode == "infer" and cap is not None:
-        measured = run_inference(cap, loaded.module, loaded.example_inputs)
-    elif "remat_swap" in plan.decisions:
-        from memplan.runtime.training import applied
-
-        with applied(plan, loaded.module, emulate=frozenset(emulate)):
-            measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
-    else:
-        measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
-    return measured, compare(plan, measured)
-
-
-def _dtype(plan: Plan) -> torch.dtype:
-    dtypes = {v.dtype for v in plan.tensors if v.role.value == "parameter"}
-    return getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32

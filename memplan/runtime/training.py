@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.frontends.train_step import capture_train_step
-from memplan.planner.plan import Plan, fingerprint
+from memplan.plans.plan import Plan, fingerprint
 from memplan.runtime.eager import EagerInfo, applied_torch
 from memplan.runtime.executor import PlannedStep
 from memplan.runtime.tiers.api import TierStore
@@ -90,10 +90,9 @@ def applied(
         with applied_torch(plan, model, store, emulate) as info:
             yield info
         return
-    tier = plan.decisions.get("remat_swap", {}).get("tier")
-    swaps = any(
-        t["decision"] in ("swap", "split") for t in plan.decisions.get("remat_swap", {}).get("tensors", [])
-    )
+    remat = plan.decisions.remat
+    tier = remat.tier if remat else None
+    swaps = remat is not None and remat.swaps
     with ExitStack() as stack:
         if swaps and store is None:
             from memplan.runtime.tiers.factory import open_tier

@@ -7,9 +7,9 @@ from memplan.ir.analysis import Interval
 from memplan.ir.graph import Graph, Op, Role, Value
 from memplan.ir.hardware import load_hardware
 from memplan.passes import allocate
-from memplan.planner.baseline import baseline_plan
-from memplan.planner.plan import Plan, Workload
-from memplan.planner.verify import verify_plan
+from memplan.passes.baseline import baseline_plan
+from memplan.plans.plan import Plan, Workload
+from memplan.plans.verify import verify_plan
 from memplan.solvers.packing import validate
 
 
@@ -47,7 +47,7 @@ def test_offsets_pass_the_plan_verifier() -> None:
     arena = new.predictions.arena_bytes["device"]
     assert arena >= plan.predictions.max_load_bytes
     assert out.report.name == "allocate" and out.report.solver.objective == arena
-    assert new.decisions["allocate"]["device"]["arena_bytes"] == arena
+    assert new.decisions.allocate.packing("device").arena_bytes == arena
     assert plan.offsets == {}  # the input plan is untouched
 
 

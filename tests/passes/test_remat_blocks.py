@@ -5,13 +5,13 @@ import pytest
 
 from memplan.errors import InfeasibleBudget
 from memplan.ir.hardware import load_hardware
+from memplan.passes.baseline import baseline_plan
 from memplan.passes.remat_blocks import find_blocks
 from memplan.passes.remat_candidates import find_candidates
 from memplan.passes.remat_swap import RematSwapOptions, run
-from memplan.planner.baseline import baseline_plan
 from memplan.planner.models import capture, load_model
-from memplan.planner.plan import Workload
-from memplan.planner.verify import verify_plan
+from memplan.plans.plan import Workload
+from memplan.plans.verify import verify_plan
 
 HW = load_hardware("cpu")
 
@@ -58,16 +58,16 @@ def test_checkpointed_plan_is_valid(graph):
     plan = out.plan
     assert plan.predictions.peak_bytes["device"] <= budget
     assert verify_plan(plan).ok
-    decided = plan.decisions["remat_swap"]
-    blocks = decided["blocks"]
+    decided = plan.decisions.remat
+    blocks = decided.blocks
     ph, cands = find_candidates(graph, HW, None)
-    assert [b["layer"] for b in blocks] == [b.layer for b in find_blocks(graph, HW, cands, ph)]
-    members = {m for b in blocks for m in b["members"]}
-    for t in decided["tensors"]:
-        if t["value_id"] in members:
-            assert t["decision"] == "recompute" and t["block"] is not None and not t["recompute_ops"]
+    assert [b.layer for b in blocks] == [b.layer for b in find_blocks(graph, HW, cands, ph)]
+    members = {m for b in blocks for m in b.members}
+    for t in decided.tensors:
+        if t.value_id in members:
+            assert t.decision == "recompute" and t.block is not None and not t.recompute_ops
     assert any("checkpointed blocks" in n for n in out.report.notes)
     rebuilds = {(e.step, e.value_id) for e in plan.events if e.kind == "recompute"}
-    assert all((b["rebuild_step"], m) in rebuilds for b in blocks for m in b["members"])
+    assert all((b.rebuild_step, m) in rebuilds for b in blocks for m in b.members)
     free = _plan(graph, budget, allow_swap=False).plan
     assert free.predictions.time_s <= plan.predictions.time_s  # the MILP's own choice is never slower

@@ -5,12 +5,13 @@ import pytest
 
 from memplan.ir.graph import PERSISTENT_ROLES
 from memplan.ir.hardware import load_hardware
-from memplan.passes.remat_candidates import ROW_OPS, find_candidates, rows_of
+from memplan.ir.row_ops import ROW_OPS
+from memplan.passes.baseline import baseline_plan
+from memplan.passes.remat_candidates import find_candidates, rows_of
 from memplan.passes.remat_swap import RematSwapOptions, run
-from memplan.planner.baseline import baseline_plan
 from memplan.planner.models import capture, load_model
-from memplan.planner.plan import Workload
-from memplan.planner.verify import verify_plan
+from memplan.plans.plan import Workload
+from memplan.plans.verify import verify_plan
 
 
 @pytest.fixture(scope="module", params=["zoo:gpt2-tiny", "zoo:llama-tiny"])
@@ -53,18 +54,18 @@ def test_slow_link_makes_splits_that_hold_the_budget(graph, link_bound_hw):
     assert plan.predictions.peak_bytes["device"] <= budget
     checked = verify_plan(plan)
     assert checked.ok, checked.violations[:3]
-    tensors = plan.decisions["remat_swap"]["tensors"]
-    split = [t for t in tensors if t["decision"] == "split"]
+    tensors = plan.decisions.remat.tensors
+    split = [t for t in tensors if t.decision == "split"]
     assert split, "a link too slow to swap everything should leave some tensor split"
     host = {iv.value_id: iv.size_bytes for iv in plan.residency if iv.tier == "host"}
     for t in split:
-        assert 0 < t["swap_rows"] < t["rows"] and t["recompute_ops"]
-        assert host[t["value_id"]] == t["size_bytes"] // t["rows"] * t["swap_rows"]
+        assert 0 < t.swap_rows < t.rows and t.recompute_ops
+        assert host[t.value_id] == t.size_bytes // t.rows * t.swap_rows
     kinds = {(e.kind, e.value_id) for e in plan.events}
-    assert all({("swap_out", t["value_id"]), ("recompute", t["value_id"])} <= kinds for t in split)
+    assert all({("swap_out", t.value_id), ("recompute", t.value_id)} <= kinds for t in split)
 
 
 def test_split_switched_off(graph, link_bound_hw):
     plan, budget, _ = _plan(graph, link_bound_hw, 0.65, allow_split=False)
     assert plan.predictions.peak_bytes["device"] <= budget
-    assert "split" not in {t["decision"] for t in plan.decisions["remat_swap"]["tensors"]}
+    assert "split" not in {t.decision for t in plan.decisions.remat.tensors}

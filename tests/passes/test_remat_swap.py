@@ -5,12 +5,13 @@ import pytest
 
 from memplan.errors import InfeasibleBudget
 from memplan.ir.hardware import load_hardware
-from memplan.passes.remat_candidates import find_candidates, phases
+from memplan.ir.phases import phases
+from memplan.passes.baseline import baseline_plan
+from memplan.passes.remat_candidates import find_candidates
 from memplan.passes.remat_swap import RematSwapOptions, run
-from memplan.planner.baseline import baseline_plan
 from memplan.planner.models import capture, load_model
-from memplan.planner.plan import Workload
-from memplan.planner.verify import verify_plan
+from memplan.plans.plan import Workload
+from memplan.plans.verify import verify_plan
 
 HW = load_hardware("cpu")
 
@@ -56,7 +57,7 @@ def test_budget_held_and_plan_valid(graph, fraction, opts):
     assert _peak(plan) <= budget
     report = verify_plan(plan)
     assert report.ok, report.violations[:3]
-    decisions = {t["decision"] for t in plan.decisions["remat_swap"]["tensors"]}
+    decisions = {t.decision for t in plan.decisions.remat.tensors}
     if opts.get("allow_swap") is False:
         assert "swap" not in decisions
     if opts.get("allow_recompute") is False:
@@ -74,10 +75,8 @@ def test_peak_monotone_in_budget(graph):
 
 def test_solver_report(graph):
     _, base = _plan(graph, 2**40)
-    plan, _ = _plan(graph, int(base.predictions.peak_bytes["device"] * 0.6))
-    from memplan.passes.remat_swap import run as run_pass
-
-    out = run_pass(graph, HW, plan.with_(decisions={}), RematSwapOptions())
+    budget = int(base.predictions.peak_bytes["device"] * 0.6)
+    out = run(graph, HW, base.with_(budget_bytes={**base.budget_bytes, "device": budget}), RematSwapOptions())
     s = out.report.solver
     assert s.solver == "highs-milp" and s.status in ("optimal", "feasible")
     assert s.time_limit_s == 30.0 and s.time_s <= s.time_limit_s + 1
@@ -101,7 +100,7 @@ def test_per_layer_formulation_shares_decisions(graph):
     assert _peak(plan) <= int(base.predictions.peak_bytes["device"] * 0.7)
     by_sig = {}
     _, cands = find_candidates(graph, HW, HW.tier("ssd"))
-    decided = {t["value_id"]: t["decision"] for t in plan.decisions["remat_swap"]["tensors"]}
+    decided = {t.value_id: t.decision for t in plan.decisions.remat.tensors}
     for c in cands:
         if c.layer is not None:
             by_sig.setdefault(c.signature, set()).add(decided[c.value_id])
@@ -124,7 +123,7 @@ def test_measured_compute_share_prices_swaps(graph):
     dear, _ = _plan(graph, budget)
 
     def swapped(plan):
-        return sum(t["decision"] in ("swap", "split") for t in plan.decisions["remat_swap"]["tensors"])
+        return sum(t.decision in ("swap", "split") for t in plan.decisions.remat.tensors)
 
     assert swapped(cheap) > swapped(dear)
     assert cheap.predictions.time_s < dear.predictions.time_s

@@ -6,7 +6,7 @@ import pytest
 
 import memplan
 from memplan.errors import InfeasibleBudget, InvalidInput, PlanMismatch
-from memplan.runtime.measure import run_plan
+from memplan.planner.run import run_plan
 
 
 @pytest.fixture(scope="module")

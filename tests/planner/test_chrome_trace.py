@@ -12,7 +12,7 @@ import pytest
 import memplan
 from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Role
-from memplan.planner.baseline import predictions_for
+from memplan.passes.baseline import predictions_for
 from memplan.planner.exporters import EXPORTERS
 from memplan.planner.exporters.chrome_trace import (
     MAX_COUNTER_SAMPLES,
@@ -20,7 +20,7 @@ from memplan.planner.exporters.chrome_trace import (
     counter_steps,
     step_times_s,
 )
-from memplan.planner.plan import Event, Plan
+from memplan.plans.plan import Event, Plan
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ DeepSpeed cannot express."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -13,7 +14,7 @@ from memplan.ir.analysis import Interval
 from memplan.ir.graph import Role
 from memplan.planner.exporters import EXPORTERS
 from memplan.planner.exporters.deepspeed import deepspeed_config
-from memplan.planner.plan import Plan
+from memplan.plans.plan import Plan
 
 AC_KEYS = {
     "partition_activations",
@@ -30,24 +31,22 @@ def swap_plan() -> Plan:
     """gpt2-tiny under 3 MiB on the cpu preset with recomputation switched off: some activations swapped (to
     the SSD tier), none recomputed"""
     from memplan.ir.hardware import load_hardware
-    from memplan.passes.registry import RematSwap
+    from memplan.passes import remat_swap
+    from memplan.passes.manager import run_pipeline
     from memplan.passes.remat_swap import RematSwapOptions
     from memplan.planner.models import capture, load_model
-    from memplan.planner.pipeline import run_pipeline
-    from memplan.planner.plan import Workload
+    from memplan.plans.plan import Workload
 
     graph, _ = capture(load_model("zoo:gpt2-tiny", "train", batch=4, seq=64), "train")
     return run_pipeline(graph, load_hardware("cpu"), Workload("train", 4, 64), 3 * 2**20, "zoo:gpt2-tiny",
-                        [RematSwap()], {"remat_swap": RematSwapOptions(allow_recompute=False)})
+                        [remat_swap.PASS], {"remat_swap": RematSwapOptions(allow_recompute=False)})
 
 
 def with_decisions(plan: Plan, tier: str | None, change: dict[str, str]) -> Plan:
     """The plan with some tensors' decisions replaced (by name) and the swap tier set."""
-    tensors = [
-        t | {"decision": change.get(t["name"], t["decision"])}
-        for t in plan.decisions["remat_swap"]["tensors"]
-    ]
-    return plan.with_(decisions={"remat_swap": {"tier": tier, "tensors": tensors}})
+    remat = plan.decisions.remat
+    tensors = tuple(replace(t, decision=change.get(t.name, t.decision)) for t in remat.tensors)
+    return plan.with_(decisions=plan.decisions.with_(remat=replace(remat, tier=tier, tensors=tensors)))
 
 
 def test_registered() -> None:
@@ -65,12 +64,12 @@ def test_valid_json_with_keys(swap_plan: Plan) -> None:
 
 
 def test_cpu_checkpointing_iff_swap_to_host(swap_plan: Plan) -> None:
-    tier = swap_plan.decisions["remat_swap"]["tier"]
+    tier = swap_plan.decisions.remat.tier
     assert tier == "ssd"
     assert json.loads(deepspeed_config(swap_plan))["activation_checkpointing"]["cpu_checkpointing"] is False
     to_host = with_decisions(swap_plan, "host", {})
     assert json.loads(deepspeed_config(to_host))["activation_checkpointing"]["cpu_checkpointing"] is True
-    names = [t["name"] for t in swap_plan.decisions["remat_swap"]["tensors"]]
+    names = [t.name for t in swap_plan.decisions.remat.tensors]
     nothing = with_decisions(swap_plan, "host", dict.fromkeys(names, "keep"))
     cfg = json.loads(deepspeed_config(nothing))
     assert cfg["activation_checkpointing"]["cpu_checkpointing"] is False
@@ -78,8 +77,8 @@ def test_cpu_checkpointing_iff_swap_to_host(swap_plan: Plan) -> None:
 
 
 def test_number_checkpoints_counts_layers_with_recompute(swap_plan: Plan) -> None:
-    tensors = swap_plan.decisions["remat_swap"]["tensors"]
-    first = {layer: next(t["name"] for t in tensors if t["layer"] == layer) for layer in (0, 1)}
+    tensors = swap_plan.decisions.remat.tensors
+    first = {layer: next(t.name for t in tensors if t.layer == layer) for layer in (0, 1)}
     one = with_decisions(swap_plan, "ssd", {first[0]: "recompute"})
     assert json.loads(deepspeed_config(one))["activation_checkpointing"]["number_checkpoints"] == 1
     two = with_decisions(swap_plan, "ssd", {first[0]: "recompute", first[1]: "recompute"})

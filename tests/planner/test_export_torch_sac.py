@@ -3,6 +3,8 @@ loss and gradients as the plain step, and its policy meets exactly the ops the p
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import importlib.util
 import types
 from pathlib import Path
@@ -12,15 +14,16 @@ import torch
 
 from memplan.errors import InvalidInput
 from memplan.ir.hardware import load_hardware
-from memplan.passes.registry import RematSwap
-from memplan.passes.remat_candidates import phases
+from memplan.ir.phases import phases
+from memplan.passes import remat_swap
+from memplan.passes.manager import run_pipeline
 from memplan.passes.remat_swap import RematSwapOptions
-from memplan.planner import zoo
 from memplan.planner.exporters import EXPORTERS
 from memplan.planner.exporters.torch_sac import checkpoint_layers, sac_table, torch_sac
 from memplan.planner.models import capture, load_model
-from memplan.planner.pipeline import run_pipeline
-from memplan.planner.plan import Plan, Workload
+from memplan.plans.decisions import TensorRemat
+from memplan.plans.plan import Plan, Workload
+from memplan.zoo import catalog as zoo
 
 BATCH, SEQ = 4, 64
 
@@ -37,7 +40,7 @@ def recompute_plan() -> Plan:
         workload,
         4 * 2**20,
         "zoo:gpt2-tiny",
-        [RematSwap()],
+        [remat_swap.PASS],
         options={"remat_swap": RematSwapOptions(allow_swap=False)},
     )
 
@@ -69,8 +72,8 @@ def test_table_follows_the_plan(recompute_plan: Plan) -> None:
     graph = recompute_plan.graph()
     assert sorted(table) == [0, 1]
     by_op: dict[int, set[str]] = {}
-    for t in recompute_plan.decisions["remat_swap"]["tensors"]:
-        by_op.setdefault(graph.producer(t["value_id"]), set()).add(t["decision"])
+    for t in recompute_plan.decisions.remat.tensors:
+        by_op.setdefault(graph.producer(t.value_id), set()).add(t.decision)
     checked = 0
     for i, decisions in by_op.items():
         op = graph.ops[i]
@@ -103,6 +106,12 @@ def test_generated_module_matches_plain_step(recompute_plan: Plan, tmp_path: Pat
     assert sac.STATS["save"] + sac.STATS["recompute"] == listed  # ...and each exactly once per forward
 
 
+def with_remat(plan: Plan, tier: str | None, tensors: tuple[TensorRemat, ...]) -> Plan:
+    """The plan with its remat tensors and swap tier replaced."""
+    remat = replace(plan.decisions.remat, tier=tier, tensors=tensors)
+    return plan.with_(decisions=plan.decisions.with_(remat=remat))
+
+
 def test_module_does_not_import_memplan(recompute_plan: Plan) -> None:
     text = torch_sac(recompute_plan)
     compile(text, "sac_policy.py", "exec")
@@ -110,11 +119,11 @@ def test_module_does_not_import_memplan(recompute_plan: Plan) -> None:
 
 
 def test_block_without_recompute_runs_plain(recompute_plan: Plan, tmp_path: Path) -> None:
-    tensors = [
-        t | {"decision": "keep", "recompute_ops": []} if t["layer"] == 1 else t
-        for t in recompute_plan.decisions["remat_swap"]["tensors"]
-    ]
-    plan = recompute_plan.with_(decisions={"remat_swap": {"tier": None, "tensors": tensors}})
+    tensors = tuple(
+        replace(t, decision="keep", recompute_ops=()) if t.layer == 1 else t
+        for t in recompute_plan.decisions.remat.tensors
+    )
+    plan = with_remat(recompute_plan, None, tensors)
     sac = load_module(torch_sac(plan), tmp_path)
     block = zoo.get("gpt2-tiny").build("cpu").transformer.h[1]
     assert sac.CHECKPOINT_LAYERS == [0]
@@ -122,13 +131,13 @@ def test_block_without_recompute_runs_plain(recompute_plan: Plan, tmp_path: Path
 
 
 def test_swapped_tensors_are_saved_and_listed(recompute_plan: Plan) -> None:
-    tensors = recompute_plan.decisions["remat_swap"]["tensors"]
-    kept = next(t for t in tensors if t["decision"] == "keep" and t["layer"] == 0)
-    swapped = [t | {"decision": "swap"} if t is kept else t for t in tensors]
-    plan = recompute_plan.with_(decisions={"remat_swap": {"tier": "host", "tensors": swapped}})
+    tensors = recompute_plan.decisions.remat.tensors
+    kept = next(t for t in tensors if t.decision == "keep" and t.layer == 0)
+    swapped = tuple(replace(t, decision="swap") if t is kept else t for t in tensors)
+    plan = with_remat(recompute_plan, "host", swapped)
     text = torch_sac(plan)
     listing = text.split("saved on the device here (SAC cannot swap):")[1].split("Outside")[0]
-    assert kept["name"] in listing
+    assert kept.name in listing
     assert sac_table(plan) == sac_table(recompute_plan)
 
 

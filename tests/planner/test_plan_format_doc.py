@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 import memplan
-from memplan.planner.plan import Plan
-from memplan.planner.plan_io import plan_schema
+from memplan.plans.plan import Plan
+from memplan.plans.serialize import plan_schema
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "plan-format.md"
 ENUM_KEYS = ("role", "kind", "status", "tier", "mode")

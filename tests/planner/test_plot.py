@@ -12,8 +12,8 @@ from matplotlib.image import imread
 import memplan
 from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Role
-from memplan.planner.plan import Plan
 from memplan.planner.plot import ROLES, plot_timeline, role_timelines, sample_steps
+from memplan.plans.plan import Plan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

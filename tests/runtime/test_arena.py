@@ -12,11 +12,12 @@ import memplan
 from memplan.errors import InternalError, InvalidInput, PlanMismatch
 from memplan.ir.analysis import Interval
 from memplan.ir.hardware import load_hardware
-from memplan.planner.api import default_passes
+from memplan.passes.manager import run_pipeline
+from memplan.passes.registry import default_pipeline
 from memplan.planner.models import capture, load_model
-from memplan.planner.pipeline import run_pipeline
-from memplan.planner.plan import Workload
-from memplan.runtime.arena import check_arena_run, out_variant, run_arena_for_plan, run_in_arena
+from memplan.planner.run import run_arena_for_plan
+from memplan.plans.plan import Workload
+from memplan.runtime.arena import check_arena_run, out_variant, run_in_arena
 
 
 def _setup(model, inputs=None):
@@ -28,7 +29,7 @@ def _setup(model, inputs=None):
         loaded = load_model(model, "infer", inputs)
     graph, cap = capture(loaded, "infer")
     workload = Workload("infer", loaded.batch, loaded.seq)
-    plan = run_pipeline(graph, load_hardware("cpu"), workload, 2**30, loaded.source, default_passes())
+    plan = run_pipeline(graph, load_hardware("cpu"), workload, 2**30, loaded.source, default_pipeline())
     return plan, cap, loaded.module, loaded.example_inputs
 
 

@@ -7,11 +7,11 @@ import torch
 
 from memplan.errors import InfeasibleBudget
 from memplan.ir.hardware import load_hardware
-from memplan.passes.registry import RematSwap
+from memplan.passes import remat_swap
+from memplan.passes.manager import run_pipeline
 from memplan.passes.remat_swap import RematSwapOptions
 from memplan.planner.models import capture, load_model
-from memplan.planner.pipeline import run_pipeline
-from memplan.planner.plan import Workload
+from memplan.plans.plan import Workload
 from tests.runtime.step import tracked_step
 
 
@@ -24,10 +24,10 @@ def test_checkpointed_blocks_same_gradients_peak_as_predicted(name):
     hw, work = load_hardware("cpu"), Workload("train", 4, 64)
     opts = {"remat_swap": RematSwapOptions(allow_swap=False, checkpoint_blocks=True)}
     with pytest.raises(InfeasibleBudget) as err:
-        run_pipeline(graph, hw, work, 1, "module", [RematSwap()], opts)
+        run_pipeline(graph, hw, work, 1, "module", [remat_swap.PASS], opts)
     budget = err.value.lower_bound_bytes
-    plan = run_pipeline(graph, hw, work, budget, "module", [RematSwap()], opts)
-    assert plan.decisions["remat_swap"]["blocks"]
+    plan = run_pipeline(graph, hw, work, budget, "module", [remat_swap.PASS], opts)
+    assert plan.decisions.remat.blocks
     loss, grads, peak = tracked_step(model, inputs, plan)
     assert torch.equal(loss, ref_loss)
     for a, b in zip(grads, ref_grads, strict=True):

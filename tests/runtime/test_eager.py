@@ -4,6 +4,8 @@ sends the plan's swaps through the tier store (and leaves it empty), and restore
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import copy
 import gc
 from contextlib import AbstractContextManager
@@ -15,11 +17,12 @@ import torch
 import memplan
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.hardware import Hardware, load_hardware
-from memplan.passes.registry import RematSwap
+from memplan.passes import remat_swap
+from memplan.passes.manager import run_pipeline
 from memplan.passes.remat_swap import RematSwapOptions
 from memplan.planner.models import capture, load_model
-from memplan.planner.pipeline import run_pipeline
-from memplan.planner.plan import Plan, Workload
+from memplan.plans.decisions import TensorRemat
+from memplan.plans.plan import Plan, Workload
 from memplan.runtime.eager import EagerInfo, find_blocks
 from memplan.runtime.tiers.factory import open_tier
 from memplan.runtime.tracker import LiveStorageTracker
@@ -55,7 +58,7 @@ def _step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ctx: Abstrac
 def _plan(model: torch.nn.Module, inputs: Any, hw: Hardware, budget: int, **opts: Any) -> Plan:
     graph, _ = capture(load_model(model, "train", inputs), "train")
     options = {"remat_swap": RematSwapOptions(**opts)}
-    return run_pipeline(graph, hw, Workload("train", BATCH, SEQ), budget, "module", [RematSwap()], options)
+    return run_pipeline(graph, hw, Workload("train", BATCH, SEQ), budget, "module", [remat_swap.PASS], options)
 
 
 def _torch(plan: Plan, model: torch.nn.Module, store: Any = None) -> AbstractContextManager[Any]:
@@ -69,7 +72,7 @@ def _restored(model: torch.nn.Module) -> bool:
 def test_recompute_plan_same_gradients_lower_peak(setup: Any) -> None:
     model, inputs, base_peak, (ref_loss, ref_grads, ref_peak, _) = setup
     plan = _plan(model, inputs, load_hardware("cpu"), int(base_peak * 0.75), allow_swap=False)
-    assert "recompute" in {t["decision"] for t in plan.decisions["remat_swap"]["tensors"]}
+    assert "recompute" in {t.decision for t in plan.decisions.remat.tensors}
     loss, grads, peak, info = _step(model, inputs, _torch(plan, model))
     assert isinstance(info, EagerInfo) and info.checkpointed == [0, 1]
     assert info.sac["recompute"] > 0 and info.sac["save"] > 0 and info.sac["unlisted"] == 0
@@ -84,7 +87,7 @@ def test_recompute_plan_same_gradients_lower_peak(setup: Any) -> None:
 def test_swap_plan_bitwise_through_the_store(setup: Any, fast_host_hw: Hardware) -> None:
     model, inputs, base_peak, (ref_loss, ref_grads, ref_peak, _) = setup
     plan = _plan(model, inputs, fast_host_hw, int(base_peak * 0.8), allow_recompute=False)
-    assert {t["decision"] for t in plan.decisions["remat_swap"]["tensors"]} == {"keep", "swap"}
+    assert {t.decision for t in plan.decisions.remat.tensors} == {"keep", "swap"}
     with open_tier(fast_host_hw, "host") as store:
         loss, grads, peak, info = _step(model, inputs, _torch(plan, model, store))
         stats = store.stats()
@@ -120,26 +123,27 @@ def test_sac_and_swap_blocks_together(setup: Any, fast_host_hw: Hardware) -> Non
     """Layer 0 recomputes (SAC; a swap there stays on the device), layer 1 swaps through the hooks."""
     model, inputs, base_peak, (ref_loss, ref_grads, _, _) = setup
     plan = _plan(model, inputs, fast_host_hw, int(base_peak * 0.75), allow_swap=False)
-    tensors = plan.decisions["remat_swap"]["tensors"]
-    kept0 = next(t for t in tensors if t["layer"] == 0 and t["decision"] == "keep" and t["size_bytes"] > 4096)
+    tensors = plan.decisions.remat.tensors
+    kept0 = next(t for t in tensors if t.layer == 0 and t.decision == "keep" and t.size_bytes > 4096)
     kept1 = [
-        t for t in tensors if t["layer"] == 1 and t["decision"] != "recompute" and t["size_bytes"] > 4096
+        t for t in tensors if t.layer == 1 and t.decision != "recompute" and t.size_bytes > 4096
     ]
-    swapped1 = {t["name"] for t in kept1[:3]}
+    swapped1 = {t.name for t in kept1[:3]}
 
-    def changed(t: dict[str, Any]) -> dict[str, Any]:
-        if t is kept0 or t["name"] in swapped1:
-            return t | {"decision": "swap"}
-        if t["layer"] == 1 and t["decision"] == "recompute":
-            return t | {"decision": "keep", "recompute_ops": []}
+    def changed(t: TensorRemat) -> TensorRemat:
+        if t is kept0 or t.name in swapped1:
+            return replace(t, decision="swap")
+        if t.layer == 1 and t.decision == "recompute":
+            return replace(t, decision="keep", recompute_ops=())
         return t
 
-    mixed = plan.with_(decisions={"remat_swap": {"tier": "host", "tensors": [changed(t) for t in tensors]}})
+    remat = replace(plan.decisions.remat, tier="host", tensors=tuple(changed(t) for t in tensors))
+    mixed = plan.with_(decisions=plan.decisions.with_(remat=remat))
     with open_tier(fast_host_hw, "host") as store:
         loss, grads, _, info = _step(model, inputs, _torch(mixed, model, store))
         stats = store.stats()
     assert info.checkpointed == [0] and info.swap_layers == [1]
-    assert info.swaps_on_device == [kept0["name"]]
+    assert info.swaps_on_device == [kept0.name]
     assert info.sac["recompute"] > 0 and 0 < info.swapped_tensors <= len(swapped1)
     assert stats.puts == info.swapped_tensors and stats.live_bytes == 0
     assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)

@@ -4,11 +4,11 @@ same tensor, so loss and gradients match the plain step, and the measured peak i
 import pytest
 import torch
 
-from memplan.passes.registry import RematSwap
-from memplan.passes.remat_candidates import ROW_OPS, ROW_VIEWS
+from memplan.ir.row_ops import ROW_OPS, ROW_VIEWS
+from memplan.passes import remat_swap
+from memplan.passes.manager import run_pipeline
 from memplan.planner.models import capture, load_model
-from memplan.planner.pipeline import run_pipeline
-from memplan.planner.plan import Workload
+from memplan.plans.plan import Workload
 from memplan.runtime.out_variants import DIRECT_WRITERS, out_variant
 from tests.runtime.step import tracked_step
 
@@ -33,8 +33,8 @@ def test_split_plan_same_gradients_peak_as_predicted(name, link_bound_hw):
     work = Workload("train", 4, 64)
     base = run_pipeline(graph, link_bound_hw, work, 2**40, "module", [], {})
     budget = int(base.predictions.peak_bytes["device"] * 0.65)
-    plan = run_pipeline(graph, link_bound_hw, work, budget, "module", [RematSwap()], {})
-    assert "split" in {t["decision"] for t in plan.decisions["remat_swap"]["tensors"]}
+    plan = run_pipeline(graph, link_bound_hw, work, budget, "module", [remat_swap.PASS], {})
+    assert "split" in {t.decision for t in plan.decisions.remat.tensors}
     loss, grads, peak = _step(model, inputs, plan)
     assert torch.equal(loss, ref_loss)
     for a, b in zip(

@@ -29,10 +29,10 @@ _step = tracked_step
 def test_same_gradients_and_peak_under_budget(setup, fraction, opts):
     model, inputs, base_peak, ref_loss, ref_grads, ref_peak = setup
     budget = int(base_peak * fraction)
-    from memplan.passes.registry import RematSwap
+    from memplan.passes import remat_swap
+    from memplan.passes.manager import run_pipeline
     from memplan.planner.models import capture
-    from memplan.planner.pipeline import run_pipeline
-    from memplan.planner.plan import Workload
+    from memplan.plans.plan import Workload
 
     loaded = load_model(model, "train", inputs)
     graph, _ = capture(loaded, "train")
@@ -42,10 +42,10 @@ def test_same_gradients_and_peak_under_budget(setup, fraction, opts):
         Workload("train", 4, 64),
         budget,
         "module",
-        [RematSwap()],
+        [remat_swap.PASS],
         {"remat_swap": RematSwapOptions(**opts)},
     )
-    moved = {t["decision"] for t in plan.decisions["remat_swap"]["tensors"]} - {"keep"}
+    moved = {t.decision for t in plan.decisions.remat.tensors} - {"keep"}
     assert moved
     loss, grads, peak = _step(model, inputs, plan)
     assert torch.equal(loss, ref_loss)

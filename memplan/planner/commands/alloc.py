@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 
 from memplan.errors import InvalidInput
-from memplan.planner.sizes import parse_size
 from memplan.solvers.packing import Problem, Solution, Status, csv_format, solve, validate
+from memplan.units import parse_size
 
 EXIT_INVALID, EXIT_INFEASIBLE, EXIT_TIMEOUT = 1, 3, 4
 

@@ -7,8 +7,8 @@ import argparse
 from rich.console import Console
 
 from memplan.errors import InvalidInput
+from memplan.files import atomic_write_text
 from memplan.planner.api import load
-from memplan.planner.files import atomic_write_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -8,7 +8,7 @@ import argparse
 from rich.console import Console
 
 from memplan.planner.api import plan
-from memplan.planner.sizes import format_size
+from memplan.units import format_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from memplan.errors import InvalidInput
 from memplan.ir.frontends.checkmate import DagGraph, load_node_link
-from memplan.planner.sizes import parse_size
 from memplan.solvers.remat_dag import RematProblem, RematResult, no_remat_peak, solve
+from memplan.units import parse_size
 
 EXIT_INFEASIBLE, EXIT_TIMEOUT = 3, 4
 

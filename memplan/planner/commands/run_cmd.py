@@ -33,12 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from memplan.runtime.measure import run_plan
+    from memplan.planner.run import run_plan
 
     plan = load(args.plan)
     console = Console()
     if args.arena:
-        from memplan.runtime.arena import run_arena_for_plan
+        from memplan.planner.run import run_arena_for_plan
 
         with console.status(f"running {plan.model.name} inside its planned arena..."):
             text = run_arena_for_plan(plan)

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from memplan.planner import zoo
+    from memplan.zoo import catalog as zoo
 
     table = Table("name", "family", "default batch", "default seq", "description")
     for name in zoo.names():

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from memplan.planner.exporters.chrome_trace import chrome_trace
 from memplan.planner.exporters.deepspeed import deepspeed_config
 from memplan.planner.exporters.torch_sac import torch_sac
-from memplan.planner.plan import Plan
+from memplan.plans.plan import Plan
 
 Exporter = Callable[[Plan], str]
 
@@ -21,6 +21,6 @@ EXPORTERS: dict[str, Exporter] = {
     "deepspeed": deepspeed_config,
     "torch-sac": torch_sac,
 }
-"""Format name -> exporter. Write the text with `memplan.planner.files.atomic_write_text`."""
+"""Format name -> exporter. Write the text with `memplan.files.atomic_write_text`."""
 
 __all__ = ["EXPORTERS", "Exporter", "chrome_trace", "deepspeed_config", "torch_sac"]

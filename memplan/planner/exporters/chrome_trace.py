@@ -26,8 +26,8 @@ import numpy as np
 
 from memplan.ir.analysis import timeline
 from memplan.ir.graph import Op, Value
-from memplan.planner.plan import Event, Plan, jsonable
 from memplan.planner.report import ordered_tiers, tier_rank
+from memplan.plans.plan import Event, Plan, jsonable
 
 MAX_COUNTER_SAMPLES = 20_000
 TRANSFER_KINDS = frozenset({"prefetch", "swap_in", "swap_out", "evict"})

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from memplan.errors import InvalidInput
-from memplan.planner.plan import Plan
+from memplan.plans.decisions import RematDecision
+from memplan.plans.plan import Plan
 
 
-def remat_tensors(plan: Plan, fmt: str) -> list[dict[str, Any]]:
-    """The `remat_swap` decision of every saved activation; a clear error for a plan without them."""
-    decisions = plan.decisions.get("remat_swap")
-    if plan.workload.mode != "train" or not decisions:
+def remat_decision(plan: Plan, fmt: str) -> RematDecision:
+    """The `remat_swap` decision record; a clear error for a plan without one."""
+    remat = plan.decisions.remat
+    if plan.workload.mode != "train" or remat is None:
         raise InvalidInput(
             f"plan of {plan.model.name} ({plan.workload.mode}) has no remat_swap decisions: the {fmt} "
             "export needs a training plan (memplan plan MODEL --mode train --budget ...)"
         )
-    tensors: list[dict[str, Any]] = decisions["tensors"]
-    return tensors
+    return remat

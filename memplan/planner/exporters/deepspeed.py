@@ -26,8 +26,9 @@ from collections import Counter
 from typing import Any
 
 from memplan.ir.graph import Role
-from memplan.planner.exporters.common import remat_tensors
-from memplan.planner.plan import Plan
+from memplan.planner.exporters.common import remat_decision
+from memplan.plans.decisions import TensorRemat
+from memplan.plans.plan import Plan
 
 HOST_TIERS = frozenset({"host", "cxl"})
 OFFLOAD_DEVICE = {"host": "cpu", "cxl": "cpu", "ssd": "nvme"}
@@ -42,11 +43,11 @@ def deepspeed_config(plan: Plan) -> str:
 def config_dict(plan: Plan) -> dict[str, Any]:
     """The config as a JSON-ready dict: `activation_checkpointing`, `zero_optimization` if the plan offloads
     model state, and `memplan_notes`."""
-    tensors = remat_tensors(plan, "deepspeed")
-    tier = plan.decisions["remat_swap"].get("tier")
-    swapped = [t for t in tensors if t["decision"] == "swap"]
+    remat = remat_decision(plan, "deepspeed")
+    tensors, tier = remat.tensors, remat.tier
+    swapped = [t for t in tensors if t.decision == "swap"]
     rebuilt = ("recompute", "split")
-    layers = sorted({t["layer"] for t in tensors if t["decision"] in rebuilt and t["layer"] is not None})
+    layers = sorted({t.layer for t in tensors if t.decision in rebuilt and t.layer is not None})
     cpu = bool(swapped) and tier in HOST_TIERS
     out: dict[str, Any] = {
         "activation_checkpointing": {
@@ -83,15 +84,15 @@ def _offload(plan: Plan) -> dict[str, dict[str, Any]]:
 
 def _notes(
     plan: Plan,
-    tensors: list[dict[str, Any]],
+    tensors: tuple[TensorRemat, ...],
     layers: list[int],
     tier: str | None,
     offload: dict[str, dict[str, Any]],
 ) -> list[str]:
-    count = Counter(t["decision"] for t in tensors)
+    count = Counter(t.decision for t in tensors)
     size: Counter[str] = Counter()
     for t in tensors:
-        size[t["decision"]] += t["size_bytes"]
+        size[t.decision] += t.size_bytes
     notes = [
         f"derived from the memplan plan of {plan.model.name} (batch {plan.workload.batch}, seq "
         f"{plan.workload.seq}, device budget {plan.budget_bytes.get('device')} B): {len(tensors)} saved "

@@ -34,30 +34,19 @@ Reference: PyTorch `torch/utils/checkpoint.py` (`CheckpointPolicy`, `create_sele
 
 from __future__ import annotations
 
-import collections
 import inspect
 import pprint
-from collections import Counter, defaultdict
-from collections.abc import Callable
-from typing import Any, Literal
+from collections import Counter
 
-from torch.utils.checkpoint import CheckpointPolicy
-
-from memplan.ir.graph import Graph
-from memplan.passes.remat_candidates import phases
-from memplan.planner.exporters.common import remat_tensors
-from memplan.planner.plan import Plan
-
-SacDecision = Literal["save", "recompute"]
-SacTable = dict[int, dict[tuple[str, int], SacDecision]]
-
-IGNORED_TARGETS = frozenset({"aten.detach.default"})
-"""Ops SAC's dispatch mode never passes to the policy (see `SAC_IGNORED_OPS` in torch)."""
+from memplan.planner.exporters.common import remat_decision
+from memplan.plans.decisions import TensorRemat
+from memplan.plans.plan import Plan
+from memplan.runtime.sac_policy import checkpoint_layers, occurrence_keys, policy_for, sac_table
 
 
 def torch_sac(plan: Plan) -> str:
     """The policy module's Python source (see module docstring)."""
-    tensors = remat_tensors(plan, "torch-sac")
+    tensors = remat_decision(plan, "torch-sac").tensors
     table = sac_table(plan)
     header = _header(plan, tensors)
     policy = pprint.pformat(table, width=100, sort_dicts=True)
@@ -70,83 +59,13 @@ def torch_sac(plan: Plan) -> str:
     )
 
 
-def policy_for(table: dict[tuple[str, int], str], stats: collections.Counter[str]) -> Callable[..., Any]:
-    """A SAC policy_fn for one forward of a block whose (aten op, occurrence) decisions are `table`, with
-    fresh counters (one per phase: torch versions that also consult the policy while recomputing pass
-    ctx.is_recompute=True); counts its forward answers ("save", "recompute", "unlisted") in `stats`.
-    Its source is copied into the generated module, so it uses only `collections` and `CheckpointPolicy`."""
-    answers = {
-        "save": CheckpointPolicy.MUST_SAVE,
-        "recompute": CheckpointPolicy.MUST_RECOMPUTE,
-        "unlisted": CheckpointPolicy.PREFER_RECOMPUTE,
-    }
-    counters: dict[bool, collections.Counter[str]] = {
-        False: collections.Counter(),
-        True: collections.Counter(),
-    }
-
-    def policy_fn(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        phase = bool(getattr(ctx, "is_recompute", False))
-        name = str(op)
-        index = counters[phase][name]
-        counters[phase][name] += 1
-        decision = table.get((name, index), "unlisted")
-        if not phase:
-            stats[decision] += 1
-        return answers[decision]
-
-    return policy_fn
-
-
-def sac_table(plan: Plan) -> SacTable:
-    """{layer: {(target, occurrence): decision}} for every forward op of every repeated layer."""
-    graph = plan.graph()
-    by_op = op_decisions(plan, graph)
-    table: SacTable = {}
-    for layer, ops in forward_layer_ops(graph).items():
-        seen: Counter[str] = Counter()
-        entries: dict[tuple[str, int], SacDecision] = {}
-        for i in ops:
-            target = graph.ops[i].target
-            if target in IGNORED_TARGETS:
-                continue
-            entries[(target, seen[target])] = by_op.get(i, "recompute")
-            seen[target] += 1
-        table[layer] = entries
-    return table
-
-
-def forward_layer_ops(graph: Graph) -> dict[int, list[int]]:
-    """Layer -> schedule indices of its forward ops (before the loss is computed), in order."""
-    fwd_end = phases(graph).fwd_end
-    out: dict[int, list[int]] = defaultdict(list)
-    for i, op in enumerate(graph.ops[:fwd_end]):
-        if op.layer is not None:
-            out[op.layer].append(i)
-    return dict(sorted(out.items()))
-
-
-def op_decisions(plan: Plan, graph: Graph) -> dict[int, SacDecision]:
-    """Producer op index -> decision, for the ops that produce saved activations (see module docstring)."""
-    out: dict[int, SacDecision] = {}
-    for t in remat_tensors(plan, "torch-sac"):
-        p = graph.producer(t["value_id"])
-        if p is None:
-            continue
-        if t["decision"] in ("recompute", "split"):
-            out[p] = "recompute"
-        else:
-            out.setdefault(p, "save")
-    return out
-
-
-def _header(plan: Plan, tensors: list[dict[str, Any]]) -> str:
+def _header(plan: Plan, tensors: tuple[TensorRemat, ...]) -> str:
     graph = plan.graph()
     producer: dict[int, int] = {}
     for t in tensors:
-        p = graph.producer(t["value_id"])
+        p = graph.producer(t.value_id)
         if p is not None:
-            producer[t["value_id"]] = p
+            producer[t.value_id] = p
     keys = occurrence_keys(graph)
     lines = [
         f"Selective activation checkpointing policy for {plan.model.name} ({plan.model.source}),",
@@ -155,48 +74,28 @@ def _header(plan: Plan, tensors: list[dict[str, Any]]) -> str:
         f"device budget {plan.budget_bytes.get('device')} B.",
         "",
     ]
-    count = Counter(t["decision"] for t in tensors)
+    count = Counter(t.decision for t in tensors)
     lines.append(
         f"Plan: {len(tensors)} saved activations: keep {count['keep']}, swap {count['swap']}, "
         f"recompute {count['recompute']}, split {count['split']}; checkpointed layers: "
         f"{checkpoint_layers(plan) or 'none'}."
     )
-    split = [t for t in tensors if t["decision"] == "split"]
+    split = [t for t in tensors if t.decision == "split"]
     if split:
         lines += ["", "Split by the plan (rows swapped, the rest recomputed), recomputed whole here:"]
-        lines += [f"  {_describe(t, keys.get(producer.get(t['value_id'], -1)))}" for t in split]
-    swapped = [t for t in tensors if t["decision"] == "swap"]
+        lines += [f"  {_describe(t, keys.get(producer.get(t.value_id, -1)))}" for t in split]
+    swapped = [t for t in tensors if t.decision == "swap"]
     lines += ["", "Swapped by the plan, saved on the device here (SAC cannot swap):"]
-    lines += [f"  {_describe(t, keys.get(producer.get(t['value_id'], -1)))}" for t in swapped] or ["  (none)"]
-    outside = [t for t in tensors if t["layer"] is None]
+    lines += [f"  {_describe(t, keys.get(producer.get(t.value_id, -1)))}" for t in swapped] or ["  (none)"]
+    outside = [t for t in tensors if t.layer is None]
     lines += ["", "Outside repeated blocks, not covered (autograd saves them as usual):"]
     lines += [f"  {_describe(t, None)}" for t in outside] or ["  (none)"]
     return "\n".join(lines)
 
 
-def occurrence_keys(graph: Graph) -> dict[int, tuple[int, str, int]]:
-    """Schedule index of each forward op of a repeated layer -> (layer, target, occurrence of the target in
-    that layer's forward), the key `sac_table` uses."""
-    out: dict[int, tuple[int, str, int]] = {}
-    for layer, ops in forward_layer_ops(graph).items():
-        seen: Counter[str] = Counter()
-        for i in ops:
-            target = graph.ops[i].target
-            out[i] = (layer, target, seen[target])
-            seen[target] += 1
-    return out
-
-
-def _describe(t: dict[str, Any], key: tuple[int, str, int] | None) -> str:
-    where = f"layer {key[0]}, {key[1]} #{key[2]}" if key else f"layer {t['layer']}"
-    return f"{t['name']} ({where}, {t['size_bytes']} B, decision {t['decision']})"
-
-
-def checkpoint_layers(plan: Plan) -> list[int]:
-    """Layers where the plan recomputes or splits a saved activation (the blocks to checkpoint)."""
-    tensors = remat_tensors(plan, "torch-sac")
-    rebuilt = ("recompute", "split")
-    return sorted({t["layer"] for t in tensors if t["decision"] in rebuilt and t["layer"] is not None})
+def _describe(t: TensorRemat, key: tuple[int, str, int] | None) -> str:
+    where = f"layer {key[0]}, {key[1]} #{key[2]}" if key else f"layer {t.layer}"
+    return f"{t.name} ({where}, {t.size_bytes} B, decision {t.decision})"
 
 
 _TEMPLATE = '''"""@HEADER@

@@ -2,9 +2,9 @@ from dataclasses import replace
 
 from memplan.ir.analysis import Interval
 from memplan.ir.hardware import load_hardware
-from memplan.planner.baseline import baseline_plan
-from memplan.planner.plan import Event, Workload
-from memplan.planner.verify import verify_plan
+from memplan.passes.baseline import baseline_plan
+from memplan.plans.plan import Event, Workload
+from memplan.plans.verify import verify_plan
 from tests.graphs import chain
 
 

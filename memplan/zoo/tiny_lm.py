@@ -40,7 +40,7 @@ from safetensors.torch import load_model, save_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from memplan.errors import MemplanError
-from memplan.planner.files import atomic_write, atomic_write_text
+from memplan.files import atomic_write, atomic_write_text
 
 TRAIN_COMMAND = "python examples/train_tiny_lm.py"
 """The command that trains and caches tiny-lm (quoted in errors)."""

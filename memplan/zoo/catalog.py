@@ -45,7 +45,7 @@ from transformers import (
 )
 
 from memplan.errors import InvalidInput
-from memplan.planner import tiny_lm
+from memplan.zoo import tiny_lm
 
 Mode = Literal["infer", "train"]
 Family = Literal["gpt2", "llama", "opt", "resnet"]

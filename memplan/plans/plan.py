@@ -17,8 +17,9 @@ from typing import Any, Literal
 from memplan.ir.analysis import Interval
 from memplan.ir.graph import Graph, Op, Role, Value
 from memplan.ir.hardware import Hardware
+from memplan.plans.decisions import Decisions
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 EventKind = Literal["compute", "prefetch", "evict", "swap_out", "swap_in", "recompute", "free"]
 
@@ -46,7 +47,8 @@ class ModelInfo:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One thing the runtime does at schedule `step`: run an op, or move / drop / rebuild a storage."""
+    """One thing the runtime does at schedule `step` (a position in the plan's op order, not an op id): run
+    op `op_id`, or move / drop / rebuild storage `value_id`."""
 
     kind: EventKind
     step: int
@@ -98,7 +100,10 @@ class Predictions:
 
 @dataclass(frozen=True)
 class Plan:
-    """A complete plan. `residency` says where each storage is over `[start, end)` schedule steps."""
+    """A complete plan. `tensors` and `ops` are the model as captured (ops in captured order, sizes as
+    captured); `decisions` say what the passes changed (order, bits, tiers, remat, offsets), and
+    `effective_graph(plan)` applies them. `residency` says where each storage is over `[start, end)`
+    schedule steps of that effective order."""
 
     model: ModelInfo
     hardware: Hardware
@@ -112,17 +117,23 @@ class Plan:
     predictions: Predictions
     offsets: dict[str, dict[int, int]] = field(default_factory=dict)
     """tier -> value id -> byte offset in that tier's arena (filled by the allocate pass)."""
-    decisions: dict[str, Any] = field(default_factory=dict)
-    """Per-pass decision summaries, keyed by pass name (JSON-ready)."""
+    decisions: Decisions = field(default_factory=Decisions)
+    """One typed record per pass that has run (see `memplan.plans.decisions`)."""
     passes: tuple[PassReport, ...] = ()
     warnings: tuple[str, ...] = ()
     memplan_version: str = ""
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 
-    def graph(self) -> Graph:
-        """The IR this plan was made for, rebuilt from its own tables."""
+    def captured_graph(self) -> Graph:
+        """The IR this plan was made for, as captured (rebuilt from its own tables)."""
         return Graph(self.model.name, self.tensors, self.ops, self.outputs, self.warnings)
+
+    def graph(self) -> Graph:
+        """The IR under the passes so far: ops in the plan's order, sizes as its bits make them."""
+        from memplan.plans.effective import effective_graph
+
+        return effective_graph(self)
 
     def with_(self, **changes: Any) -> Plan:
         """A copy with some fields replaced (plans are immutable)."""
@@ -130,41 +141,37 @@ class Plan:
 
     # Thin conveniences over the functions of the planner, so that `plan.save(...)` reads naturally.
     def save(self, path: str) -> None:
-        from memplan.planner.plan_io import save_plan
+        from memplan.plans.serialize import save_plan
 
         save_plan(self, path)
 
     @staticmethod
     def load(path: str) -> Plan:
-        from memplan.planner.plan_io import load_plan
+        from memplan.plans.serialize import load_plan
 
         return load_plan(path)
 
-    def summary(self) -> str:
-        from memplan.planner.report import summary_text
-
-        return summary_text(self)
-
     def compare(self, measured: Any) -> Any:
         """Predicted vs measured (a `memplan.runtime.tracker.Measurement`): a `Comparison`."""
-        from memplan.planner.compare import compare
+        from memplan.plans.compare import compare
 
         return compare(self, measured)
 
     def to_dict(self) -> dict[str, Any]:
-        from memplan.planner.plan_io import plan_to_dict
+        from memplan.plans.serialize import plan_to_dict
 
         return plan_to_dict(self)
 
 
 def fingerprint(graph: Graph) -> str:
-    """Hash of the parameter and buffer names, shapes and dtypes and the op list: binds a plan to a model."""
+    """Hash of the parameter and buffer names, shapes and dtypes and the captured op list (by op id, so the
+    order a `schedule` pass chose does not change it): binds a plan to a model."""
     h = hashlib.sha256()
     state = sorted(
         (v.name, v.shape, v.dtype) for v in graph.values if v.role in (Role.PARAMETER, Role.BUFFER)
     )
     h.update(json.dumps([[n, list(s), d] for n, s, d in state]).encode())
-    h.update(json.dumps([op.target for op in graph.ops]).encode())
+    h.update(json.dumps([op.target for op in sorted(graph.ops, key=lambda o: o.id)]).encode())
     return "sha256:" + h.hexdigest()[:32]
 
 

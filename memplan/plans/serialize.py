@@ -16,11 +16,27 @@ from typing import Any
 import jsonschema
 
 from memplan.errors import PlanMismatch
+from memplan.files import atomic_write_text
 from memplan.ir.analysis import Interval
 from memplan.ir.graph import Op, Role, Value
 from memplan.ir.hardware import hardware_from_dict
-from memplan.planner.files import atomic_write_text
-from memplan.planner.plan import (
+from memplan.plans.decisions import (
+    AllocateDecision,
+    Arena,
+    BitsDecision,
+    BlockRemat,
+    Decisions,
+    KVBudget,
+    KVDecision,
+    OrderDecision,
+    PlacementDecision,
+    RematDecision,
+    TensorBits,
+    TensorPlacement,
+    TensorRemat,
+    TierPacking,
+)
+from memplan.plans.plan import (
     SCHEMA_VERSION,
     Event,
     ModelInfo,
@@ -36,7 +52,7 @@ from memplan.planner.plan import (
 @cache
 def plan_schema() -> dict[str, Any]:
     """The JSON Schema every plan file must satisfy."""
-    return json.loads(resources.files("memplan.planner").joinpath("plan.schema.json").read_text())
+    return json.loads(resources.files("memplan.plans").joinpath("plan.schema.json").read_text())
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -101,7 +117,7 @@ def plan_from_dict(d: dict[str, Any]) -> Plan:
         events=tuple(Event(**e) for e in d["events"]),
         predictions=Predictions(**pred),
         offsets={tier: {int(k): v for k, v in m.items()} for tier, m in d["offsets"].items()},
-        decisions=d["decisions"],
+        decisions=decisions_from_dict(d["decisions"]),
         passes=tuple(
             PassReport(p["name"], p["time_s"], SolverReport(**p["solver"]), tuple(p["notes"]))
             for p in d["passes"]
@@ -111,6 +127,36 @@ def plan_from_dict(d: dict[str, Any]) -> Plan:
         created=d["created"],
         schema_version=d["schema_version"],
     )
+
+
+def decisions_from_dict(d: dict[str, Any]) -> Decisions:
+    """Rebuild the typed decision records from their validated JSON form."""
+    order, bits, kv, remat, placement, alloc = (
+        d[k] for k in ("order", "bits", "kv", "remat", "placement", "allocate")
+    )
+    return Decisions(
+        order=OrderDecision(tuple(order["op_ids"])) if order else None,
+        bits=BitsDecision(tuple(TensorBits(**t) for t in bits["tensors"])) if bits else None,
+        kv=KVDecision(tuple(KVBudget(**b) for b in kv["budgets"]), kv["sink_tokens"], kv["recent_tokens"])
+        if kv
+        else None,
+        remat=_remat(remat) if remat else None,
+        placement=PlacementDecision(tuple(TensorPlacement(**t) for t in placement["tensors"]))
+        if placement
+        else None,
+        allocate=AllocateDecision(
+            tuple(Arena(**a) for a in alloc["arenas"]), tuple(TierPacking(**p) for p in alloc["packings"])
+        )
+        if alloc
+        else None,
+    )
+
+
+def _remat(d: dict[str, Any]) -> RematDecision:
+    lists = ("recompute_ops", "recompute_transient", "view_ops")
+    tensors = tuple(TensorRemat(**{k: tuple(v) if k in lists else v for k, v in t.items()}) for t in d["tensors"])
+    blocks = tuple(BlockRemat(**{k: tuple(v) if isinstance(v, list) else v for k, v in b.items()}) for b in d["blocks"])
+    return RematDecision(d["tier"], tensors, blocks)
 
 
 def _hardware_dict(h: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 import pytest
 
 from memplan.errors import InvalidInput
-from memplan.planner.sizes import format_size, parse_size
+from memplan.units import format_size, parse_size
 
 
 @pytest.mark.parametrize(

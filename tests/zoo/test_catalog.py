@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memplan.errors import InvalidInput
-from memplan.planner import zoo
+from memplan.zoo import catalog as zoo
 
 # Published parameter counts (model cards and papers), independent of the configs in zoo.py.
 PUBLISHED_PARAMS = {

@@ -4,11 +4,11 @@ import os
 import pytest
 
 from memplan.errors import PlanMismatch
+from memplan.files import atomic_write_text
 from memplan.ir.hardware import load_hardware
-from memplan.planner.baseline import baseline_plan
-from memplan.planner.files import atomic_write_text
-from memplan.planner.plan import Plan, Workload, fingerprint
-from memplan.planner.plan_io import load_plan, plan_to_dict, save_plan
+from memplan.passes.baseline import baseline_plan
+from memplan.plans.plan import Plan, Workload, fingerprint
+from memplan.plans.serialize import load_plan, plan_to_dict, save_plan
 from tests.graphs import chain
 
 

@@ -6,31 +6,26 @@ Checks, each with its own failure kind:
 - `overlap`: two storages live on the same tier at the same time share bytes of the arena;
 - `offset-bounds`: an offset places a storage outside its tier's arena;
 - `prefetch-late`: a storage comes back to the device with no transfer or recompute event by then;
-- `bad-reference`: a residency, offset or event names a value or op that does not exist.
+- `bad-reference`: a residency, offset or event names a value or op that does not exist;
+- `bad-decision`: a pass's decision record contradicts the plan (`memplan.plans.verify_decisions`).
+
+It reads the plan's effective graph (`plan.graph()`), so it checks the order and sizes the passes chose.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Graph
-from memplan.planner.plan import Plan
+from memplan.plans.plan import Plan
+from memplan.plans.verify_decisions import Violation, check_decisions, missing_offsets
 
-ViolationKind = Literal[
-    "use-before-def", "over-capacity", "overlap", "offset-bounds", "prefetch-late", "bad-reference"
-]
+__all__ = ["VerifyReport", "Violation", "missing_offsets", "verify_plan"]
 _ARRIVALS = ("prefetch", "swap_in", "recompute")
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    kind: ViolationKind
-    message: str
 
 
 @dataclass(frozen=True)
@@ -47,10 +42,12 @@ def verify_plan(plan: Plan, max_per_kind: int = 20) -> VerifyReport:
     """Every check above; at most `max_per_kind` violations of each kind are reported."""
     graph = plan.graph()
     found: list[Violation] = []
-    for check in (_references, _uses, _capacity, _offsets, _arrivals):
+    for check in (_references, _uses, _capacity, _offsets, _arrivals, check_decisions):
         vs = check(plan, graph)
         found.extend(vs[:max_per_kind])
-    return VerifyReport(tuple(found), ("references", "uses", "capacity", "offsets", "arrivals"))
+    return VerifyReport(
+        tuple(found), ("references", "uses", "capacity", "offsets", "arrivals", "decisions")
+    )
 
 
 def _references(plan: Plan, graph: Graph) -> list[Violation]:
@@ -121,6 +118,7 @@ def _capacity(plan: Plan, graph: Graph) -> list[Violation]:
                     "over-capacity",
                     f"{tier}: {int(live[s])} bytes live at step {s} "
                     f"(and {len(over) - 1} more steps) over its limit of {limit} bytes",
+                    tier,
                 )
             )
     return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from memplan.planner.plan import Plan
-from memplan.planner.sizes import format_size
+from memplan.plans.plan import Plan
+from memplan.units import format_size
 
 
 class Measured(Protocol):

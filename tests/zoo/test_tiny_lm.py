@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from memplan.errors import MemplanError
-from memplan.planner import tiny_lm, zoo
-from memplan.planner.tiny_lm import ModelNotCached, TrainReport, TrainSettings
+from memplan.zoo import tiny_lm, zoo
+from memplan.zoo.tiny_lm import ModelNotCached, TrainReport, TrainSettings
 
 # Small and fast: 5 steps of 4 windows, evaluated on 4 windows.
 QUICK = TrainSettings(batch=4, warmup=2, eval_windows=4, eval_every=2)

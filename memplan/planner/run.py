@@ -1,0 +1,95 @@
+"""`memplan run`: rebuild the model a plan names, check it is the plan's, run the planned step for real
+and compare what the live-storage tracker measured with the plan's prediction.
+
+This is a door (it resolves models by name, which the runtime does not), so it lives above the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from memplan.errors import InternalError, InvalidInput, PlanMismatch
+from memplan.ir.frontends.fx_lower import Capture
+from memplan.planner.models import LoadedModel, capture, load_model
+from memplan.plans.compare import Comparison, compare
+from memplan.plans.plan import Plan, fingerprint
+from memplan.runtime.arena import check_arena_run, describe, run_in_arena
+from memplan.runtime.measure import run_inference, run_step
+from memplan.runtime.tracker import Measurement
+from memplan.runtime.training import applied
+
+
+def check_fingerprint(plan: Plan, loaded: LoadedModel) -> Capture | None:
+    """Refuse to run a plan on a model it was not made for; returns the fresh capture."""
+    graph, cap = capture(loaded, plan.workload.mode, plan.workload.optimizer)
+    got = fingerprint(graph)
+    if got != plan.model.fingerprint:
+        raise PlanMismatch(
+            f"this plan was made for model {plan.model.name!r} (fingerprint {plan.model.fingerprint}), "
+            "but the "
+            f"model given has fingerprint {got}: different parameters or ops. Re-plan with `memplan plan`."
+        )
+    return cap
+
+
+def run_plan(
+    plan: Plan,
+    module: torch.nn.Module | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    emulate: Sequence[str] = (),
+) -> tuple[Measurement, Comparison]:
+    """Check the model is the plan's, run the step the plan describes, and compare with its prediction.
+
+    Inference runs the captured graph in the planned schedule; training runs the step (forward, backward,
+    optimizer) from an ordinary eager loop, under `memplan.applied` when the plan moves activations.
+    `emulate` names tiers to back with host memory (`cxl`), said so in every report. Zoo plans rebuild
+    their model from `plan.model.source`; any other plan needs `module` and `example_inputs`.
+    """
+    w = plan.workload
+    if module is None:
+        if not plan.model.source.startswith("zoo:"):
+            raise InvalidInput(
+                f"plan for {plan.model.source!r}: pass the module and example inputs to run it"
+            )
+        loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
+    else:
+        loaded = load_model(module, w.mode, example_inputs, w.batch, w.seq)
+    cap = check_fingerprint(plan, loaded)
+    assert loaded.module is not None
+    if w.mode == "infer" and cap is not None:
+        measured = run_inference(cap, loaded.module, loaded.example_inputs)
+    elif plan.decisions.remat is not None:
+        with applied(plan, loaded.module, emulate=frozenset(emulate)):
+            measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
+    else:
+        measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
+    return measured, compare(plan, measured)
+
+
+def run_arena_for_plan(plan: Plan) -> str:
+    """`memplan run --arena`: rebuild the zoo model the plan names, run it in the plan's arenas, check it
+    against the exported graph and eager execution, and describe the run in one paragraph."""
+    w = plan.workload
+    if not plan.model.source.startswith("zoo:"):
+        raise InvalidInput(
+            f"plan for {plan.model.source!r}: `--arena` rebuilds zoo models only; call "
+            "memplan.runtime.arena.run_in_arena with the module and its inputs"
+        )
+    if w.mode != "infer":
+        raise InvalidInput("`--arena` runs inference plans; this one is a training plan")
+    loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
+    cap, module = check_fingerprint(plan, loaded), loaded.module
+    if cap is None or module is None:
+        raise InternalError(f"zoo model {plan.model.source} came without a capture or a module")
+    run = run_in_arena(plan, cap, module, loaded.example_inputs)
+    check = check_arena_run(run, plan, cap, module, loaded.example_inputs)
+    ref = run_inference(cap, module, loaded.example_inputs)
+    return describe(run, check, ref.wall_s, ref.peak_bytes)
+
+
+def _dtype(plan: Plan) -> torch.dtype:
+    dtypes = {v.dtype for v in plan.tensors if v.role.value == "parameter"}
+    return getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32

@@ -1,0 +1,251 @@
+"""One typed decision record per pass, the part of a plan a runtime follows beyond residency and events.
+
+Every field is plain data with units in its name; schedule positions are *steps* (indices into the plan's
+op order, see `memplan.plans.effective`), operators are named by *op id* and tensors by *value id*, so a
+record stays valid whatever order a `schedule` pass chose. `Decisions` holds at most one record per pass;
+a pass adds its own and never rewrites another's (`Decisions.with_`).
+
+    pass         record               what it says
+    schedule     OrderDecision        the op order: a permutation of op ids (step k runs op_ids[k])
+    bitwidth     BitsDecision         per tensor: storage format, bits, group size, scale layout
+    kv_budget    KVDecision           per layer (and head): tokens kept and their bits
+    remat_swap   RematDecision        per saved activation: keep / swap / recompute / split; checkpointed blocks
+    placement    PlacementDecision    per tensor or slice of one: home tier, prefetch and evict steps
+    allocate     AllocateDecision     per tier: the arena and how its packing was solved (offsets: Plan.offsets)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+RematKind = Literal["keep", "swap", "recompute", "split"]
+QuantFormat = Literal["fp32", "fp16", "bf16", "int8", "int4", "int3", "int2"]
+ScaleLayout = Literal["none", "per-tensor", "per-channel", "per-group"]
+
+FORMAT_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+"""Bits per element of each storage format (the payload; scales and zero points come on top)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OrderDecision:
+    """The schedule: step k runs the op whose id is `op_ids[k]`; a topological order of all the plan's ops."""
+
+    op_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorBits:
+    """How one tensor is stored: `format` with `group_size` elements per scale (None: one scale per
+    `scale_layout` unit), symmetric (no zero point) or not, scales in `scale_dtype`."""
+
+    value_id: int
+    format: QuantFormat
+    group_size: int | None = None
+    symmetric: bool = True
+    scale_layout: ScaleLayout = "none"
+    scale_dtype: str = "float16"
+
+    @property
+    def bits(self) -> int:
+        return FORMAT_BITS[self.format]
+
+    def stored_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of the packed payload plus its scales (and zero points when asymmetric)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        payload = (numel * self.bits + 7) // 8
+        scale_bytes = 2 if self.scale_dtype in ("float16", "bfloat16") else 4
+        per_scale = scale_bytes * (1 if self.symmetric else 2)
+        if self.scale_layout == "none":
+            return payload
+        if self.scale_layout == "per-tensor":
+            return payload + per_scale
+        rows = numel // shape[-1] if shape and shape[-1] else 1
+        if self.scale_layout == "per-channel":
+            return payload + per_scale * rows
+        group = self.group_size or (shape[-1] if shape else 1)
+        return payload + per_scale * -(-numel // group)
+
+
+@dataclass(frozen=True, slots=True)
+class BitsDecision:
+    """The storage format of every tensor the bitwidth pass quantized (tensors not listed keep their dtype)."""
+
+    tensors: tuple[TensorBits, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KVBudget:
+    """The KV cache of one layer (or one head of it, `head` not None): tokens kept, at `bits` per element."""
+
+    layer: int
+    tokens: int
+    bits: int = 16
+    head: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KVDecision:
+    """Per-layer (and per-head) KV budgets; the first `sink_tokens` and last `recent_tokens` are always kept."""
+
+    budgets: tuple[KVBudget, ...]
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRemat:
+    """What happens to one activation a training step saves for its backward. Steps are schedule steps:
+    made at `produced`, last read by the forward at `last_fwd_use`, first and last read by the backward at
+    `first_bwd_use` and `last_use`. A swap (or split) writes it out after `produced`, frees the device
+    copy at `write_done_step`, reads it back from `prefetch_step`; a recompute re-runs `recompute_ops`
+    (op ids, in order) before `first_bwd_use`, rebuilding `recompute_transient` on the way; a split swaps
+    its first `swap_rows` of `rows` rows and recomputes the others; `block` names the layer whose
+    checkpointed block rebuilds it instead."""
+
+    value_id: int
+    name: str
+    decision: RematKind
+    size_bytes: int
+    layer: int | None
+    produced: int
+    last_fwd_use: int
+    first_bwd_use: int
+    last_use: int
+    write_done_step: int
+    prefetch_step: int
+    recompute_ops: tuple[int, ...] = ()
+    recompute_transient: tuple[int, ...] = ()
+    view_ops: tuple[int, ...] = ()
+    """Ops (ids) that rebuild the views of a swapped value once it is back."""
+    rows: int = 1
+    swap_rows: int = 0
+    block: int | None = None
+
+    @property
+    def swap_fraction(self) -> float:
+        """Share of the tensor that goes to the tier: 1 for a swap, swap_rows / rows for a split, else 0."""
+        if self.decision == "swap":
+            return 1.0
+        return self.swap_rows / self.rows if self.decision == "split" else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemat:
+    """A checkpointed layer: one re-run of its forward `ops` (ids) at `rebuild_step` rebuilds `members`
+    (its saved activations); `transient` are the other values the re-run makes, `peak_transient` the ones
+    live at its worst moment (the plan holds those through the rebuild step)."""
+
+    layer: int
+    rebuild_step: int
+    ops: tuple[int, ...]
+    members: tuple[int, ...]
+    transient: tuple[int, ...] = ()
+    peak_transient: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RematDecision:
+    """The remat_swap pass's decisions: `tier` is where swaps go (None: no swap tier)."""
+
+    tier: str | None
+    tensors: tuple[TensorRemat, ...]
+    blocks: tuple[BlockRemat, ...] = ()
+
+    def moved(self) -> tuple[TensorRemat, ...]:
+        """The tensors not simply kept."""
+        return tuple(t for t in self.tensors if t.decision != "keep")
+
+    @property
+    def swaps(self) -> bool:
+        """True when some tensor (or part of one) goes to the tier."""
+        return any(t.decision in ("swap", "split") for t in self.tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPlacement:
+    """Where one storage (or the byte slice `[start_byte, start_byte + length_bytes)` of it) lives: its home
+    `tier`, and, when that is not the device, the step from which a device copy is prefetched and the step
+    after which that copy is evicted (None: never brought to the device)."""
+
+    value_id: int
+    tier: str
+    start_byte: int = 0
+    length_bytes: int | None = None
+    """None: the whole storage."""
+    prefetch_step: int | None = None
+    evict_step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementDecision:
+    """Home tiers of the tensors that do not live on the device (a tensor not listed lives there)."""
+
+    tensors: tuple[TensorPlacement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Arena:
+    """One contiguous region of a tier that holds its planned storages at their offsets."""
+
+    id: str
+    tier: str
+    size_bytes: int
+    alignment_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TierPacking:
+    """How one tier's arena was packed: its height against the max-load bound, by which solver."""
+
+    tier: str
+    arena_bytes: int
+    lower_bound_bytes: int
+    status: str
+    solver: str
+    buffers: int
+    time_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AllocateDecision:
+    """The allocate pass: the arenas (offsets of every storage are in `Plan.offsets`) and each packing."""
+
+    arenas: tuple[Arena, ...]
+    packings: tuple[TierPacking, ...]
+
+    def packing(self, tier: str) -> TierPacking | None:
+        return next((p for p in self.packings if p.tier == tier), None)
+
+
+PASS_OF_FIELD: dict[str, str] = {
+    "order": "schedule",
+    "bits": "bitwidth",
+    "kv": "kv_budget",
+    "remat": "remat_swap",
+    "placement": "placement",
+    "allocate": "allocate",
+}
+"""Which pass writes each field of `Decisions`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """At most one record per pass; None where that pass has not run (or decided nothing)."""
+
+    order: OrderDecision | None = None
+    bits: BitsDecision | None = None
+    kv: KVDecision | None = None
+    remat: RematDecision | None = None
+    placement: PlacementDecision | None = None
+    allocate: AllocateDecision | None = None
+
+    def made(self) -> frozenset[str]:
+        """Names of the fields that hold a record."""
+        return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+    def with_(self, **records: object) -> Decisions:
+        """A copy with some records set (decisions are immutable)."""
+        return replace(self, **records)
