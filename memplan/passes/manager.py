@@ -1,9 +1,10 @@
 """The pass manager: baseline plan, then each pass in order, checked before and after each, then the budgets.
 
 Before a pass: the decisions it `requires` are made, the ones it must come `before` are not, and its
-options are of its own options type. After it: `verify_plan` finds nothing wrong (uses after defs, offsets,
-arrivals, decision consistency), no tier but the device is over its budget (passes only add to those, so
-an excess cannot be undone later), and every guarantee the pass `ensures` holds. A failing pass is
+options are of its own options type. After it: no tier but the device is over its budget (passes only add
+to those, so an excess cannot be undone later: `InfeasibleBudget` at once), `verify_plan` finds nothing
+wrong (uses after defs, offsets, arrivals, decision consistency), and every guarantee the pass `ensures`
+holds (the device within its budget; every storage with an offset). A failing pass is
 re-raised naming it and the passes before it. At the end every tier's peak must be within its budget,
 else `InfeasibleBudget` names the tier, the lower bound and the tensors that force it.
 """
@@ -97,10 +98,10 @@ def _run_one(
 
 def check_after(plan: Plan, spec: PassSpec) -> None:
     """The checks the manager runs after `spec` (see the module docstring)."""
-    if "device-budget" in spec.ensures:
-        check_budgets(plan, tiers=("device",))
+    others = [t for t in plan.budget_bytes if t != "device"]
+    check_budgets(plan, tiers=[*others, "device"] if "device-budget" in spec.ensures else others)
     report = verify_plan(plan)
-    bad = [v for v in report.violations if not (v.kind == "over-capacity" and v.tier == "device")]
+    bad = [v for v in report.violations if v.kind != "over-capacity"]  # budgets: just checked
     if "offsets" in spec.ensures:
         bad += missing_offsets(plan, every_tier=True)
     if bad:

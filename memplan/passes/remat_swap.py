@@ -525,9 +525,9 @@ PASS = PassSpec(
     "remat_swap",
     run,
     RematSwapOptions,
-    before=frozenset({"remat", "placement", "allocate"}),
+    before=frozenset({"remat", "allocate"}),
     ensures=frozenset({"device-budget"}),
     modes=frozenset({"train"}),
 )
-"""Runs after schedule, bitwidth and kv_budget (it prices their order and sizes), before placement and
-allocate (which place and pack what it leaves on the device)."""
+"""Runs after schedule, bitwidth and kv_budget (it prices their order and sizes) and before allocate (which
+packs what it leaves where); after a placement, it keeps what was placed and decides the rest."""

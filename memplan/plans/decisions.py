@@ -102,8 +102,8 @@ class TensorRemat:
     `first_bwd_use` and `last_use`. A swap (or split) writes it out after `produced`, frees the device
     copy at `write_done_step`, reads it back from `prefetch_step`; a recompute re-runs `recompute_ops`
     (op ids, in order) before `first_bwd_use`, rebuilding `recompute_transient` on the way; a split swaps
-    its first `swap_rows` of `rows` rows and recomputes the others; `block` names the layer whose
-    checkpointed block rebuilds it instead."""
+    its first `swap_rows` of `rows` rows and recomputes the others (`rows` is 0 when the tensor cannot be
+    split); `block` names the layer whose checkpointed block rebuilds it instead."""
 
     value_id: int
     name: str
@@ -120,7 +120,7 @@ class TensorRemat:
     recompute_transient: tuple[int, ...] = ()
     view_ops: tuple[int, ...] = ()
     """Ops (ids) that rebuild the views of a swapped value once it is back."""
-    rows: int = 1
+    rows: int = 0
     swap_rows: int = 0
     block: int | None = None
 

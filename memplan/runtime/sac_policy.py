@@ -20,8 +20,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any, Literal
 
-from torch.utils.checkpoint import CheckpointPolicy
-
 from memplan.ir.graph import Graph
 from memplan.ir.phases import phases
 from memplan.plans.decisions import TensorRemat
@@ -38,7 +36,10 @@ def policy_for(table: dict[tuple[str, int], str], stats: collections.Counter[str
     """A SAC policy_fn for one forward of a block whose (aten op, occurrence) decisions are `table`, with
     fresh counters (one per phase: torch versions that also consult the policy while recomputing pass
     ctx.is_recompute=True); counts its forward answers ("save", "recompute", "unlisted") in `stats`.
-    Its source is copied into the generated module, so it uses only `collections` and `CheckpointPolicy`."""
+    Its source is copied into the generated module, so it uses only `collections` and `CheckpointPolicy`
+    (imported here, so that exporting a policy needs no torch)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
     answers = {
         "save": CheckpointPolicy.MUST_SAVE,
         "recompute": CheckpointPolicy.MUST_RECOMPUTE,

@@ -69,6 +69,10 @@ def test_infeasible_exit_code(tmp_path, capsys):
         (["plan", "zoo:nope"], "unknown zoo model"),
         (["show", "/nonexistent/plan.json"], "no plan file"),
         (["verify", "/nonexistent/plan.json"], "no plan file"),
+        (["plan", "zoo:gpt2-tiny", "--budget", "cxl=1GiB"], "budget for tier 'cxl', which cpu lacks"),
+        (["plan", "zoo:gpt2-tiny", "--budget", "1GiB", "--budget", "device=2GiB"], "--budget given twice"),
+        (["plan", "zoo:gpt2-tiny", "--budget", "ssd=0"], "the ssd budget must be a positive size"),
+        (["plan", "zoo:gpt2-tiny", "--passes", "remat_swap,schedule"], "unknown pass 'schedule'"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(argv, message, capsys):
@@ -95,3 +99,14 @@ def test_run_inside_the_arena(tmp_path, capsys):
     )
     assert main(["run", str(path), "--arena"]) == 0
     assert "arena run OK" in capsys.readouterr().out
+
+
+def test_budgets_per_tier(tmp_path, capsys):
+    path = tmp_path / "tiers.json"
+    argv = ["plan", "zoo:gpt2-tiny", "--mode", "train", "--batch", "2", "--seq", "16", "-o", str(path)]
+    assert main([*argv, "--budget", "64MiB", "--budget", "ssd=1GiB"]) == 0
+    budgets = json.loads(path.read_text())["budget_bytes"]
+    assert budgets == {"device": 64 * 2**20, "ssd": 2**30}
+    assert "device peak" in capsys.readouterr().err
+    assert main([*argv, "--budget", "64MiB", "--passes", "allocate"]) == 0
+    assert [p["name"] for p in json.loads(path.read_text())["passes"]] == ["baseline", "allocate"]

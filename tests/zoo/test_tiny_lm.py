@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from memplan.errors import MemplanError
-from memplan.zoo import tiny_lm, zoo
+from memplan.zoo import catalog as zoo
+from memplan.zoo import tiny_lm
 from memplan.zoo.tiny_lm import ModelNotCached, TrainReport, TrainSettings
 
 # Small and fast: 5 steps of 4 windows, evaluated on 4 windows.

@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidInput
-from memplan.solvers.packing import Problem, Solution, Status, csv_format, solve, validate
 from memplan.units import parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from memplan.solvers.packing import Problem, Solution
+
 
 EXIT_INVALID, EXIT_INFEASIBLE, EXIT_TIMEOUT = 1, 3, 4
 
@@ -39,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     """Parse, solve or validate, print a one-line summary to stderr, write the CSV."""
+    from rich.console import Console
+
+    from memplan.solvers.packing import Status, csv_format, solve
+
     capacity = _capacity(args.capacity)
     if args.timeout <= 0:
         raise InvalidInput(f"--timeout {args.timeout}: must be a positive number of seconds")
@@ -69,6 +77,8 @@ def _capacity(text: str | None) -> int | None:
 
 
 def _summary(problem: Problem, sol: Solution, timeout_s: float) -> str:
+    from memplan.solvers.packing import Status
+
     n = len(problem.buffers)
     cap = problem.capacity_bytes
     if sol.status is Status.INFEASIBLE:
@@ -90,6 +100,8 @@ def _summary(problem: Problem, sol: Solution, timeout_s: float) -> str:
 
 
 def _validate(problem: Problem, offsets: list[int] | None, source: str, err: Console) -> int:
+    from memplan.solvers.packing import validate
+
     if offsets is None:
         raise InvalidInput(f"{source}: --validate needs an offset column (a solution file)")
     violations = validate(problem, offsets)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-from rich.table import Table
-
+from memplan.errors import InvalidInput
 from memplan.units import parse_size
 
 
@@ -35,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from memplan.errors import InvalidInput
+    from rich.console import Console
+    from rich.table import Table
+
     from memplan.ir.hardware import load_hardware
     from memplan.runtime.calibrate import calibrate, write_hardware
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
 from memplan.errors import InvalidInput
 from memplan.files import atomic_write_text
-from memplan.planner.api import load
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from memplan.planner.api import load
     from memplan.planner.exporters import EXPORTERS
 
     if args.fmt not in EXPORTERS:

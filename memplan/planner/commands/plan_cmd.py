@@ -1,13 +1,15 @@
-"""`memplan plan MODEL --mode train|infer --budget SIZE [--hardware NAME|FILE] [--batch N] [--seq N]
--o plan.json`."""
+"""`memplan plan MODEL --mode train|infer --budget SIZE [--budget TIER=SIZE ...] [--hardware NAME|FILE]
+[--batch N] [--seq N] [--passes remat_swap,allocate] -o plan.json`.
+
+`--budget 6GiB` bounds the device's peak; `--budget host=32GiB --budget ssd=200GiB` bound other tiers (a
+tier without a budget is held to its capacity).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
-from memplan.planner.api import plan
+from memplan.errors import InvalidInput
 from memplan.units import format_size
 
 
@@ -18,7 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("model", help="zoo:NAME, a path to an .onnx file, or package.module:factory")
     p.add_argument("--mode", choices=["train", "infer"], default="infer")
     p.add_argument(
-        "--budget", help="device peak budget, e.g. 16GiB, 512MiB, 2GB or bytes (default: capacity)"
+        "--budget",
+        action="append",
+        default=[],
+        metavar="[TIER=]SIZE",
+        help="peak budget of the device (16GiB, 512MiB, 2GB or bytes), or of TIER (host=32GiB); repeatable "
+        "(default: each tier's capacity)",
+    )
+    p.add_argument(
+        "--passes",
+        help="comma-separated passes to run, in order (default: every built pass: remat_swap,allocate)",
     )
     p.add_argument(
         "--hardware",
@@ -44,17 +55,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from memplan.planner.api import plan
+
     console = Console(stderr=True)
     with console.status("planning...") as status:
         result = plan(
             args.model,
             mode=args.mode,
-            budget=args.budget,
+            budget=budgets_of(args.budget),
             hardware=args.hardware,
             batch=args.batch,
             seq=args.seq,
             optimizer=args.optimizer,
             dtype=args.dtype,
+            passes=args.passes.split(",") if args.passes else None,
             progress=lambda s: status.update(f"planning: {s}"),
         )
     result.save(args.output)
@@ -64,9 +80,22 @@ def run(args: argparse.Namespace) -> int:
             f"{report.name}: {s.solver} {s.status} in {s.time_s:.2f} s; " + "; ".join(report.notes),
             highlight=False,
         )
-    peak = result.predictions.peak_bytes.get("device", 0)
-    console.print(
-        f"[green]fits[/green]: device peak {format_size(peak)} <= budget "
-        f"{format_size(result.budget_bytes['device'])}; wrote {args.output}"
+    fits = ", ".join(
+        f"{tier} peak {format_size(result.predictions.peak_bytes.get(tier, 0))} <= {format_size(budget)}"
+        for tier, budget in result.budget_bytes.items()
+        if result.predictions.peak_bytes.get(tier, 0) or tier == "device"
     )
+    console.print(f"[green]fits[/green]: {fits}; wrote {args.output}")
     return 0
+
+
+def budgets_of(given: list[str]) -> dict[str, str]:
+    """`["6GiB", "host=32GiB"]` as {"device": "6GiB", "host": "32GiB"}; a tier named twice is refused."""
+    out: dict[str, str] = {}
+    for text in given:
+        tier, _, size = text.rpartition("=")
+        tier = tier.strip() or "device"
+        if tier in out:
+            raise InvalidInput(f"--budget given twice for {tier} ({out[tier]} and {size}); give it once")
+        out[tier] = size.strip()
+    return out

@@ -12,14 +12,17 @@ overhead over computing every node once, time. Exit codes: 0 a schedule was foun
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidInput
-from memplan.ir.frontends.checkmate import DagGraph, load_node_link
-from memplan.solvers.remat_dag import RematProblem, RematResult, no_remat_peak, solve
 from memplan.units import parse_size
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from memplan.ir.frontends.checkmate import DagGraph
+    from memplan.solvers.remat_dag import RematProblem, RematResult
+
 
 EXIT_INFEASIBLE, EXIT_TIMEOUT = 3, 4
 
@@ -51,11 +54,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def problem_of(dag: DagGraph) -> RematProblem:
     """The solver's problem for a DAG read by the frontend."""
+    from memplan.solvers.remat_dag import RematProblem
+
     return RematProblem(dag.names, dag.cost, dag.size, dag.preds)
 
 
 def budget_for(problem: RematProblem, fraction: float | None, budget: str | None) -> int:
     """Bytes: `budget` if given, else `fraction` of the no-recompute peak (rounded down)."""
+    from memplan.solvers.remat_dag import no_remat_peak
+
     if budget is not None:
         value = parse_size(budget)
         if value <= 0:
@@ -67,6 +74,11 @@ def budget_for(problem: RematProblem, fraction: float | None, budget: str | None
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from memplan.ir.frontends.checkmate import load_node_link
+    from memplan.solvers.remat_dag import solve
+
     if args.timeout <= 0:
         raise InvalidInput(f"--timeout {args.timeout}: must be a positive number of seconds")
     dag = load_node_link(args.graph)
@@ -81,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
 def render(name: str, problem: RematProblem, budget: int, result: RematResult) -> Table:
     """The result as a two-column table (quantity, value)."""
+    from rich.table import Table
+
+    from memplan.solvers.remat_dag import no_remat_peak
+
     table = Table(title=f"recomputation schedule for {name}")
     table.add_column("quantity")
     table.add_column("value", justify="right")

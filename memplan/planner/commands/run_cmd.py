@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
-from memplan.planner.api import load
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -33,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from memplan.planner.api import load
     from memplan.planner.run import run_plan
 
     plan = load(args.plan)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
-from memplan.planner.api import load
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("show", help="summary tables of a plan and its memory timeline", description=__doc__)
@@ -17,6 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from memplan.planner.api import load
     from memplan.planner.report import render_summary
 
     plan = load(args.plan)

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
-from memplan.planner.api import verify
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -21,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from memplan.planner.api import verify
+
     console = Console()
     report = verify(args.plan)
     for v in report.violations:
