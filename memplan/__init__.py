@@ -33,7 +33,18 @@ if TYPE_CHECKING:
     from memplan.plans.plan import Plan
     from memplan.runtime.training import applied
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "InfeasibleBudget",
+    "MemplanError",
+    "Plan",
+    "__version__",
+    "applied",
+    "load",
+    "plan",
+    "run_plan",
+    "summary",
+    "verify",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -15,11 +15,21 @@ class InvalidInput(MemplanError):
 class InfeasibleBudget(MemplanError):
     """No plan can meet the budget; the message names the lower bound and the tensors that force it."""
 
-    def __init__(self, message: str, lower_bound_bytes: int, budget_bytes: int, tensors: list[str]) -> None:
+    def __init__(
+        self,
+        message: str,
+        lower_bound_bytes: int,
+        budget_bytes: int,
+        tensors: list[str],
+        reachable_bytes: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.lower_bound_bytes = lower_bound_bytes
+        """Proven: no plan of the passes run goes below it."""
         self.budget_bytes = budget_bytes
         self.tensors = tensors
+        self.reachable_bytes = lower_bound_bytes if reachable_bytes is None else reachable_bytes
+        """The lowest peak a plan was found for (a budget that works); equal to the bound when proved."""
 
 
 class PlanMismatch(MemplanError):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "memplan"
 BASE = {"errors", "units", "files", "__version__"}
-"""Top-level helpers every package may use (and `memplan.__version__`: the package imports nothing eagerly)."""
+"""Top-level helpers every package may use (and `memplan.__version__`: the package imports nothing
+eagerly)."""
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "units": {"errors"},
@@ -73,4 +74,6 @@ def test_the_checker_sees_a_back_edge(tmp_path: Path) -> None:
     fake.mkdir(parents=True)
     (fake / "bad.py").write_text("def f():\n    from memplan.planner.api import plan\n")
     (fake / "good.py").write_text("from memplan.errors import MemplanError\nimport memplan.ir.graph\n")
-    assert back_edges(tmp_path / "memplan") == ["memplan/ir/bad.py:2 (ir) imports memplan.planner.api (planner)"]
+    assert back_edges(tmp_path / "memplan") == [
+        "memplan/ir/bad.py:2 (ir) imports memplan.planner.api (planner)"
+    ]

@@ -54,7 +54,9 @@ def rebased(plan: Plan) -> Plan:
     residency = baseline_residency(plan)
     events = compute_events(graph, plan.hardware)
     return plan.with_(
-        residency=tuple(residency), events=tuple(events), predictions=predictions_for(graph, residency, events)
+        residency=tuple(residency),
+        events=tuple(events),
+        predictions=predictions_for(graph, residency, events),
     )
 
 

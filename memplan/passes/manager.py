@@ -135,7 +135,9 @@ def _infeasible(plan: Plan, tier: str, budget: int, peak: int, top: int) -> Infe
         f"batch {plan.workload.batch}, seq {plan.workload.seq}): with the passes run ({passes}) the {tier} "
         f"peak is {format_size(peak)} at step {step} ({op})"
     )
-    tensors = f"Tensors live there at that step, largest first ({len(live)} in all): " + "; ".join(names) + "."
+    tensors = (
+        f"Tensors live there at that step, largest first ({len(live)} in all): " + "; ".join(names) + "."
+    )
     if tier != "device":
         msg = f"{head}.\n{tensors}\nRaise the {tier} budget to at least {format_size(peak)}."
         return InfeasibleBudget(msg, peak, budget, names)

@@ -36,6 +36,7 @@ from memplan.ir.row_ops import ROW_OPERAND, ROW_OPS, ROW_POINTWISE, ROW_VIEWS
 
 MAX_CLOSURE_OPS = 12
 
+
 @dataclass(frozen=True)
 class Candidate:
     """One saved activation storage and the cost of each way of treating it."""

@@ -190,11 +190,15 @@ def _events(
         shift[i] = now - ce.start_s
         events.append(replace(ce, start_s=now))
         now += ce.duration_s
-    earlier = [replace(e, start_s=e.start_s + shift.get(e.step, 0.0)) for e in plan.events if e.kind != "compute"]
+    earlier = [
+        replace(e, start_s=e.start_s + shift.get(e.step, 0.0)) for e in plan.events if e.kind != "compute"
+    ]
     return sorted([*earlier, *events], key=lambda e: (e.step, e.kind == "compute"))
 
 
-def _recompute(c: Candidate, ch: Choice, step: int, op_id: int | None, now: float, events: list[Event]) -> float:
+def _recompute(
+    c: Candidate, ch: Choice, step: int, op_id: int | None, now: float, events: list[Event]
+) -> float:
     """One event for the value (named by the op that makes it), zero-length ones for the transients rebuilt
     with it; returns the time after it."""
     dur = c.recompute_s * ch.rebuilt_share(c)
@@ -288,8 +292,14 @@ def remat_decision(
         for c, ch in zip(cands, choice, strict=True)
     )
     records = tuple(
-        BlockRemat(b.layer, b.rebuild_step, op_ids(b.ops), tuple(b.members), tuple(b.transient),
-                   tuple(b.peak_transient))
+        BlockRemat(
+            b.layer,
+            b.rebuild_step,
+            op_ids(b.ops),
+            tuple(b.members),
+            tuple(b.transient),
+            tuple(b.peak_transient),
+        )
         for b in blocks
     )
     return RematDecision(tier.name if tier else None, tensors, records)

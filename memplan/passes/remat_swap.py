@@ -3,99 +3,35 @@ swap it to a slower tier and prefetch it back, recompute it, or split it (swap a
 recompute the rest, MEMO's token-wise split), so that the device's peak stays under the budget at the least
 added step time (after MEMO, SIGMOD 2025, and Checkmate / Moccasin).
 
-Exact MILP (HiGHS, time limit, incumbent and gap reported). Per candidate c: binaries s (swap), r
-(recompute), z (split) with s + r + z <= 1, and phi in [0, z], the share of c's rows a split swaps:
-
-    minimise   sum_c  r_c * R_c + s_c * k * T_c + (z_c - phi_c) * R_c + phi_c * k * T_c
-    s.t.       base(t) + sum_c size_c * ((s_c + z_c) * dS_c(t) + r_c * dR_c(t)) + transients <= budget
-               r_c + z_c + r_a + z_a (+ s_a) <= 1   for each candidate a that c's rebuild reads
-               sum_c (s_c + phi_c) * T_c <= link seconds available          (hiding needs a free link)
-
-R_c is c's recompute time, T_c its transfer time (out and back), k the share of a transfer's time that
-delays compute (`remat_schedule.compute_share`: the tier's measured share, else 1 on a CPU device and 0.01
-on a GPU). The cost is linear in phi, so a split pays off only where the link's time binds: it fills the
-link with part of a tensor and recomputes the rest. base(t) is the baseline live bytes (everything kept);
-dS, dR in {-1, 0} are the steps where swapping or recomputing c frees it; a split frees c where a swap
-does (timed as a whole-tensor swap, an upper bound on its part's transfer), and the transients of a
-rebuild, (r_c + z_c - phi_c) times those of c's closure, land at its first backward use. Rows only at
-steps where the baseline is over the budget or a transient lands, one per run of steps with the same
-coefficients (the one with the largest base). For large models the per-layer formulation shares one
-decision among the same tensor of every repeated layer (`Candidate.signature`).
+The decision space and its MILP are in `remat_formulation`; decoding the solution in `remat_decode`; an
+infeasible budget is explained by `remat_diagnose`; the chosen decisions become residency, events and a
+`RematDecision` in `remat_schedule`. Candidates (saved activations) come from `remat_candidates`,
+checkpointable blocks from `remat_blocks`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
-from memplan.errors import InfeasibleBudget
 from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import TIER_ORDER, Hardware, Tier
 from memplan.passes.base import PassOutput, PassSpec
 from memplan.passes.remat_blocks import Block, find_blocks
 from memplan.passes.remat_candidates import Candidate, find_candidates
-from memplan.passes.remat_schedule import (
-    GPU_COMPUTE_SHARE,
-    Choice,
-    apply_decisions,
-    compute_share,
-    decided_residency,
-)
+from memplan.passes.remat_decode import decode, solver_report, summary_notes
+from memplan.passes.remat_diagnose import lowest_peak_or_raise
+from memplan.passes.remat_formulation import Space, formulate
+from memplan.passes.remat_options import RematSwapOptions
+from memplan.passes.remat_schedule import apply_decisions, compute_share
 from memplan.plans.plan import PassReport, Plan, SolverReport
-from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
-from memplan.units import format_size
+from memplan.solvers.milp import solve_milp
 
-MIB = float(2**20)
-
-
-@dataclass(frozen=True)
-class RematSwapOptions:
-    """Switches for benchmarks and ablations; defaults are what `memplan plan` uses."""
-
-    time_limit_s: float = 30.0
-    mip_rel_gap: float = 1e-3
-    allow_swap: bool = True
-    allow_recompute: bool = True
-    allow_split: bool = True
-    """Allow splitting a tensor by rows between swap and recompute (needs both allowed)."""
-    allow_blocks: bool = True
-    """Allow re-running a whole layer's forward once to rebuild its activations (needs recompute allowed)."""
-    checkpoint_blocks: bool = False
-    """Checkpoint every block that can be (as `torch.utils.checkpoint` per block), deciding only the rest."""
-    swap_tier: str | None = None
-    """Tier to swap to; None: the fastest tier after the device that the hardware has."""
-    per_layer: bool | None = None
-    """Share decisions across repeated layers; None: only when there are more than `exact_limit`
-    candidates."""
-    exact_limit: int = 600
-
-
-@dataclass(frozen=True)
-class _Space:
-    """What the MILP decides over: candidates and checkpointable blocks, each in decision groups."""
-
-    cands: list[Candidate]
-    groups: list[list[int]]
-    """Candidate indices that share one decision."""
-    blocks: list[Block]
-    block_groups: list[list[int]]
-    """Block indices that share one decision."""
-
-    @property
-    def width(self) -> int:
-        """Columns of the decisions: s, r, z, phi per candidate group, then one per block group."""
-        return BLOCKS * len(self.groups) + len(self.block_groups)
-
-
-@dataclass(frozen=True)
-class _Formulation:
-    space: _Space
-    problem: MilpProblem
+__all__ = ["PASS", "RematSwapOptions", "run"]
 
 
 def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions | None = None) -> PassOutput:
@@ -118,21 +54,21 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: RematSwapOptions 
         return PassOutput(plan, report)
     per_layer = opts.per_layer if opts.per_layer is not None else len(cands) > opts.exact_limit
     blocks = find_blocks(graph, hardware, cands, ph) if opts.allow_blocks and opts.allow_recompute else []
-    space = _Space(cands, _groups(cands, per_layer), blocks, _block_groups(blocks, per_layer))
+    space = Space(cands, _groups(cands, per_layer), blocks, _block_groups(blocks, per_layer))
     clock = sum(e.duration_s for e in plan.events if e.kind == "compute")
     swap_cost = compute_share(hardware, tier)
-    form = _formulate(space, base, budget, tier, opts, link_s=clock, swap_cost=swap_cost)
+    form = formulate(space, base, budget, tier, opts, link_s=clock, swap_cost=swap_cost)
     result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
     if result.x is None:  # raises InfeasibleBudget unless the lowest-peak plan fits: then start from it
-        start = _lowest_peak_or_raise(graph, plan, space, base, budget, result, tier, opts, clock)
+        start = lowest_peak_or_raise(graph, plan, space, base, budget, result, tier, opts, clock)
         result = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap, start=start)
         if result.x is None:  # HiGHS rejected the start: it fits all the same
             result = replace(result, status="feasible", x=start)
     assert result.x is not None
-    choice, chosen = _decode(result.x, space)
+    choice, chosen = decode(result.x, space)
     new_plan = apply_decisions(graph, hardware, plan, cands, choice, tier, chosen)
-    notes = _notes(cands, choice, chosen, per_layer, tier)
-    report = PassReport("remat_swap", time.perf_counter() - t0, _solver_report(result), notes)
+    notes = summary_notes(cands, choice, chosen, per_layer, tier)
+    report = PassReport("remat_swap", time.perf_counter() - t0, solver_report(result), notes)
     return PassOutput(new_plan, report)
 
 
@@ -169,356 +105,6 @@ def _block_groups(blocks: list[Block], per_layer: bool) -> list[list[int]]:
     for k, b in enumerate(blocks):
         by_sig[b.signature].append(k)
     return list(by_sig.values())
-
-
-def _profiles(c: Candidate, n: int, swap: bool) -> tuple[np.ndarray, np.ndarray]:
-    """dS, dR: change in device bytes, in units of c's size, per step, if c is swapped (or split) /
-    recomputed (without the rebuild's transient, which lands at its first backward use)."""
-    ds = np.zeros(n)
-    dr = np.zeros(n)
-    if swap and c.can_swap:
-        ds[max(c.last_fwd_use + 1, c.swap_write_done) : c.prefetch_step] = -1.0
-    if c.can_recompute:
-        dr[c.last_fwd_use + 1 : c.first_bwd_use] = -1.0
-    return ds, dr
-
-
-BLOCKS = 4
-"""Column blocks of the MILP, G columns each: s (swap), r (recompute), z (split), phi (a split's swapped
-share of rows)."""
-
-
-def _coefficients(
-    space: _Space, base: np.ndarray, budget: int, tier: Tier | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Dense memory rows (one per kept step) over the columns [s | r | z | phi | blocks], and right-hand
-    sides."""
-    cands, groups = space.cands, space.groups
-    n = len(base)
-    steps = set(np.nonzero(base > budget)[0].tolist())
-    steps |= {c.first_bwd_use for c in cands if c.transient_bytes}
-    steps |= {b.rebuild_step for b in space.blocks}
-    rows = np.array(sorted(steps), dtype=np.int64)
-    g_count = len(groups)
-    mat = np.zeros((len(rows), space.width))
-    by_id = {c.value_id: c for c in cands}
-    for k, members in enumerate(space.block_groups):
-        col = BLOCKS * g_count + k
-        for b in (space.blocks[j] for j in members):
-            for vid in b.members:
-                c = by_id[vid]
-                gone = (rows > c.last_fwd_use) & (rows < b.rebuild_step)
-                mat[gone, col] -= c.size_bytes
-            mat[rows == b.rebuild_step, col] += b.transient_bytes
-            for _, end, nbytes in b.held:  # counted per block: an upper bound where blocks share a value
-                mat[(rows >= end) & (rows <= b.rebuild_step), col] += nbytes
-    for g, members in enumerate(groups):
-        s_, r_, z_, phi = g, g_count + g, 2 * g_count + g, 3 * g_count + g
-        for i in members:
-            c = cands[i]
-            ds, dr = _profiles(c, n, tier is not None)
-            mat[:, s_] += c.size_bytes * ds[rows]
-            mat[:, z_] += c.size_bytes * ds[rows]
-            mat[:, r_] += c.size_bytes * dr[rows]
-            if c.transient_bytes:
-                at_b = rows == c.first_bwd_use
-                mat[at_b, r_] += c.transient_bytes
-                mat[at_b, z_] += c.transient_bytes
-                mat[at_b, phi] -= c.transient_bytes
-    rhs = budget - base[rows].astype(np.float64)
-    return _dedupe(mat, rhs)
-
-
-def _dedupe(mat: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep one row per distinct coefficient pattern, with the tightest right-hand side."""
-    if len(rhs) == 0:
-        return mat, rhs
-    uniq, inverse = np.unique(mat, axis=0, return_inverse=True)
-    tight = np.full(len(uniq), np.inf)
-    np.minimum.at(tight, inverse.ravel(), rhs)
-    return uniq, tight
-
-
-def _formulate(
-    space: _Space,
-    base: np.ndarray,
-    budget: int,
-    tier: Tier | None,
-    opts: RematSwapOptions,
-    link_s: float,
-    swap_cost: float = GPU_COMPUTE_SHARE,
-    min_peak: bool = False,
-) -> _Formulation:
-    """Columns: s_g, r_g, z_g, phi_g for every group g, block by block, then one per block group (then the
-    peak P in MiB when `min_peak`); rows: memory (in MiB, for conditioning), one decision per group, rebuild
-    inputs, link. With `min_peak` the objective is the device peak itself, over every step: the lowest peak
-    this pass can reach. A swap costs `swap_cost` times its transfer seconds (a small share where copies
-    overlap compute, all of it where they run on the compute cores)."""
-    cands, groups = space.cands, space.groups
-    g_count, k_count = len(groups), len(space.block_groups)
-    mem, mem_rhs = _coefficients(space, base, 0 if min_peak else budget, tier)
-    logic, logic_rhs = _logic_rows(space, tier, link_s)
-    extra = 1 if min_peak else 0
-    mem = np.hstack([mem / MIB, -np.ones((len(mem), extra))])
-    logic = np.hstack([logic, np.zeros((len(logic), extra))])
-    a = np.vstack([mem, logic])
-    rhs = np.concatenate([mem_rhs / MIB, logic_rhs])
-    cost = np.zeros(space.width + extra)
-    upper = np.ones(space.width + extra)
-    for k, members in enumerate(space.block_groups):
-        cost[BLOCKS * g_count + k] = sum(space.blocks[j].recompute_s for j in members)
-    for g, members in enumerate(groups):
-        ms = [cands[i] for i in members]
-        swap_s = swap_cost * sum(c.swap_s for c in ms)
-        rec_s = sum(c.recompute_s for c in ms)
-        can_swap = tier is not None and all(c.can_swap for c in ms)
-        can_rec = opts.allow_recompute and all(c.can_recompute for c in ms)
-        can_split = can_swap and can_rec and opts.allow_split and all(c.can_split for c in ms)
-        cost[[g, g_count + g, 2 * g_count + g, 3 * g_count + g]] = swap_s, rec_s, rec_s, swap_s - rec_s
-        upper[[g, g_count + g, 2 * g_count + g, 3 * g_count + g]] = can_swap, can_rec, can_split, can_split
-    lower = np.zeros(len(cost))
-    if opts.checkpoint_blocks:
-        lower[BLOCKS * g_count : space.width] = 1.0
-    if min_peak:
-        cost[:] = 0.0
-        cost[-1], upper[-1] = 1.0, np.inf
-    n_cols = len(cost)
-    cols, rows = np.nonzero(a.T)  # sorted by column, then row: CSC order
-    problem = MilpProblem(
-        c=cost,
-        lower=lower,
-        upper=upper,
-        integrality=np.array(
-            [1] * (3 * g_count) + [0] * g_count + [1] * k_count + [0] * extra, dtype=np.int8
-        ),
-        a_data=a[rows, cols],
-        a_indices=rows,
-        a_indptr=np.searchsorted(cols, np.arange(n_cols + 1)),
-        row_lower=np.full(len(rhs), -np.inf),
-        row_upper=rhs,
-    )
-    return _Formulation(space, problem)
-
-
-def _logic_rows(space: _Space, tier: Tier | None, link_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """s_g + r_g + z_g <= 1 and phi_g <= z_g; a rebuild's inputs stay available; swaps fit the link's time
-    and the tier's bytes; then the blocks' rows (`_block_rows`)."""
-    cands, groups = space.cands, space.groups
-    g_count = len(groups)
-    width = space.width
-    group_of = {cands[i].value_id: g for g, ms in enumerate(groups) for i in ms}
-    rows: list[np.ndarray] = []
-    rhs: list[float] = []
-    for g in range(g_count):
-        row = np.zeros(width)
-        row[[g, g_count + g, 2 * g_count + g]] = 1.0
-        share = np.zeros(width)
-        share[[3 * g_count + g, 2 * g_count + g]] = 1.0, -1.0
-        rows += [row, share]
-        rhs += [1.0, 0.0]
-    by_id = {c.value_id: c for c in cands}
-    pairs = set()
-    for g, ms in enumerate(groups):
-        for i in ms:
-            c = cands[i]
-            for a in c.frontier:
-                pairs.add((g, group_of[a], by_id[a].first_bwd_use > c.first_bwd_use))
-    for g, h, needs_keep in sorted(pairs):
-        row = np.zeros(width)
-        row[[g_count + g, 2 * g_count + g]] += 1.0  # c rebuilt (recomputed or split) reads a:
-        row[[g_count + h, 2 * g_count + h]] += 1.0  # a must not be rebuilt itself...
-        if needs_keep:
-            row[h] += 1.0  # ...nor be away on the tier when c is rebuilt
-        rows.append(row)
-        rhs.append(1.0)
-    if tier is not None:
-        link = np.zeros(width)
-        cap = np.zeros(width)
-        for g, ms in enumerate(groups):
-            link[[g, 3 * g_count + g]] = sum(cands[i].swap_s for i in ms)
-            cap[[g, 3 * g_count + g]] = sum(cands[i].size_bytes for i in ms)
-        rows += [link, cap]
-        rhs += [link_s, float(tier.capacity_bytes)]
-    block_rows, block_rhs = _block_rows(space, group_of)
-    return np.array(rows + block_rows), np.array(rhs + block_rhs)
-
-
-def _block_rows(space: _Space, group_of: dict[int, int]) -> tuple[list[np.ndarray], list[float]]:
-    """A checkpointed block's members take no other decision; its frontier is on the device at its rebuild
-    (not rebuilt itself, nor away on the tier if needed later); a tensor rebuilt before the block's rebuild
-    does not read its members."""
-    g_count = len(space.groups)
-    by_id = {c.value_id: c for c in space.cands}
-    block_of = {vid: j for j, b in enumerate(space.blocks) for vid in b.members}
-    col = {j: BLOCKS * g_count + k for k, ms in enumerate(space.block_groups) for j in ms}
-    keys: set[tuple[int, ...]] = set()
-    for j, b in enumerate(space.blocks):
-        for vid in b.members:
-            g = group_of[vid]
-            keys.add((col[j], g, g_count + g, 2 * g_count + g))
-        for a in b.frontier:
-            h = group_of[a]
-            away = (h,) if by_id[a].first_bwd_use > b.rebuild_step else ()
-            keys.add((col[j], g_count + h, 2 * g_count + h, *away))
-    for c in space.cands:
-        for a in c.frontier:
-            j = block_of.get(a, -1)
-            if j >= 0 and c.first_bwd_use < space.blocks[j].rebuild_step:
-                g = group_of[c.value_id]
-                keys.add((col[j], g_count + g, 2 * g_count + g))
-    rows = []
-    for key in sorted(keys):
-        row = np.zeros(space.width)
-        row[list(key)] = 1.0
-        rows.append(row)
-    return rows, [1.0] * len(rows)
-
-
-def _decode(x: np.ndarray, space: _Space) -> tuple[list[Choice], list[Block]]:
-    """Each candidate's decision, and the checkpointed blocks (their members: recompute, with the block's
-    layer). A split's share of rows rounds up to whole rows (fewer rows to rebuild, so smaller transients
-    than the MILP counted), to a plain swap or recompute at the ends, whose profiles free at least as
-    much."""
-    cands, groups = space.cands, space.groups
-    g_count = len(groups)
-    out = [Choice("keep")] * len(cands)
-    chosen = [
-        space.blocks[j]
-        for k, ms in enumerate(space.block_groups)
-        if x[BLOCKS * g_count + k] > 0.5
-        for j in ms
-    ]
-    index = {c.value_id: i for i, c in enumerate(cands)}
-    for b in chosen:
-        for vid in b.members:
-            out[index[vid]] = Choice("recompute", block=b.layer)
-    for g, members in enumerate(groups):
-        for i in members:
-            if out[i].block is not None:
-                continue
-            if x[g] > 0.5:
-                out[i] = Choice("swap")
-            elif x[g_count + g] > 0.5:
-                out[i] = Choice("recompute")
-            elif x[2 * g_count + g] > 0.5:
-                k = math.ceil(float(x[3 * g_count + g]) * cands[i].rows - 1e-6)
-                out[i] = (
-                    Choice("recompute")
-                    if k <= 0
-                    else Choice("swap")
-                    if k >= cands[i].rows
-                    else Choice("split", k)
-                )
-    return out, chosen
-
-
-def _notes(
-    cands: list[Candidate], choice: list[Choice], chosen: list[Block], per_layer: bool, tier: Tier | None
-) -> tuple[str, ...]:
-    count: dict[str, int] = defaultdict(int)
-    size: dict[str, int] = defaultdict(int)
-    split_swapped = 0
-    for c, ch in zip(cands, choice, strict=True):
-        count[ch.decision] += 1
-        size[ch.decision] += c.size_bytes
-        split_swapped += ch.swapped_bytes(c) if ch.decision == "split" else 0
-    mib = 2**20
-    split = ", ".join(
-        f"{d} {count[d]} ({size[d] / mib:.1f} MiB)" for d in ("keep", "swap", "recompute", "split")
-    )
-    form = (
-        "per-layer (shared decisions across repeated layers)"
-        if per_layer
-        else "exact (one decision per tensor)"
-    )
-    notes = [f"{len(cands)} saved activations: {split}"]
-    if chosen:
-        layers = ", ".join(str(b.layer) for b in chosen)
-        notes.append(
-            f"checkpointed blocks (forward re-run once at the start of their backward): layers {layers}"
-        )
-    if count["split"]:
-        notes.append(
-            f"split tensors: {split_swapped / mib:.1f} of {size['split'] / mib:.1f} MiB swapped by rows, "
-            "the other rows recomputed"
-        )
-    return (*notes, f"formulation: {form}", f"swap tier: {tier.name if tier else 'none'}")
-
-
-def _solver_report(r: MilpResult) -> SolverReport:
-    return SolverReport("highs-milp", r.status, r.objective, r.bound, r.gap, r.time_s, r.time_limit_s)
-
-
-def _lowest_peak_or_raise(
-    graph: Graph,
-    plan: Plan,
-    space: _Space,
-    base: np.ndarray,
-    budget: int,
-    result: MilpResult,
-    tier: Tier | None,
-    opts: RematSwapOptions,
-    link_s: float,
-) -> np.ndarray:
-    """The time MILP found no plan: find the lowest peak any keep / swap / recompute plan reaches (a second
-    MILP, objective = peak). If it fits the budget (the time MILP ran out of time before finding any plan
-    in a tiny feasible set), return its columns as a start; otherwise raise `InfeasibleBudget`, naming the
-    tensors that no decision can move at the step where the peak happens."""
-    cands = space.cands
-    form = _formulate(space, base, budget, tier, opts, link_s, min_peak=True)
-    low = solve_milp(form.problem, opts.time_limit_s, opts.mip_rel_gap)
-    if low.x is not None:
-        choice, chosen = _decode(low.x, space)
-        residency = decided_residency(graph, plan.residency, cands, choice, tier, chosen)
-        live = timeline(residency, len(graph.ops))["device"]
-        step, reach = int(np.argmax(live)), int(live.max())
-        if reach <= budget and result.status != "infeasible":
-            return low.x[: space.width]
-    else:
-        step, reach = int(np.argmax(base)), int(base.max())
-    bound = int((low.bound or 0.0) * MIB)
-    movable = {c.value_id for c in cands}
-    stuck = sorted(
-        (
-            iv
-            for iv in plan.residency
-            if iv.tier == "device" and iv.start <= step < iv.end and iv.value_id not in movable
-        ),
-        key=lambda iv: -iv.size_bytes,
-    )
-    names = [
-        f"{graph.value(iv.value_id).name} ({graph.value(iv.value_id).role}, {format_size(iv.size_bytes)})"
-        for iv in stuck[:8]
-    ]
-    why = (
-        "proved infeasible"
-        if result.status == "infeasible"
-        else f"no plan found in {result.time_limit_s:.0f} s"
-    )
-    if low.status == "optimal":
-        lowest = (
-            "The lowest device peak any keep / swap / recompute / split plan reaches is "
-            f"{format_size(reach)} "
-            "(proved optimal: a lower bound for this pass)"
-        )
-        advice = f"Raise the budget to at least {format_size(reach)}."
-    else:  # the min-peak MILP ran out of time: what it found works, its bound is all that is proved
-        lowest = (
-            f"The lowest device peak found in {low.time_limit_s:.0f} s is {format_size(reach)} (no plan goes "
-            f"below {format_size(bound)}, the solver's bound)"
-        )
-        advice = (
-            f"A budget of {format_size(reach)} works; between {format_size(bound)} and that, it is undecided."
-        )
-    raise InfeasibleBudget(
-        f"budget {format_size(budget)} for {plan.model.name}: {why}. {lowest}, at step {step} "
-        f"({graph.ops[step].name}), where tensors no decision can move hold: "
-        + "; ".join(names)
-        + f". {advice}",
-        max(reach, bound),
-        budget,
-        names,
-    )
 
 
 PASS = PassSpec(

@@ -205,7 +205,8 @@ def _digest(record: Any) -> str:
         return f"{kinds}; {len(record.blocks)} checkpointed blocks; swap tier {record.tier or 'none'}"
     if isinstance(record, AllocateDecision):
         return "; ".join(
-            f"{p.tier} arena {format_size(p.arena_bytes)} (bound {format_size(p.lower_bound_bytes)}, {p.status})"
+            f"{p.tier} arena {format_size(p.arena_bytes)} "
+            f"(bound {format_size(p.lower_bound_bytes)}, {p.status})"
             for p in record.packings
         )
     if isinstance(record, OrderDecision):

@@ -9,9 +9,9 @@ a pass adds its own and never rewrites another's (`Decisions.with_`).
     schedule     OrderDecision        the op order: a permutation of op ids (step k runs op_ids[k])
     bitwidth     BitsDecision         per tensor: storage format, bits, group size, scale layout
     kv_budget    KVDecision           per layer (and head): tokens kept and their bits
-    remat_swap   RematDecision        per saved activation: keep / swap / recompute / split; checkpointed blocks
+    remat_swap   RematDecision        per saved activation: keep / swap / recompute / split; blocks
     placement    PlacementDecision    per tensor or slice of one: home tier, prefetch and evict steps
-    allocate     AllocateDecision     per tier: the arena and how its packing was solved (offsets: Plan.offsets)
+    allocate     AllocateDecision     per tier: the arena and how it was packed (offsets: Plan.offsets)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class TensorBits:
 
 @dataclass(frozen=True, slots=True)
 class BitsDecision:
-    """The storage format of every tensor the bitwidth pass quantized (tensors not listed keep their dtype)."""
+    """The storage format of each tensor the bitwidth pass quantized (tensors not listed keep their dtype)."""
 
     tensors: tuple[TensorBits, ...]
 
@@ -88,7 +88,8 @@ class KVBudget:
 
 @dataclass(frozen=True, slots=True)
 class KVDecision:
-    """Per-layer (and per-head) KV budgets; the first `sink_tokens` and last `recent_tokens` are always kept."""
+    """Per-layer (and per-head) KV budgets; the first `sink_tokens` and last `recent_tokens` are always
+    kept."""
 
     budgets: tuple[KVBudget, ...]
     sink_tokens: int = 0

@@ -154,8 +154,12 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
 
 def _remat(d: dict[str, Any]) -> RematDecision:
     lists = ("recompute_ops", "recompute_transient", "view_ops")
-    tensors = tuple(TensorRemat(**{k: tuple(v) if k in lists else v for k, v in t.items()}) for t in d["tensors"])
-    blocks = tuple(BlockRemat(**{k: tuple(v) if isinstance(v, list) else v for k, v in b.items()}) for b in d["blocks"])
+    tensors = tuple(
+        TensorRemat(**{k: tuple(v) if k in lists else v for k, v in t.items()}) for t in d["tensors"]
+    )
+    blocks = tuple(
+        BlockRemat(**{k: tuple(v) if isinstance(v, list) else v for k, v in b.items()}) for b in d["blocks"]
+    )
     return RematDecision(d["tier"], tensors, blocks)
 
 

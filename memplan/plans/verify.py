@@ -45,9 +45,7 @@ def verify_plan(plan: Plan, max_per_kind: int = 20) -> VerifyReport:
     for check in (_references, _uses, _capacity, _offsets, _arrivals, check_decisions):
         vs = check(plan, graph)
         found.extend(vs[:max_per_kind])
-    return VerifyReport(
-        tuple(found), ("references", "uses", "capacity", "offsets", "arrivals", "decisions")
-    )
+    return VerifyReport(tuple(found), ("references", "uses", "capacity", "offsets", "arrivals", "decisions"))
 
 
 def _references(plan: Plan, graph: Graph) -> list[Violation]:

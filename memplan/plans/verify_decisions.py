@@ -64,8 +64,12 @@ def _order(plan: Plan, graph: Graph) -> list[Violation]:
         for vid in op.inputs:
             born = graph.producer(vid)
             if born is not None and born >= step:
-                out.append(_bad(f"order: op {op.name} at step {step} reads {graph.value(vid).name} first "
-                                f"written at step {born}"))
+                out.append(
+                    _bad(
+                        f"order: op {op.name} at step {step} reads {graph.value(vid).name} first "
+                        f"written at step {born}"
+                    )
+                )
     return out
 
 
@@ -113,7 +117,9 @@ def _placement(plan: Plan) -> list[Violation]:
         elif not plan.hardware.has_tier(p.tier):
             out.append(_bad(f"placement: value {p.value_id} on tier {p.tier!r}, which the hardware lacks"))
         elif (p.value_id, p.tier) not in resident:
-            out.append(_bad(f"placement: value {p.value_id} placed on {p.tier} has no residency there", p.tier))
+            out.append(
+                _bad(f"placement: value {p.value_id} placed on {p.tier} has no residency there", p.tier)
+            )
     return out
 
 
@@ -140,8 +146,12 @@ def _remat(plan: Plan, graph: Graph, remat: RematDecision) -> list[Violation]:
 def _remat_tensor(t: TensorRemat, op_ids: set[int], n_steps: int) -> list[Violation]:
     out = []
     if not t.produced <= t.last_fwd_use < t.first_bwd_use <= t.last_use < n_steps:
-        out.append(_bad(f"remat: {t.name}: steps produced {t.produced}, last forward use {t.last_fwd_use}, "
-                        f"first backward use {t.first_bwd_use}, last use {t.last_use} are out of order"))
+        out.append(
+            _bad(
+                f"remat: {t.name}: steps produced {t.produced}, last forward use {t.last_fwd_use}, "
+                f"first backward use {t.first_bwd_use}, last use {t.last_use} are out of order"
+            )
+        )
     if not set(t.recompute_ops) | set(t.view_ops) <= op_ids:
         out.append(_bad(f"remat: {t.name}: recompute or view ops name unknown op ids"))
     if t.decision == "split" and not 0 < t.swap_rows < t.rows:

@@ -40,8 +40,14 @@ def pin_to_host(graph: Graph, hardware: Hardware, plan: Plan, options: PinOption
     placed = TensorPlacement(options.value_id, "host", prefetch_step=options.from_step)
     new = rebased(plan.with_(decisions=plan.decisions.with_(placement=PlacementDecision((placed,)))))
     size = graph.value(options.value_id).size_bytes
-    prefetch = Event("prefetch", options.from_step, value_id=options.value_id, src_tier="host",
-                     dst_tier="device", duration_s=size / hardware.tier("host").read_bw)
+    prefetch = Event(
+        "prefetch",
+        options.from_step,
+        value_id=options.value_id,
+        src_tier="host",
+        dst_tier="device",
+        duration_s=size / hardware.tier("host").read_bw,
+    )
     new = new.with_(events=(*new.events, prefetch))
     return PassOutput(new, PassReport("pin_to_host", 0.0, SolverReport("none", "trivial")))
 
@@ -59,8 +65,9 @@ def test_remat_swap_keeps_an_earlier_placement(graph: Graph, fast_host_hw: Hardw
     pin = _pinned(graph)
     placed = run_pipeline(graph, fast_host_hw, WORK, 2**40, "t", [PIN], {"pin_to_host": pin})
     budget = int(placed.predictions.peak_bytes["device"] * 0.6)
-    plan = run_pipeline(graph, fast_host_hw, WORK, budget, "t", [PIN, remat_swap.PASS, allocate.PASS],
-                        {"pin_to_host": pin})
+    plan = run_pipeline(
+        graph, fast_host_hw, WORK, budget, "t", [PIN, remat_swap.PASS, allocate.PASS], {"pin_to_host": pin}
+    )
     assert plan.decisions.placement == placed.decisions.placement
     assert plan.decisions.remat is not None and plan.decisions.remat.moved()
     mine = sorted((iv.tier, iv.start, iv.end) for iv in plan.residency if iv.value_id == pin.value_id)
@@ -74,7 +81,9 @@ def test_remat_swap_keeps_an_earlier_placement(graph: Graph, fast_host_hw: Hardw
 
 
 def test_pass_order_and_options_are_checked(graph: Graph, fast_host_hw: Hardware) -> None:
-    with pytest.raises(InvalidInput, match="'remat_swap' cannot run after baseline, allocate: it must run before allocate"):
+    with pytest.raises(
+        InvalidInput, match="'remat_swap' cannot run after baseline, allocate: it must run before allocate"
+    ):
         run_pipeline(graph, fast_host_hw, WORK, 2**40, "t", [allocate.PASS, remat_swap.PASS])
     with pytest.raises(InvalidInput, match="options for pass 'remat_swap' must be a RematSwapOptions"):
         run_pipeline(graph, fast_host_hw, WORK, 2**40, "t", [remat_swap.PASS], {"remat_swap": {"x": 1}})
@@ -90,9 +99,18 @@ def test_a_failing_pass_is_named_with_the_passes_before(graph: Graph, fast_host_
         raise ValueError("boom")
 
     spec = PassSpec("broken", broken, PinOptions)
-    with pytest.raises(InternalError, match=r"pass 'broken' failed \(after baseline, pin_to_host\): ValueError: boom"):
-        run_pipeline(graph, fast_host_hw, WORK, 2**40, "t", [PIN, spec], {"pin_to_host": _pinned(graph),
-                                                                            "broken": _pinned(graph)})
+    with pytest.raises(
+        InternalError, match=r"pass 'broken' failed \(after baseline, pin_to_host\): ValueError: boom"
+    ):
+        run_pipeline(
+            graph,
+            fast_host_hw,
+            WORK,
+            2**40,
+            "t",
+            [PIN, spec],
+            {"pin_to_host": _pinned(graph), "broken": _pinned(graph)},
+        )
 
 
 def test_a_pass_that_breaks_the_plan_is_caught(graph: Graph, fast_host_hw: Hardware) -> None:

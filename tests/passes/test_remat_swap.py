@@ -149,3 +149,26 @@ def test_no_plan_in_time_falls_back_to_the_lowest_peak_plan(graph, monkeypatch):
     plan, _ = _plan(graph, budget)
     assert calls == [False, False, True]  # timed out; lowest peak; the time MILP again, from that start
     assert _peak(plan) <= budget and verify_plan(plan).ok
+
+
+def test_unproved_lowest_peak_is_not_called_infeasible(graph, monkeypatch):
+    """When the min-peak MILP stops before proving its answer, the error gives what was found and the
+    solver's bound, never "proved infeasible"."""
+    from memplan.passes import remat_diagnose
+    from memplan.solvers.milp import MilpResult
+
+    real = remat_diagnose.solve_milp
+
+    def stopped(problem, time_limit_s, gap, start=None):  # what HiGHS returns at its time limit
+        r = real(problem, time_limit_s, gap)
+        return MilpResult("feasible", r.x, r.objective, r.objective * 0.5, 1.0, r.time_s, time_limit_s)
+
+    monkeypatch.setattr(remat_diagnose, "solve_milp", stopped)
+    _, base = _plan(graph, 2**40)
+    budget = int(base.predictions.peak_bytes["device"] * 0.2)
+    with pytest.raises(InfeasibleBudget) as info:
+        _plan(graph, budget)
+    text = str(info.value)
+    assert "proved" not in text and "Lowest found" in text and "proven lower bound" in text
+    assert "undecided" in text
+    assert info.value.lower_bound_bytes < info.value.reachable_bytes

@@ -3,10 +3,9 @@ loss and gradients as the plain step, and its policy meets exactly the ops the p
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import importlib.util
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest

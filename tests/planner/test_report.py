@@ -137,7 +137,8 @@ def test_passes_decisions_and_warnings(rich_plan: Plan) -> None:
 
 
 def test_long_decisions_are_cut() -> None:
-    bits = BitsDecision(tuple(TensorBits(i, fmt) for i, fmt in enumerate(("int2", "int3", "int4", "int8") * 3)))
+    formats = ("int2", "int3", "int4", "int8") * 3
+    bits = BitsDecision(tuple(TensorBits(i, fmt) for i, fmt in enumerate(formats)))
     assert _describe(bits) == "12 tensors: int2 3, int3 3, int4 3, int8 3"
     placed = PlacementDecision(tuple(TensorPlacement(i, f"tier-{i}") for i in range(40)))
     text = _describe(placed)

@@ -35,8 +35,9 @@ def plan_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def probe(argv: list[str]) -> tuple[str, int]:
     """Run the CLI in a fresh interpreter; whether torch got imported, and the exit code."""
-    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=120
+    )
     marker, code = out.stdout.strip().splitlines()[-1].split()
     return marker, int(code)
 
@@ -48,7 +49,8 @@ def test_import_memplan_imports_no_torch() -> None:
 
 
 def test_help_imports_no_torch() -> None:
-    code = "import sys\nfrom memplan.planner.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
+    code = "import sys\nfrom memplan.planner.cli import build_parser\n"
+    code += "build_parser()\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False"
     start = time.perf_counter()

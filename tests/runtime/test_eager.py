@@ -4,11 +4,10 @@ sends the plan's swaps through the tier store (and leaves it empty), and restore
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import copy
 import gc
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any
 
 import pytest
