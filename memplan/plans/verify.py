@@ -40,6 +40,12 @@ class VerifyReport:
 
 def verify_plan(plan: Plan, max_per_kind: int = 20) -> VerifyReport:
     """Every check above; at most `max_per_kind` violations of each kind are reported."""
+    order = plan.decisions.order
+    if order is not None and sorted(order.op_ids) != sorted(op.id for op in plan.ops):
+        bad = Violation(
+            "bad-decision", f"order: {len(order.op_ids)} op ids, not a permutation of the plan's ops"
+        )
+        return VerifyReport((bad,), ("decisions",))
     graph = plan.graph()
     found: list[Violation] = []
     for check in (_references, _uses, _capacity, _offsets, _arrivals, check_decisions):

@@ -9,10 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-import memplan
 from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Role
-from memplan.passes.baseline import predictions_for
 from memplan.planner.exporters import EXPORTERS
 from memplan.planner.exporters.chrome_trace import (
     MAX_COUNTER_SAMPLES,
@@ -20,12 +18,13 @@ from memplan.planner.exporters.chrome_trace import (
     counter_steps,
     step_times_s,
 )
+from memplan.plans.effective import predictions_for
 from memplan.plans.plan import Event, Plan
 
 
 @pytest.fixture(scope="module")
-def plan() -> Plan:
-    return memplan.plan("zoo:gpt2-tiny", mode="train", budget="1GiB")
+def plan(train_plan: Plan) -> Plan:
+    return train_plan
 
 
 def offloaded(plan: Plan) -> Plan:

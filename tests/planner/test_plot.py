@@ -9,35 +9,24 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-import memplan
 from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Role
 from memplan.planner.plot import ROLES, plot_timeline, role_timelines, sample_steps
 from memplan.plans.plan import Plan
+from tests.planner.conftest import host_midlife
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def plan() -> Plan:
-    return memplan.plan("zoo:gpt2-tiny", mode="train", budget="1GiB")
+def plan(train_plan: Plan) -> Plan:
+    return train_plan
 
 
 @pytest.fixture(scope="module")
 def two_tiers(plan: Plan) -> Plan:
     """The largest activation moved to the host for the middle of its life."""
-    by_id = {v.id: v for v in plan.tensors}
-    acts = [
-        iv for iv in plan.residency if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start > 4
-    ]
-    iv = max(acts, key=lambda iv: iv.size_bytes)
-    rest = [r for r in plan.residency if r != iv]
-    moved = [
-        Interval(iv.value_id, "device", iv.start, iv.start + 1, iv.size_bytes),
-        Interval(iv.value_id, "host", iv.start + 1, iv.end - 1, iv.size_bytes),
-        Interval(iv.value_id, "device", iv.end - 1, iv.end, iv.size_bytes),
-    ]
-    return plan.with_(residency=tuple(rest + moved))
+    return host_midlife(plan)[0]
 
 
 def test_png_written_atomically(plan: Plan, tmp_path: Path) -> None:

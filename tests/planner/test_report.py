@@ -8,9 +8,6 @@ import pytest
 from rich.console import Console
 
 import memplan
-from memplan.ir.analysis import Interval
-from memplan.ir.graph import Role
-from memplan.passes.baseline import predictions_for
 from memplan.planner.report import TOP_TENSORS, _describe, render_summary, summarize, summary_text
 from memplan.plans.decisions import (
     BitsDecision,
@@ -19,28 +16,22 @@ from memplan.plans.decisions import (
     TensorBits,
     TensorPlacement,
 )
+from memplan.plans.effective import predictions_for
 from memplan.plans.plan import PassReport, Plan, SolverReport
 from memplan.units import format_size
+from tests.planner.conftest import host_midlife
 
 
 @pytest.fixture(scope="module")
-def plan() -> Plan:
-    return memplan.plan("zoo:gpt2-tiny", mode="train", budget="1GiB")
+def plan(train_plan: Plan) -> Plan:
+    return train_plan
 
 
 @pytest.fixture(scope="module")
 def rich_plan(plan: Plan) -> Plan:
     """The plan with its largest activation on the host mid-life, a solver pass, decisions, warnings."""
-    by_id = {v.id: v for v in plan.tensors}
-    acts = [
-        iv for iv in plan.residency if by_id[iv.value_id].role == Role.ACTIVATION and iv.end - iv.start > 4
-    ]
-    iv = max(acts, key=lambda iv: iv.size_bytes)
-    residency = [r for r in plan.residency if r != iv] + [
-        Interval(iv.value_id, "device", iv.start, iv.start + 1, iv.size_bytes),
-        Interval(iv.value_id, "host", iv.start + 1, iv.end - 1, iv.size_bytes),
-        Interval(iv.value_id, "device", iv.end - 1, iv.end, iv.size_bytes),
-    ]
+    moved, _ = host_midlife(plan)
+    residency = moved.residency
     solver = SolverReport(
         "highs", "feasible", objective=1234.5, bound=1200.0, gap=0.0279, time_s=0.5, time_limit_s=10
     )
