@@ -27,6 +27,7 @@ import memplan
 from memplan.errors import InfeasibleBudget
 from memplan.ir.frontends.torch_export import export_program
 from memplan.ir.hardware import Hardware
+from memplan.passes.allocate import AllocateOptions
 from memplan.passes.manager import run_pipeline
 from memplan.passes.registry import default_pipeline
 from memplan.passes.remat_swap import RematSwapOptions
@@ -169,9 +170,10 @@ def train_plans(folder: Path, link_bound_hw: Hardware) -> dict[str, tuple[Plan, 
     graph, _ = capture(load_model("zoo:gpt2-tiny", "train", batch=4, seq=64), "train")
     work = Workload("train", 4, 64)
     plain = run_pipeline(graph, link_bound_hw, work, 2**40, "zoo:gpt2-tiny", [])
+    greedy = {"allocate": AllocateOptions(exact=False)}  # offsets in milliseconds: any valid packing will do
     budget = int(plain.predictions.peak_bytes["device"] * 0.65)
-    split = run_pipeline(graph, link_bound_hw, work, budget, "zoo:gpt2-tiny", default_pipeline())
-    opts = {"remat_swap": RematSwapOptions(checkpoint_blocks=True)}
+    split = run_pipeline(graph, link_bound_hw, work, budget, "zoo:gpt2-tiny", default_pipeline(), greedy)
+    opts = {"remat_swap": RematSwapOptions(checkpoint_blocks=True), **greedy}
     with pytest.raises(InfeasibleBudget) as err:
         run_pipeline(graph, link_bound_hw, work, 1, "zoo:gpt2-tiny", default_pipeline(), opts)
     blocks = run_pipeline(
