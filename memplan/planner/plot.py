@@ -169,7 +169,8 @@ def _mark_peak(ax: Axes, plan: Plan, step: int, peak: int, scale: int, n: int) -
 
 
 def _op_at(plan: Plan, step: int) -> str:
-    return f" ({plan.ops[step].name})" if 0 <= step < len(plan.ops) else ""
+    ops = plan.graph().ops  # steps are positions in the plan's order
+    return f" ({ops[step].name})" if 0 <= step < len(ops) else ""
 
 
 def plot_timeline(plan: Plan, path: str) -> None:

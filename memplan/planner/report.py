@@ -173,8 +173,9 @@ def _tier_peak(plan: Plan, tier: str) -> TierPeak:
     peak = pred.peak_bytes.get(tier, 0)
     step = pred.peak_step.get(tier) if peak > 0 else None
     op = ""
-    if step is not None and 0 <= step < len(plan.ops):
-        op = f"{plan.ops[step].name} ({plan.ops[step].target})"
+    ops = plan.graph().ops  # steps are positions in the plan's order
+    if step is not None and 0 <= step < len(ops):
+        op = f"{ops[step].name} ({ops[step].target})"
     on_device = tier == "device"
     return TierPeak(
         tier=tier,

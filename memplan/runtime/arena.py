@@ -222,7 +222,7 @@ class _ArenaRunner:
         return copied
 
     def run(self) -> None:
-        for step, op in enumerate(self.plan.ops):
+        for step, op in enumerate(self.graph.ops):
             if self.debug:
                 self._check_reads(step, op.inputs)
             self._execute(step)
@@ -234,7 +234,7 @@ class _ArenaRunner:
 
     # -- one op ---------------------------------------------------------------------------------------------
     def _execute(self, step: int) -> None:
-        op = self.plan.ops[step]
+        op = self.graph.ops[step]
         node = self.nodes[op.name]
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), self._lookup)
         fresh = [v for v in op.outputs if self.graph.value(v).alias_of is None]
@@ -332,7 +332,7 @@ class _ArenaRunner:
             root = self.graph.storage_of(vid)
             if root in self.slots and root not in live:
                 raise InternalError(
-                    f"step {step} ({self.plan.ops[step].name}) reads value {vid}, whose "
+                    f"step {step} ({self.graph.ops[step].name}) reads value {vid}, whose "
                     f"storage {root} is not resident then: its arena bytes may be reused"
                 )
 
