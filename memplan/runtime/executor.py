@@ -134,6 +134,8 @@ class PlannedStep:
         self.env: dict[int, torch.Tensor] = {}
         self.handles: dict[int, Handle] = {}
         self.pending: dict[int, torch.Tensor] = {}
+        self.layouts: dict[int, tuple[int, ...]] = {}
+        """Swapped values stored as a contiguous permutation of themselves: the dims that undo it."""
         self.parts: dict[int, torch.Tensor] = {}
         """Split values: the rows of the prefetch buffer the tier's part is read into."""
         self.scratch: list[dict[int, torch.Tensor]] = []
@@ -213,9 +215,12 @@ class PlannedStep:
         for vid in self.sched.swap_out.get(step + 1, ()):
             assert self.store is not None
             k = self.sched.swap_rows.get(vid)
-            self.handles[vid] = self.store.put(
-                str(vid), self.env[vid] if k is None else _rows(self.env[vid])[:k]
-            )
+            t = self.env[vid]
+            order = _dense_order(t) if k is None else None
+            if order is not None:  # a permuted layout (SDPA's output): stored and rebuilt in it, no copy
+                self.layouts[vid] = tuple(order.index(d) for d in range(t.dim()))
+                t = t.permute(order)
+            self.handles[vid] = self.store.put(str(vid), t if k is None else _rows(t)[:k])
         for vid in self.sched.drop_after.get(step, ()):
             self._drop(vid)
         self.scratch.clear()
@@ -272,6 +277,8 @@ class PlannedStep:
         self.store.get(handle, out=self.parts.pop(vid, buffer))
         self.env[vid] = buffer
         self.store.free(handle)
+        if vid in self.layouts:  # back in the producer's strides, which its views and readers expect
+            self.env[vid] = buffer.permute(self.layouts.pop(vid))
         for i in self.sched.views.get(vid, ()):
             self._execute(i)
 
@@ -334,6 +341,15 @@ class PlannedStep:
         if self.graph.value(self.graph.storage_of(vid)).role in PERSISTENT_ROLES or t.dim() == 0:
             return t
         return _rows(t)[k:]
+
+
+def _dense_order(t: torch.Tensor) -> list[int] | None:
+    """The dim order in which a non-contiguous `t` is contiguous (its layout a permutation of a dense one,
+    as SDPA's [batch, seq, heads, dim]-laid output), or None: contiguous already, or not dense."""
+    if t.is_contiguous():
+        return None
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return order if t.permute(order).is_contiguous() else None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
