@@ -17,7 +17,7 @@ defaults: dropout on, the usual call, `return_dict` and `use_cache` as the libra
    `memplan.applied`. A budget holds when both steps' measured peaks are at most the budget; "bitwise" means
    `torch.equal` on the loss, on every parameter's `.grad` after backward and on every parameter after
    `opt.step()`, at both steps, against the plain run.
-3. per-block `torch.utils.checkpoint` (non-reentrant, every block of `CorpusModel.blocks`): its measured
+3. per-block `torch.utils.checkpoint` (non-reentrant, every block of `CorpusModel.blocks`; see `per_block_checkpoint`): its measured
    peak; memplan is planned once more with that peak as budget (its "twin" at the same measured peak).
 4. timing: the plain step, memplan at 70%, checkpoint and the twin, one warm-up step each (capture), then
    `reps` rotated rounds (`bench.train_peers.time_rounds`); overhead = median step / median plain step of
@@ -37,8 +37,8 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -180,6 +180,25 @@ def train_steps(module: nn.Module, inputs: Sequence[torch.Tensor], plan: Plan | 
 # One model
 
 
+@contextmanager
+def per_block_checkpoint(cm: CorpusModel, module: nn.Module) -> Iterator[int]:
+    """Inside the block, every block of `module` runs under non-reentrant `torch.utils.checkpoint`; yields
+    how many. A transformers model with `GradientCheckpointingLayer` blocks uses the library's own switch
+    (`activation_checkpointing_enable`, which also turns the KV cache off inside the checkpointed layers, as a
+    user of it gets); the others get their blocks' forwards wrapped (`bench.train_peers.checkpointed`)."""
+    blocks = cm.blocks(module)
+    hf = getattr(module, "model", None)
+    if not cm.block_types and hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            yield len(blocks)
+        finally:
+            hf.activation_checkpointing_disable()
+        return
+    with checkpointed(blocks):
+        yield len(blocks)
+
+
 @dataclass
 class Planned:
     """One budget: its plan (None: infeasible, refused or crashed, `outcome` says which) and its run."""
@@ -281,7 +300,7 @@ def time_methods(base: nn.Module, inputs: Sequence[torch.Tensor], cm: CorpusMode
         plain = copy.deepcopy(base)
         entries.append(("plain", plain, BenchModel("plain", plain, tuple(inputs), ())))
         ck = copy.deepcopy(base)
-        stack.enter_context(checkpointed(cm.blocks(ck)))
+        stack.enter_context(per_block_checkpoint(cm, ck))
         entries.append(("checkpoint", ck, BenchModel("checkpoint", ck, tuple(inputs), ())))
         for label, plan in plans.items():
             m = copy.deepcopy(base)
@@ -327,9 +346,7 @@ def bench_model(cm: CorpusModel, cfg: CorpusConfig, hw: Hardware) -> dict[str, A
     points.append(lowest)
     row["peak/budget lowest"] = lowest.cell()
     row["lowest (of plain)"] = f"{lowest.budget / plain.peak_bytes:.0%}" if lowest.plan else lowest.outcome[:80]
-    ck_model = copy.deepcopy(base)
-    blocks = cm.blocks(ck_model)
-    with checkpointed(blocks):
+    with per_block_checkpoint(cm, ck_model := copy.deepcopy(base)) as blocks:
         ck = train_steps(ck_model, inputs, reference=plain, steps=cfg.steps)
     twin = None
     if not ck.equal.startswith("CRASH") and blocks:
@@ -347,9 +364,9 @@ def bench_model(cm: CorpusModel, cfg: CorpusConfig, hw: Hardware) -> dict[str, A
         _pct(timing.overhead.get("checkpoint peak")) if twin is not None and twin.plan else
         (twin.outcome[:80] if twin is not None else "-"))
     row |= _status(points)
-    row |= {"blocks": len(blocks), "plain_peak_bytes": plain.peak_bytes, "plain_losses": plain.losses,
+    row |= {"blocks": blocks, "plain_peak_bytes": plain.peak_bytes, "plain_losses": plain.losses,
             "budgets": [p.to_dict() for p in points],
-            "checkpoint": {"peak_bytes": ck.peak_bytes, "equal": ck.equal, "blocks": len(blocks)},
+            "checkpoint": {"peak_bytes": ck.peak_bytes, "equal": ck.equal},
             "timing": {"step_s": timing.step_s, "overhead": timing.overhead, "errors": timing.errors},
             "model_s": time.perf_counter() - t0}
     print(f"[corpus] {cm.name}: {row['status']} ({row['model_s']:.0f} s)", file=sys.stderr, flush=True)
