@@ -17,8 +17,9 @@ defaults: dropout on, the usual call, `return_dict` and `use_cache` as the libra
    `memplan.applied`. A budget holds when both steps' measured peaks are at most the budget; "bitwise" means
    `torch.equal` on the loss, on every parameter's `.grad` after backward and on every parameter after
    `opt.step()`, at both steps, against the plain run.
-3. per-block `torch.utils.checkpoint` (non-reentrant, every block of `CorpusModel.blocks`; see `per_block_checkpoint`): its measured
-   peak; memplan is planned once more with that peak as budget (its "twin" at the same measured peak).
+3. per-block `torch.utils.checkpoint` (non-reentrant, every block of `CorpusModel.blocks`; see
+   `per_block_checkpoint`): its measured peak; memplan is planned once more with that peak as budget (its
+   "twin" at the same measured peak).
 4. timing: the plain step, memplan at 70%, checkpoint and the twin, one warm-up step each (capture), then
    `reps` rotated rounds (`bench.train_peers.time_rounds`); overhead = median step / median plain step of
    the same rounds - 1.
@@ -45,10 +46,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import corpus_models  # first: makes torchvision importable before transformers is
+import memplan  # imports no transformers: bench.corpus_models still comes before anything that does
+from bench import corpus_models  # makes torchvision importable (see its docstring) before transformers is
 from bench.corpus_models import SEED, CorpusModel
-
-import memplan  # noqa: I001  (after corpus_models, see above)
 from bench.harness import Result, markdown, write
 from bench.train_peers import BenchModel, checkpointed, time_rounds
 from memplan.errors import InfeasibleBudget, MemplanError
@@ -118,7 +118,8 @@ def _diff(what: str, a: torch.Tensor | None, b: torch.Tensor | None) -> str | No
 
 
 def _compare(step: int, loss: torch.Tensor, params: list[tuple[str, nn.Parameter]],
-             ref: tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor]], after: bool) -> str | None:
+             ref: tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor]],
+             after: bool) -> str | None:
     """The first difference with the reference's step `step` (loss and grads, or parameters `after` the
     optimizer step), or None."""
     ref_loss, ref_grads, ref_params = ref
@@ -345,7 +346,8 @@ def bench_model(cm: CorpusModel, cfg: CorpusConfig, hw: Hardware) -> dict[str, A
     lowest = run_budget(cm, base, inputs, lowest_budget(base, inputs, hw), plain, cfg.steps)
     points.append(lowest)
     row["peak/budget lowest"] = lowest.cell()
-    row["lowest (of plain)"] = f"{lowest.budget / plain.peak_bytes:.0%}" if lowest.plan else lowest.outcome[:80]
+    row["lowest (of plain)"] = (f"{lowest.budget / plain.peak_bytes:.0%}" if lowest.plan
+                                else lowest.outcome[:80])
     with per_block_checkpoint(cm, ck_model := copy.deepcopy(base)) as blocks:
         ck = train_steps(ck_model, inputs, reference=plain, steps=cfg.steps)
     twin = None
@@ -380,8 +382,8 @@ def _status(points: list[Planned]) -> dict[str, str]:
     equal = "yes" if ran and all(p.run.equal == "bitwise" for p in ran if p.run) else "no"
     for p in points:
         if p.outcome.startswith(("refused", "CRASH")):
-            return {"grads equal": equal if ran else "-", "status": f"{p.outcome.split(':')[0]} at {p.label}: "
-                    f"{p.outcome.partition(': ')[2]}"[:300]}
+            kind, _, why = p.outcome.partition(": ")
+            return {"grads equal": equal if ran else "-", "status": f"{kind} at {p.label}: {why}"[:300]}
     bad = [p for p in ran if not p.passed]
     if not ran:
         return {"grads equal": "-", "status": "FAIL: no budget was planned"}
@@ -403,11 +405,13 @@ def _notes(rows: list[dict[str, Any]], cfg: CorpusConfig, threads: int, cal: Any
              f"to the plain step, no crash): {'MET' if len(passed) == len(rows) else 'NOT MET'}; "
              f"{len(passed)} of {len(rows)} rows pass"]
     notes += [f"{r['model']}: {r['status']}" for r in rows if r.get("status") != "pass"]
-    notes.append(f"{cfg.steps} AdamW steps per run (torch.optim.AdamW defaults), torch.manual_seed({SEED} + k) "
-                 "before step k; peak: the live-storage tracker over each step's forward + backward "
-                 "(parameters, buffers, inputs live; optimizer state outside), the larger of the steps")
+    notes.append(f"{cfg.steps} AdamW steps per run (torch.optim.AdamW defaults), "
+                 f"torch.manual_seed({SEED} + k) before step k; peak: the live-storage tracker over each "
+                 "step's forward + backward (parameters, buffers, inputs live; optimizer state outside), "
+                 "the larger of the steps")
     notes.append("budgets: 90/70/50% of the plain peak, then the lower bound InfeasibleBudget reports for a "
-                 "1-byte budget ('lowest'); 'infeasible' = refused at plan time with that bound (not a failure)")
+                 "1-byte budget ('lowest'); 'infeasible' = refused at plan time with that bound "
+                 "(not a failure)")
     notes.append(f"overheads: median of {cfg.reps} rotated rounds (one warm-up step each first) of the plain "
                  "step, memplan at 70%, per-block torch.utils.checkpoint (non-reentrant) and memplan planned "
                  f"at checkpoint's measured peak; {cfg.threads or threads} torch thread(s); the steps take "

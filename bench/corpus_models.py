@@ -85,7 +85,7 @@ prepare_torchvision()
 def import_torchvision() -> ModuleType:
     """`torchvision.models` (raises ImportError, with the pip line, if torchvision is not installed)."""
     if importlib.util.find_spec("torchvision") is None:
-        raise ImportError("torchvision is not installed: pip install torchvision==0.28.0 (the `vision` extra)")
+        raise ImportError("torchvision is not installed: pip install torchvision==0.28.0 (`vision` extra)")
     prepare_torchvision()
     import torchvision.models
 
@@ -229,7 +229,8 @@ def transformers_models() -> list[CorpusModel]:
             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
         _hf("bart", "BartForConditionalGeneration", "BartConfig", lm, _seq2seq_inputs, **_BART),
         _hf("gpt2", "GPT2LMHeadModel", "GPT2Config", lm, _lm_inputs,
-            vocab_size=VOCAB, n_positions=2 * SEQ, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0),
+            vocab_size=VOCAB, n_positions=2 * SEQ, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+            eos_token_id=0),
         _hf("gpt-neox", "GPTNeoXForCausalLM", "GPTNeoXConfig", lm, _lm_inputs, **_DEC),
         _hf("opt", "OPTForCausalLM", "OPTConfig", lm, _lm_inputs, vocab_size=VOCAB,
             max_position_embeddings=2 * SEQ, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
