@@ -58,7 +58,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.frontends.fx_lower import layer_of
 from memplan.ir.graph import Role
-from memplan.planner.exporters.torch_sac import checkpoint_layers, occurrence_keys, policy_for, sac_table
+from memplan.planner.exporters.torch_sac import (
+    SacTable,
+    checkpoint_layers,
+    occurrence_keys,
+    policy_for,
+    sac_table,
+)
 from memplan.planner.plan import Plan
 from memplan.runtime.tiers.api import Handle, TierStore
 
@@ -93,10 +99,23 @@ class EagerInfo:
     not read back (swapping them saved no device memory)."""
     missed_swaps: int = 0
     """Swapped outputs whose op the block's forward did not run as the plan lists it (not swapped)."""
-    swaps_on_device: list[str] = field(default_factory=list)
-    """Plan tensors the plan swaps that stay on the device because their block is checkpointed."""
+    swaps_recomputed: list[str] = field(default_factory=list)
+    """Plan tensors the plan swaps inside a checkpointed block: SAC recomputes them (it cannot swap)."""
     swaps_outside_blocks: list[str] = field(default_factory=list)
     """Plan tensors the plan swaps outside any repeated block: autograd saves them on the device."""
+    predicted_peak_bytes: int | None = None
+    """The step's device peak predicted at entry by a dry run on fake tensors (`eager_peak`)."""
+
+
+@dataclass
+class Mechanism:
+    """What applying a plan to a model takes: its blocks, SAC tables, checkpointed layers, swaps."""
+
+    blocks: list[tuple[str, torch.nn.Module]]
+    table: SacTable
+    checkpointed: set[int]
+    specs: dict[int, SwapSpec]
+    tier: str | None
 
 
 def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -154,10 +173,25 @@ def swap_specs(plan: Plan, checkpointed: set[int], info: EagerInfo) -> dict[int,
             continue
         layer, target, occurrence = key
         if layer in checkpointed:
-            info.swaps_on_device.append(t["name"])
+            info.swaps_recomputed.append(t["name"])
             continue
         position = graph.ops[p].outputs.index(t["value_id"])  # type: ignore[index]
         out.setdefault(layer, {}).setdefault((target, occurrence), []).append(position)
+    return out
+
+
+def recompute_swaps(plan: Plan, table: SacTable, checkpointed: set[int]) -> SacTable:
+    """`table` with the ops whose outputs the plan swaps inside a checkpointed block set to "recompute":
+    SAC cannot swap, and saving them would hold on the device what the plan sends away; recomputed, they
+    leave the device after forward like the plan's swaps (at recompute's cost, not the link's)."""
+    graph = plan.graph()
+    keys = occurrence_keys(graph)
+    out = {layer: dict(entries) for layer, entries in table.items()}
+    for t in plan.decisions.get("remat_swap", {}).get("tensors", []):
+        p = graph.producer(t["value_id"]) if t["decision"] == "swap" else None
+        key = keys.get(p) if p is not None else None
+        if key is not None and key[0] in checkpointed and key[1:] in out.get(key[0], {}):
+            out[key[0]][key[1:]] = "recompute"
     return out
 
 
@@ -203,9 +237,18 @@ class SwapMarker(TorchDispatchMode):
 class _Swapped:
     """One storage on the tier, shared by the packed views of it; read back once, freed with the last view."""
 
-    def __init__(self, swapper: Swapper, layer: int, handle: Handle, original: torch.UntypedStorage) -> None:
+    def __init__(
+        self,
+        swapper: Swapper,
+        layer: int,
+        handle: Handle,
+        original: torch.UntypedStorage,
+        device: torch.device,
+    ) -> None:
         self.swapper = swapper
         self.layer = layer
+        self.device = device
+        """The tensor's device (a fake tensor's storage says `meta`: the dry run needs the tensor's)."""
         self.original = weakref.ref(original)
         """The device storage that was swapped: if something outside the hooks still holds it when backward
         asks (autograd outside the blocks, the caller), it is used instead of a second copy from the tier."""
@@ -227,7 +270,7 @@ class _Swapped:
                 sw.on_first_load(self.layer)
                 original = self.original()
                 if original is not None:  # still on the device: reading it back would hold it twice
-                    self.data = torch.empty(0, dtype=torch.uint8, device=original.device).set_(original)
+                    self.data = torch.empty(0, dtype=torch.uint8, device=self.device).set_(original)
                     sw.info.held_on_device += 1
                 else:
                     self.data = sw.store.get(self.handle)
@@ -336,7 +379,7 @@ class Swapper:
                     storage = t.untyped_storage()
                     whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
                     handle = self.store.put(key, whole)
-                    record = records[sid] = _Swapped(self, layer, handle, storage)
+                    record = records[sid] = _Swapped(self, layer, handle, storage, t.device)
                     with self.lock:
                         self.live.add(record)
                         self.started.discard(layer)
@@ -451,14 +494,9 @@ def _swapping_forward(
     return run
 
 
-@contextmanager
-def applied_torch(
-    plan: Plan,
-    model: torch.nn.Module,
-    store: TierStore | None = None,
-    emulate: frozenset[str] = frozenset(),
-) -> Iterator[EagerInfo]:
-    """Run `model` with the plan applied by SAC and saved-tensor hooks inside the block (module docstring)."""
+def prepare(plan: Plan, model: torch.nn.Module) -> tuple[Mechanism, EagerInfo]:
+    """Check that the plan fits the model's blocks and state, and derive what to install (and a fresh
+    `EagerInfo` saying what the mechanism will do)."""
     blocks = find_blocks(model)
     layers = plan_layers(plan)
     if layers != list(range(len(blocks))):
@@ -469,41 +507,66 @@ def applied_torch(
             f"({paths[:4]}{' ...' if len(paths) > 4 else ''}); plan this model, or use mechanism='graph'"
         )
     check_state(plan, model)
-    rs = plan.decisions.get("remat_swap", {})
-    tier = rs.get("tier")
-    table = sac_table(plan)
+    tier = plan.decisions.get("remat_swap", {}).get("tier")
     checkpointed = set(checkpoint_layers(plan))
     info = EagerInfo(sorted(checkpointed), [], tier)
     specs = swap_specs(plan, checkpointed, info)
     info.swap_layers = sorted(specs)
+    if specs and tier is None:
+        raise InvalidInput("memplan.applied: the plan swaps tensors but names no tier to swap to")
+    table = recompute_swaps(plan, sac_table(plan), checkpointed)
+    return Mechanism(blocks, table, checkpointed, specs, tier), info
+
+
+@contextmanager
+def installed(mech: Mechanism, swapper: Swapper | None, info: EagerInfo) -> Iterator[None]:
+    """The blocks' forwards replaced by their checkpointed or swapping versions inside the block."""
     patched: list[tuple[torch.nn.Module, bool, Any]] = []
+    try:
+        for layer, (_, block) in enumerate(mech.blocks):
+            own = "forward" in vars(block)
+            forward = block.forward
+            if layer in mech.checkpointed:
+                new = _checkpointed_forward(forward, mech.table.get(layer, {}), info.sac)
+            elif swapper is not None:  # every plain block: a later one may save a swapped tensor
+                new = _swapping_forward(forward, layer, mech.specs.get(layer, {}), swapper)
+            else:
+                continue
+            patched.append((block, own, vars(block).get("forward")))
+            block.forward = new  # type: ignore[method-assign]
+        yield
+    finally:
+        for block, own, previous in reversed(patched):
+            if own:
+                block.forward = previous  # type: ignore[method-assign]
+            else:
+                del block.forward
+
+
+@contextmanager
+def applied_torch(
+    plan: Plan,
+    model: torch.nn.Module,
+    store: TierStore | None = None,
+    emulate: frozenset[str] = frozenset(),
+    refuse_over_budget: bool = True,
+) -> Iterator[EagerInfo]:
+    """Run `model` with the plan applied by SAC and saved-tensor hooks inside the block (module docstring).
+    First the step's peak is predicted (`eager_peak`) and a plan whose device budget it would exceed is
+    refused with `TorchOverBudget`; with `refuse_over_budget` off nothing is predicted or checked."""
+    from memplan.runtime.eager_peak import check_peak
+
+    mech, info = prepare(plan, model)
+    peak = check_peak(plan, model, mech, refuse_over_budget)
+    info.predicted_peak_bytes = peak.peak_bytes if peak is not None else None
     with ExitStack() as stack:
         swapper: Swapper | None = None
-        if specs:
-            if tier is None:
-                raise InvalidInput("memplan.applied: the plan swaps tensors but names no tier to swap to")
+        if mech.specs:
             if store is None:
                 from memplan.runtime.tiers.factory import open_tier
 
-                store = stack.enter_context(open_tier(plan.hardware, tier, emulate=emulate))
+                store = stack.enter_context(open_tier(plan.hardware, mech.tier, emulate=emulate))
             swapper = Swapper(store, info)
             stack.push(swapper.exit)
-        try:
-            for layer, (_, block) in enumerate(blocks):
-                own = "forward" in vars(block)
-                forward = block.forward
-                if layer in checkpointed:
-                    new = _checkpointed_forward(forward, table.get(layer, {}), info.sac)
-                elif swapper is not None:  # every plain block: a later one may save a swapped tensor
-                    new = _swapping_forward(forward, layer, specs.get(layer, {}), swapper)
-                else:
-                    continue
-                patched.append((block, own, vars(block).get("forward")))
-                block.forward = new  # type: ignore[method-assign]
+        with installed(mech, swapper, info):
             yield info
-        finally:
-            for block, own, previous in reversed(patched):
-                if own:
-                    block.forward = previous  # type: ignore[method-assign]
-                else:
-                    del block.forward
