@@ -31,7 +31,8 @@ from memplan.errors import InfeasibleBudget, InvalidInput, MemplanError
 from memplan.ir.graph import Role
 from memplan.planner.plan import Plan
 from memplan.planner.sizes import parse_size
-from memplan.runtime.eager import EagerInfo, Mechanism, Swapper, installed, prepare
+from memplan.runtime.eager import Swapper, installed
+from memplan.runtime.eager_setup import EagerInfo, Mechanism, prepare
 from memplan.runtime.tiers.api import Handle, TierStats
 from memplan.runtime.tracker import LiveStorageTracker
 
