@@ -154,11 +154,17 @@ def uses_by_root(graph: Graph) -> dict[int, list[int]]:
 
 def written_in_place(graph: Graph) -> set[int]:
     """Storages some op updates in place (an `op_` target writing an alias): not recomputable."""
-    out = set()
-    for op in graph.ops:
+    return set(in_place_writes(graph))
+
+
+def in_place_writes(graph: Graph) -> dict[int, list[int]]:
+    """Storage -> the steps of the ops that update it in place."""
+    out: dict[int, list[int]] = {}
+    for i, op in enumerate(graph.ops):
         name = op.target.split(".")[1] if op.target.count(".") >= 2 else op.target
         if name.endswith("_"):
-            out.update(graph.storage_of(v) for v in op.outputs)
+            for root in {graph.storage_of(v) for v in op.outputs}:
+                out.setdefault(root, []).append(i)
     return out
 
 
@@ -176,6 +182,8 @@ class _Context:
     """clock[i]: start time of step i under the roofline model."""
     cand_ids: frozenset[int]
     inplace: set[int]
+    writes: dict[int, list[int]]
+    """Storage -> steps of its in-place updates (`in_place_writes`)."""
     views: dict[int, list[int]]
     """Storage root -> ids of the values that are views of it."""
 
@@ -202,6 +210,7 @@ def find_candidates(graph: Graph, hw: Hardware, tier: Tier | None) -> tuple[Phas
         np.concatenate([[0.0], np.cumsum(times)]),
         cand_ids,
         written_in_place(graph),
+        in_place_writes(graph),
         views,
     )
     return ph, [_candidate(ctx, r) for r in sorted(cand_ids)]
@@ -260,7 +269,9 @@ def _candidate(ctx: _Context, r: int) -> Candidate:
 
 def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Ops to re-run at step b to rebuild storage r, the non-candidate storages rebuilt on the way, and the
-    candidates read. Empty when the rebuild would need a value that is gone at b, or too many ops."""
+    candidates read. Empty when the rebuild would need a value that is gone at b, a storage updated in place
+    after the op re-run read it (the re-run would read the later contents: an in-place activation such as
+    `hardswish_` on a saved batch-norm output), or too many ops."""
     graph = ctx.graph
     ops: set[int] = set()
     trans: set[int] = set()
@@ -279,6 +290,8 @@ def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int,
                 continue
             if rv.role in PERSISTENT_ROLES:
                 continue
+            if _unreadable(ctx, root, p, b):
+                return (), (), ()
             if root in ctx.cand_ids:
                 frontier.add(root)
             elif ctx.life[root][0] <= b < ctx.life[root][1]:
@@ -289,6 +302,14 @@ def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int,
                 trans.add(root)
                 todo.append(root)
     return tuple(sorted(ops)), tuple(sorted(trans)), tuple(sorted(frontier))
+
+
+def _unreadable(ctx: _Context, root: int, p: int, b: int) -> bool:
+    """Whether op p, re-run at step b, cannot read `root` as it did: changed in place since p read it, or a
+    saved activation (a candidate, not rebuilt here) freed before b."""
+    if any(w > p for w in ctx.writes.get(root, ())):
+        return True
+    return root in ctx.cand_ids and ctx.life[root][1] <= b
 
 
 def rows_of(shape: tuple[int, ...]) -> int:
