@@ -9,7 +9,7 @@ implementation the library picks):
   `model(pixel_values=..., labels=...).loss` for ViT, `model(input_features=..., labels=...).loss` for
   Whisper;
 - torchvision (`torchvision==0.28.0`, the release built for torch 2.13; the architectures at their real
-  sizes, on small images): `F.cross_entropy(model(x), y)`;
+  sizes, CNNs on 224-pixel images, ViT-B/16 on 128): `F.cross_entropy(model(x), y)`;
 - `handmade`: a small language model written here with a custom `autograd.Function`, tied input and output
   embeddings and an in-place op, the three patterns a library model rarely has all of.
 
@@ -97,8 +97,12 @@ SEED = 0
 BATCH, SEQ, VOCAB = 4, 128, 1000
 """Text inputs: `BATCH` x `SEQ` tokens of a `VOCAB`-token vocabulary. The configs are small (a CPU shared by
 many), the inputs large enough that activations, not weights, make most of the peak."""
-IMAGE, CLASSES = 128, 10
-"""torchvision inputs: `BATCH` RGB images of `IMAGE` x `IMAGE` pixels, `CLASSES` labels."""
+IMAGE, IMAGE_BATCH, CLASSES = 224, 8, 10
+"""torchvision's CNNs: `IMAGE_BATCH` RGB images at ImageNet's `IMAGE` x `IMAGE` pixels, `CLASSES` labels."""
+VIT_IMAGE = 128
+"""ViT-B/16 sees `BATCH` images of `VIT_IMAGE` pixels (64 patches): its 86M weights and their gradients
+make most of its peak at any batch this CPU trains in seconds, so a larger input would add time, not a
+different answer."""
 SMALL_IMAGE = 64
 """transformers' ViT and ResNet (small configs) see `SMALL_IMAGE` x `SMALL_IMAGE` images."""
 
@@ -268,24 +272,25 @@ class CrossEntropyLoss(nn.Module):
         return F.cross_entropy(self.model(x), y)
 
 
-def _tv(name: str, factory: str, blocks: tuple[str, ...], image: int = IMAGE, **kw: Any) -> CorpusModel:
+def _tv(name: str, factory: str, blocks: tuple[str, ...], image: int = IMAGE, batch: int = IMAGE_BATCH,
+        **kw: Any) -> CorpusModel:
     def build() -> nn.Module:
         make = getattr(import_torchvision(), factory)
         return _seeded(lambda: CrossEntropyLoss(make(weights=None, num_classes=CLASSES, **kw)))
 
     def inputs() -> tuple[torch.Tensor, ...]:
-        return _floats((BATCH, 3, image, image)), _tokens((BATCH,), high=CLASSES)
+        return _floats((batch, 3, image, image)), _tokens((batch,), high=CLASSES)
 
     return CorpusModel(name, "torchvision", build, inputs, blocks)
 
 
 def torchvision_models() -> list[CorpusModel]:
-    """ResNet-18, MobileNetV3 (large), ConvNeXt-T and ViT-B/16 at their real sizes, `IMAGE`-pixel images."""
+    """ResNet-18, MobileNetV3 (large), ConvNeXt-T and ViT-B/16 at their real sizes (see `IMAGE`)."""
     return [
         _tv("resnet18", "resnet18", ("BasicBlock",)),
         _tv("mobilenet_v3_large", "mobilenet_v3_large", ("InvertedResidual",)),
         _tv("convnext_tiny", "convnext_tiny", ("CNBlock",)),
-        _tv("vit_b_16", "vit_b_16", ("EncoderBlock",), image_size=IMAGE),
+        _tv("vit_b_16", "vit_b_16", ("EncoderBlock",), VIT_IMAGE, BATCH, image_size=VIT_IMAGE),
     ]
 
 
