@@ -139,7 +139,7 @@ def phases(graph: Graph) -> Phases:
         return Phases(len(graph.ops), len(graph.ops))
     loss = graph.producer(graph.storage_of(graph.outputs[0]))
     fwd_end = (loss if loss is not None else len(graph.ops) - 1) + 1
-    grads = [graph.producer(graph.storage_of(o)) for o in graph.outputs[1:]]
+    grads = [graph.producer(o) for o in graph.outputs[1:]]  # a gradient's own op: a view comes after its base
     bwd_end = max([g for g in grads if g is not None], default=len(graph.ops) - 1) + 1
     return Phases(fwd_end, max(bwd_end, fwd_end))
 

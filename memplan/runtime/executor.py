@@ -9,6 +9,8 @@ value sends its first k rows to the tier; at its first backward use those
 rows come back into the buffer allocated at the prefetch step and the closure, run on the rows [k:] of its
 inputs, writes the other rows into the same buffer (the producing op's `out=` overload). The memory it uses
 is therefore the plan's residency, step by step, and the live storage tracker can check it.
+A random op run again draws what its first run drew (`memplan.runtime.rng`); a swapped storage the forward
+writes in place leaves after its last write and comes back as written (`memplan.runtime.writes`).
 
 `PlannedStep` splits the run at the loss: `forward()` runs the forward ops and returns the loss,
 `backward()` runs the backward ops and returns the gradients; `memplan.runtime.applied` wires the two into
@@ -33,7 +35,9 @@ from memplan.passes.remat_blocks import rerun_drops
 from memplan.passes.remat_candidates import ROW_VIEWS, phases
 from memplan.planner.plan import Plan, fingerprint
 from memplan.runtime.out_variants import DIRECT_WRITERS, bind_arguments, out_call_kwargs, out_variant
+from memplan.runtime.rng import RngReplay, refuse_random_split
 from memplan.runtime.tiers.api import Handle, TierStore
+from memplan.runtime.writes import last_forward_writes, writes_in_place
 
 
 @dataclass
@@ -70,12 +74,13 @@ def _schedule(plan: Plan, graph: Graph) -> _Schedule:
     decided = {t["value_id"]: t for t in plan.decisions.get("remat_swap", {}).get("tensors", [])}
     moved = {vid for vid, t in decided.items() if t["decision"] != "keep"}
     n = len(plan.ops)
+    written = last_forward_writes(graph, phases(graph).fwd_end)
     for iv in plan.residency:
         if iv.tier == "device" and iv.value_id not in moved and iv.end < n:
             sch.drop_after[iv.end - 1].append(iv.value_id)
     for vid, t in decided.items():
-        if t["decision"] in ("swap", "split"):
-            _schedule_swap(sch, vid, t)
+        if t["decision"] in ("swap", "split"):  # copied out once its forward writes are done
+            _schedule_swap(sch, vid, t, max(t["produced"], written.get(vid, -1)))
         if t["decision"] == "split":
             sch.swap_rows[vid] = t["swap_rows"]
             sch.split[t["first_bwd_use"]].append((vid, tuple(t["recompute_ops"]), t["swap_rows"]))
@@ -95,8 +100,8 @@ def _schedule(plan: Plan, graph: Graph) -> _Schedule:
     return sch
 
 
-def _schedule_swap(sch: _Schedule, vid: int, t: dict[str, Any]) -> None:
-    sch.swap_out[t["produced"] + 1].append(vid)
+def _schedule_swap(sch: _Schedule, vid: int, t: dict[str, Any], final: int) -> None:
+    sch.swap_out[final + 1].append(vid)
     sch.release[t["write_done_step"]].append(vid)
     sch.prefetch[t["prefetch_step"]].append(vid)
     sch.arrive[t["first_bwd_use"]].append(vid)
@@ -113,6 +118,13 @@ def _schedule_recompute(
         (vid, tuple(t["recompute_ops"]), frozenset([vid, *t["recompute_transient"]]))
     )
     sch.drop_after[t["first_bwd_use"]].extend(t["recompute_transient"])
+
+
+def _rerun_ops(sch: _Schedule) -> set[int]:
+    """The ops the plan runs a second time: recompute closures, block re-runs, views redone on arrival."""
+    ops = {i for at_step in sch.recompute.values() for _, o, _ in at_step for i in o}
+    ops |= {i for at_step in sch.reruns.values() for o, _, _ in at_step for i in o}
+    return ops | {i for o in sch.views.values() for i in o}
 
 
 class PlannedStep:
@@ -149,6 +161,10 @@ class PlannedStep:
             ),
             -1,
         )
+        reruns = _rerun_ops(self.sched)
+        self.rng = RngReplay.for_reruns({i: self.nodes[self.graph.ops[i].name] for i in reruns}, reruns)
+        for vid, ops, _ in (s for at_step in self.sched.split.values() for s in at_step):
+            refuse_random_split(self.graph.value(vid).name, [self.nodes[self.graph.ops[i].name] for i in ops])
 
     # -- running ---------------------------------------------------------------------------------------
     def bind(self, args: Sequence[Any]) -> None:
@@ -157,6 +173,9 @@ class PlannedStep:
         for node, val in zip(placeholders, args, strict=True):
             for vid in self.cap.node_values.get(node.name, ()):
                 self.env[vid] = val
+        for node in self.cap.gm.graph.nodes:  # constants the trace lifted (a cache's `torch.tensor([])`)
+            if node.op == "get_attr" and node.name in self.cap.node_values:
+                self.env[self.cap.node_values[node.name][0]] = getattr(self.cap.gm, str(node.target))
 
     def forward(self) -> torch.Tensor:
         self._run(0, self.phases.fwd_end)
@@ -174,6 +193,7 @@ class PlannedStep:
         if self.store is not None:
             self.store.flush()
         self.env.clear()
+        self.rng.clear()
         self.handles.clear()
         self.pending.clear()
         self.parts.clear()
@@ -188,6 +208,7 @@ class PlannedStep:
             if step == self.seed_step and self.seed is not None:
                 self.env[self.graph.ops[step].outputs[0]] = self.seed
             else:
+                self.rng.record(step)
                 self._execute(step)
             self._after(step)
 
@@ -202,10 +223,12 @@ class PlannedStep:
             self._arrive(vid)
         for _, ops, rebuilt in self.sched.recompute.get(step, ()):
             for i in ops:
-                self._execute(i, only=rebuilt)
+                with self.rng.replay(i):
+                    self._execute(i, only=rebuilt)
         for ops, rebuilt, drops in self.sched.reruns.get(step, ()):
             for i in ops:
-                self._execute(i, only=rebuilt)
+                with self.rng.replay(i):
+                    self._execute(i, only=rebuilt)
                 for root in drops.get(i, ()):
                     self._drop(root)
         for vid, ops, k in self.sched.split.get(step, ()):
@@ -280,7 +303,12 @@ class PlannedStep:
         if vid in self.layouts:  # back in the producer's strides, which its views and readers expect
             self.env[vid] = buffer.permute(self.layouts.pop(vid))
         for i in self.sched.views.get(vid, ()):
-            self._execute(i)
+            op = self.graph.ops[i]
+            if writes_in_place(self.nodes[op.name].target):  # its write is in the copy: it is its argument
+                for out in op.outputs:
+                    self.env[out] = self.env[self.graph.value(out).alias_of]  # type: ignore[index]
+            else:
+                self._execute(i)
 
     # -- split values: rebuilding rows ---------------------------------------------------------------
     def _rebuild_rows(self, vid: int, ops: tuple[int, ...], k: int) -> None:
