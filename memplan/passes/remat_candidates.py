@@ -237,9 +237,8 @@ def _candidate(ctx: _Context, r: int) -> Candidate:
     last = ctx.life[r][1] - 1
     ops, trans, frontier = ((), (), ()) if r in ctx.inplace else _closure(ctx, r, b)
     rec_s = float(sum(op_time_s(graph.ops[i], ctx.hw) for i in ops))
-    w, s, sw = _swap_timing(v.size_bytes, p, b, ctx.clock, ctx.tier)
-    if any(p < x < ctx.phases.fwd_end for x in ctx.writes.get(r, ())):
-        s = 0  # updated in place after it is made (a residual `+=`): the copy out would race the update
+    final = max([p, *(x for x in ctx.writes.get(r, ()) if x < ctx.phases.fwd_end)])
+    w, s, sw = _swap_timing(v.size_bytes, final, b, ctx.clock, ctx.tier)  # copied out once final (`+=`)
     op = graph.ops[p]
     path = op.module_path
     if op.layer is not None and f".{op.layer}." in path + ".":
