@@ -190,14 +190,19 @@ class PlannedStep:
         self._run(self.phases.fwd_end, self.phases.bwd_end)
         self.seed = None
         grads = [self.env[g] for g in self.graph.outputs[1:]]
-        if self.store is not None:
-            self.store.flush()
-        self.env.clear()
-        self.rng.clear()
-        self.handles.clear()
-        self.pending.clear()
-        self.parts.clear()
+        self.reset()
         return grads
+
+    def reset(self) -> None:
+        """Forget this step's tensors (also of a forward whose backward will not run) and its tier copies."""
+        if self.store is not None:
+            for h in self.handles.values():
+                self.store.wait(h)
+                self.store.free(h)
+            self.store.flush()
+        for held in (self.env, self.handles, self.pending, self.parts, self.layouts):
+            held.clear()
+        self.rng.clear()
 
     def _loss(self) -> torch.Tensor:
         return self.env[self.graph.storage_of(self.graph.outputs[0])]
