@@ -19,10 +19,20 @@ from memplan.planner.plan import Workload
 from memplan.runtime.executor import PlannedStep
 from memplan.runtime.rng import is_random
 
+
+def _attention(a):
+    h = a.view(4, 8, 4, 16).transpose(1, 2)
+    return F.scaled_dot_product_attention(h, h, h).transpose(1, 2).reshape(4, 8, 64)
+
+
 RANDOM_OPS = {
-    # found in the captured training steps of HF GPT-2 (eager and sdpa attention), BERT and Llama with
-    # dropout on, on CPU tensors: every dropout is `empty_like` + `bernoulli_(1 - p)` + `div_`
+    # found in the captured training steps of the corpus's HF models with dropout on (GPT-2, BERT, RoBERTa,
+    # DistilBERT, T5, BART, OPT, Llama with attention dropout), on CPU tensors: every dropout is
+    # `empty_like` + `bernoulli_(1 - p)` + `div_`
     "aten.bernoulli_.float": lambda a: a * F.dropout(torch.ones_like(a), 0.1, True),
+    # SDPA without dropout on CPU tensors (BART, OPT, Llama, Mistral, Qwen2, Phi, GPT-NeoX, ViT, Whisper of
+    # the corpus): tagged as seeded, it draws only with a dropout (then CPU SDPA takes the math path)
+    "aten._scaled_dot_product_flash_attention_for_cpu.default": _attention,
     # a dropout on a CUDA tensor (ATen's fused kernel), in the same models' CUDA graphs
     "aten.native_dropout.default": lambda a: torch.native_dropout(a, 0.1, True)[0],
     # written by hand in models: masks, noise, stochastic depth
