@@ -20,9 +20,10 @@ step (parameters and inputs counted as live), so methods compare at equal *measu
 3. checkpoint: every transformer block wrapped in `torch.utils.checkpoint.checkpoint(use_reentrant=False)`.
 4. compile: `torch.compile(backend="aot_eager_decomp_partition")` for each `activation_memory_budget` in
    1.0 ... 0.05; compilation happens in the warm-up and is excluded from the step time.
-5. memplan-torch: each budget's plan applied through PyTorch's own mechanisms instead
-   (`memplan.applied(..., mechanism="torch")`: SAC for the recomputing blocks, saved-tensor hooks for swaps),
-   whose peak the plan does not guarantee; measured to show how far it lands from the budget.
+5. memplan-torch: each budget planned for PyTorch's own mechanisms instead (`plan_for_torch`: planned lower
+   until the torch mechanism's peak, predicted by a dry run on fake tensors, fits the budget) and run under
+   `memplan.applied(..., mechanism="torch")` (SAC for the recomputing blocks, saved-tensor hooks for swaps);
+   "refused" when no such plan fits (the row has the lowest predicted peak).
 6. memplan's twin of each peer point: memplan planned with the peer's *measured* peak as its budget, so the
    two compare at equal measured peak (or memplan's is lower: a plan holds its budget).
 
@@ -73,8 +74,10 @@ from bench.train_peers import (
 )
 from memplan.errors import InfeasibleBudget
 from memplan.ir.hardware import Hardware, load_hardware
+from memplan.planner.torch_mechanism import plan_for_torch
 from memplan.plans.plan import Plan
 from memplan.runtime.calibrate import calibrate
+from memplan.runtime.eager_peak import TorchOverBudget
 from memplan.units import format_size
 
 COLUMNS = ["model", "method", "knob", "peak_MiB", "peak/plain", "step_s", "overhead_%",
@@ -188,6 +191,23 @@ def _plan(lv: Level, budget: int) -> tuple[Plan | None, dict[str, Any]]:
     return plan, _remat_report(plan) | {"plan_s": time.perf_counter() - t0, "budget_MiB": budget / MiB}
 
 
+def _torch_plan(lv: Level, budget: int) -> tuple[Plan | None, dict[str, Any]]:
+    """A plan the torch mechanism is predicted to hold at `budget` (`plan_for_torch`), with its report, or
+    None and the refusal's (or crash's) fields."""
+    t0 = time.perf_counter()
+    try:
+        fit = plan_for_torch(lv.eager.module, lv.eager.inputs, budget, hardware=lv.hw)
+    except TorchOverBudget as e:
+        return None, {"plan_s": time.perf_counter() - t0, "within_budget": "refused",
+                      "budget_MiB": budget / MiB, "predicted_torch_MiB": e.peak_bytes / MiB,
+                      "solver": f"TorchOverBudget, lowest predicted {format_size(e.peak_bytes)}"}
+    except Exception as e:  # any other planning failure is a finding too
+        return None, {"grads": f"CRASH (planning): {e!r}"[:300]}
+    fields = {"plan_s": time.perf_counter() - t0, "budget_MiB": budget / MiB,
+              "planned_at_MiB": fit.planned_at_bytes / MiB, "predicted_torch_MiB": fit.predicted_peak_bytes / MiB}
+    return fit.plan, _remat_report(fit.plan) | fields
+
+
 @dataclass
 class _Timed:
     """One step timed in a point's rounds: what it is ("plain", "peer", or a plan's mechanism), how to call
@@ -227,7 +247,8 @@ def _memplan_point(lv: Level, budget: int, knob: str, rival: tuple[LossCall, Ste
     mechanism's if it was asked for."""
     m = lv.model
     plan, info = _plan(lv, budget)
-    ours, mech = info | more, info | more
+    torch_plan, mech = _torch_plan(lv, budget) if torch_mechanism and plan is not None else (None, info)
+    ours, mech = info | more, mech | more
     timed = [_Timed("plain", plain_call or m.module, m)]
     timed += [_Timed("peer", rival[0], m, rival[1])] if rival else []
     closing, rounds = None, None
@@ -235,7 +256,8 @@ def _memplan_point(lv: Level, budget: int, knob: str, rival: tuple[LossCall, Ste
         with ExitStack() as stack:
             if plan is not None:
                 timed += _applied(stack, lv, plan, lv.twin, "graph", ours)
-                timed += _applied(stack, lv, plan, lv.eager, "torch", mech) if torch_mechanism else []
+            if torch_plan is not None:
+                timed += _applied(stack, lv, torch_plan, lv.eager, "torch", mech)
             rounds = time_rounds([(t.call, t.model) for t in timed], lv.cfg.reps)
     except Exception as e:  # leaving an applied plan (closing its tier store) failed: the plans' rows say so
         closing = f"CRASH (closing): {e!r}"[:300]
@@ -274,7 +296,7 @@ def _mechanism_report(info: Any) -> dict[str, Any]:
             "swapped_tensors": info.swapped_tensors, "swapped_MiB": info.swapped_bytes / MiB,
             "loaded_tensors": info.loaded_tensors, "prefetched_tensors": info.prefetched_tensors,
             "held_on_device": info.held_on_device, "missed_swaps": info.missed_swaps,
-            "swaps_on_device": len(info.swaps_on_device),
+            "swaps_recomputed": len(info.swaps_recomputed),
             "swaps_outside_blocks": len(info.swaps_outside_blocks)}
 
 
@@ -413,9 +435,12 @@ def _summary_notes(rows: list[dict[str, Any]]) -> list[str]:
     if mech:
         over = [f"{r['model']} {r['knob']}: {r['peak_MiB']:.4g} MiB" for r in mech
                 if r["within_budget"] != "yes"]
-        notes.append("memplan-torch (the same plans through SAC and saved-tensor hooks, no budget guarantee) "
+        refused = [f"{r['model']} {r['knob']}" for r in rows
+                   if r["method"] == "memplan-torch" and r.get("within_budget") == "refused"]
+        notes.append("memplan-torch (plans made by `plan_for_torch` for SAC and saved-tensor hooks) "
                      f"held the budget in {len(mech) - len(over)} of {len(mech)} runs"
-                     + (f"; over: {', '.join(over)}" if over else ""))
+                     + (f"; over: {', '.join(over)}" if over else "")
+                     + (f"; refused (no plan fits): {', '.join(refused)}" if refused else ""))
     notes += [f"loss/gradient mismatch or crash: {b}" for b in bad]
     if not bad:
         notes.append("loss and gradients matched the plain step in every measured run")

@@ -28,7 +28,7 @@ def phases(graph: Graph) -> Phases:
         return Phases(len(graph.ops), len(graph.ops))
     loss = graph.producer(graph.storage_of(graph.outputs[0]))
     fwd_end = (loss if loss is not None else len(graph.ops) - 1) + 1
-    grads = [graph.producer(graph.storage_of(o)) for o in graph.outputs[1:]]
+    grads = [graph.producer(o) for o in graph.outputs[1:]]  # a gradient's own op: a view comes after its base
     bwd_end = max([g for g in grads if g is not None], default=len(graph.ops) - 1) + 1
     return Phases(fwd_end, max(bwd_end, fwd_end))
 
@@ -43,14 +43,18 @@ def uses_by_root(graph: Graph) -> dict[int, list[int]]:
 
 def written_in_place(graph: Graph) -> set[int]:
     """Storages some op updates in place (an `op_` target writing an alias): not recomputable."""
-    out = set()
-    for op in graph.ops:
+    return set(in_place_writes(graph))
+
+
+def in_place_writes(graph: Graph) -> dict[int, list[int]]:
+    """Storage -> the steps of the ops that update it in place."""
+    out: dict[int, list[int]] = {}
+    for i, op in enumerate(graph.ops):
         name = op.target.split(".")[1] if op.target.count(".") >= 2 else op.target
         if name.endswith("_"):
-            out.update(graph.storage_of(v) for v in op.outputs)
+            for root in {graph.storage_of(v) for v in op.outputs}:
+                out.setdefault(root, []).append(i)
     return out
-
-
 
 
 def last_reads(graph: Graph, ops: tuple[int, ...], roots: tuple[int, ...]) -> dict[int, list[int]]:

@@ -31,7 +31,7 @@ from memplan.ir.analysis import lifetimes
 from memplan.ir.cost import op_time_s
 from memplan.ir.graph import PERSISTENT_ROLES, Graph, Op, Role
 from memplan.ir.hardware import Hardware, Tier
-from memplan.ir.phases import Phases, phases, uses_by_root, written_in_place
+from memplan.ir.phases import Phases, in_place_writes, phases, uses_by_root, written_in_place
 from memplan.ir.row_ops import ROW_OPERAND, ROW_OPS, ROW_POINTWISE, ROW_VIEWS
 
 MAX_CLOSURE_OPS = 12
@@ -97,6 +97,8 @@ class _Context:
     """clock[i]: start time of step i under the roofline model."""
     cand_ids: frozenset[int]
     inplace: set[int]
+    writes: dict[int, list[int]]
+    """Storage -> steps of its in-place updates (`in_place_writes`)."""
     views: dict[int, list[int]]
     """Storage root -> ids of the values that are views of it."""
 
@@ -123,6 +125,7 @@ def find_candidates(graph: Graph, hw: Hardware, tier: Tier | None) -> tuple[Phas
         np.concatenate([[0.0], np.cumsum(times)]),
         cand_ids,
         written_in_place(graph),
+        in_place_writes(graph),
         views,
     )
     return ph, [_candidate(ctx, r) for r in sorted(cand_ids)]
@@ -149,7 +152,8 @@ def _candidate(ctx: _Context, r: int) -> Candidate:
     last = ctx.life[r][1] - 1
     ops, trans, frontier = ((), (), ()) if r in ctx.inplace else _closure(ctx, r, b)
     rec_s = float(sum(op_time_s(graph.ops[i], ctx.hw) for i in ops))
-    w, s, sw = _swap_timing(v.size_bytes, p, b, ctx.clock, ctx.tier)
+    final = max([p, *(x for x in ctx.writes.get(r, ()) if x < ctx.phases.fwd_end)])
+    w, s, sw = _swap_timing(v.size_bytes, final, b, ctx.clock, ctx.tier)  # copied out once final (`+=`)
     op = graph.ops[p]
     path = op.module_path
     if op.layer is not None and f".{op.layer}." in path + ".":
@@ -181,7 +185,9 @@ def _candidate(ctx: _Context, r: int) -> Candidate:
 
 def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Ops to re-run at step b to rebuild storage r, the non-candidate storages rebuilt on the way, and the
-    candidates read. Empty when the rebuild would need a value that is gone at b, or too many ops."""
+    candidates read. Empty when the rebuild would need a value that is gone at b, a storage updated in place
+    after the op re-run read it (the re-run would read the later contents: an in-place activation such as
+    `hardswish_` on a saved batch-norm output), or too many ops."""
     graph = ctx.graph
     ops: set[int] = set()
     trans: set[int] = set()
@@ -200,6 +206,8 @@ def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int,
                 continue
             if rv.role in PERSISTENT_ROLES:
                 continue
+            if _unreadable(ctx, root, p, b):
+                return (), (), ()
             if root in ctx.cand_ids:
                 frontier.add(root)
             elif ctx.life[root][0] <= b < ctx.life[root][1]:
@@ -210,6 +218,14 @@ def _closure(ctx: _Context, r: int, b: int) -> tuple[tuple[int, ...], tuple[int,
                 trans.add(root)
                 todo.append(root)
     return tuple(sorted(ops)), tuple(sorted(trans)), tuple(sorted(frontier))
+
+
+def _unreadable(ctx: _Context, root: int, p: int, b: int) -> bool:
+    """Whether op p, re-run at step b, cannot read `root` as it did: changed in place since p read it, or a
+    saved activation (a candidate, not rebuilt here) freed before b."""
+    if any(w > p for w in ctx.writes.get(root, ())):
+        return True
+    return root in ctx.cand_ids and ctx.life[root][1] <= b
 
 
 def rows_of(shape: tuple[int, ...]) -> int:

@@ -21,13 +21,14 @@ indices name: `...h.<i>`, `...layers.<i>`, see `layer_of`) keep their activation
 bytes sent to the tier, read back, prefetched, and the plan's swaps it could not honour).
 
 What differs from the graph mechanism, and from the plan's prediction:
-- SAC re-runs a checkpointed block's forward up to the last tensor its backward needs, so ops whose outputs
-  were never saved are re-run too: recompute time and the transient peak of the recomputation differ
-  from what the plan priced;
+- SAC rebuilds all of a checkpointed block's recomputed tensors when the block's backward starts (the plan
+  rebuilds each just before its use), re-running the block's forward up to the last of them, so ops whose
+  outputs were never saved are re-run too: recompute time and the peak differ from what the plan priced;
 - activations outside the repeated blocks (embeddings, final norm, loss) are saved by autograd as usual,
   whatever the plan decided for them;
-- SAC cannot swap: a tensor the plan swaps inside a checkpointed block stays on the device (listed in
-  `EagerInfo.swaps_on_device`); a split tensor is recomputed whole;
+- SAC cannot swap: a tensor the plan swaps inside a checkpointed block is recomputed instead (listed in
+  `EagerInfo.swaps_recomputed`; saving it would keep on the device what the plan sends away); a split
+  tensor is recomputed whole;
 - a swapped tensor that autograd saves only outside the blocks, or in a checkpointed block, stays on the
   device; an op the plan lists that the eager forward does not run is counted in `EagerInfo.missed_swaps`;
 - autograd, not the plan, orders frees; swaps are written out when autograd saves the tensor and read back
@@ -36,7 +37,15 @@ What differs from the graph mechanism, and from the plan's prediction:
   holds on the device when backward needs it is used there (`EagerInfo.held_on_device`), not read back;
 - saved-tensor hooks turn off autograd's check that a saved tensor was not modified in place; the unpack
   hook repeats it (for a swapped tensor, only while the tensor object is alive).
-So the measured peak is NOT guaranteed to be under the plan's budget with this mechanism: measure it.
+So the step can peak above the plan's prediction. What is guaranteed instead: at entry `applied_torch`
+predicts the peak of one step, `model(*inputs); loss.backward()` with the plan's input shapes, by running
+it with the mechanism installed on fake tensors under the live storage tracker (`eager_peak`), and refuses
+a plan whose device budget that peak exceeds (`TorchOverBudget`: the peak, the budget, the excess);
+`EagerInfo.predicted_peak_bytes` carries the prediction. `memplan.planner.torch_mechanism.plan_for_torch`
+makes plans the mechanism holds (planned lower by the excess until the predicted peak fits). A step of other shapes, with
+gradients accumulated, or whose swap copies lag behind (their source storage is held until copied) can
+peak elsewhere. Gradients are the plain step's bit for bit where its kernels are deterministic (the same
+ops run on the same inputs).
 The backward must run inside the block: tensors still on the tier at exit are freed (and the store closed
 if this opened it).
 """
@@ -48,117 +57,47 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memplan.errors import InvalidInput, PlanMismatch
-from memplan.ir.frontends.fx_lower import layer_of
-from memplan.ir.graph import Role
 from memplan.plans.plan import Plan
-from memplan.runtime.sac_policy import checkpoint_layers, occurrence_keys, policy_for, sac_table
+from memplan.runtime.eager_setup import (  # re-exported: the mechanism's setup lives there
+    EagerInfo,
+    Mechanism,
+    SwapSpec,
+    check_state,
+    find_blocks,
+    plan_layers,
+    prepare,
+    recompute_swaps,
+    swap_specs,
+)
+from memplan.runtime.sac_policy import policy_for
 from memplan.runtime.tiers.api import Handle, TierStore
+
+__all__ = [
+    "EagerInfo",
+    "Mechanism",
+    "SwapMarker",
+    "Swapper",
+    "SwapSpec",
+    "applied_torch",
+    "check_state",
+    "find_blocks",
+    "installed",
+    "plan_layers",
+    "prepare",
+    "recompute_swaps",
+    "swap_specs",
+]
 
 SAC_IGNORED: frozenset[Any] = frozenset(
     getattr(torch_checkpoint, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
 )
 """Ops SAC's dispatch mode neither counts nor shows to the policy; the swap marker skips them too."""
-
-SwapSpec = dict[tuple[str, int], list[int]]
-"""(aten op, occurrence in the block's forward) -> positions, among the op's tensor outputs, to swap."""
-
-
-@dataclass
-class EagerInfo:
-    """What the torch mechanism did (counters grow while the `applied` block runs)."""
-
-    checkpointed: list[int]
-    """Layers run under SAC."""
-    swap_layers: list[int]
-    """Layers whose swapped tensors go through `saved_tensors_hooks`."""
-    tier: str | None
-    sac: Counter[str] = field(default_factory=Counter)
-    """SAC policy answers in forward: "save", "recompute", "unlisted" (an op the plan does not list)."""
-    swapped_tensors: int = 0
-    """Storages sent to the tier (one per storage per forward, however many saved views share it)."""
-    swapped_bytes: int = 0
-    loaded_tensors: int = 0
-    """Storages read back from the tier in backward."""
-    prefetched_tensors: int = 0
-    held_on_device: int = 0
-    """Swapped storages still held on the device by something else when backward needed them: used there,
-    not read back (swapping them saved no device memory)."""
-    missed_swaps: int = 0
-    """Swapped outputs whose op the block's forward did not run as the plan lists it (not swapped)."""
-    swaps_on_device: list[str] = field(default_factory=list)
-    """Plan tensors the plan swaps that stay on the device because their block is checkpointed."""
-    swaps_outside_blocks: list[str] = field(default_factory=list)
-    """Plan tensors the plan swaps outside any repeated block: autograd saves them on the device."""
-
-
-def find_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(path, module) of the repeated blocks in layer order: modules whose path ends in a layer index
-    (`layer_of` finds one) while their parent's does not."""
-    found: dict[int, tuple[str, torch.nn.Module]] = {}
-    for path, module in model.named_modules():
-        index = layer_of(path)
-        if index is None or layer_of(path.rpartition(".")[0]) is not None:
-            continue
-        if index in found:
-            raise InvalidInput(
-                f"memplan.applied(mechanism='torch'): two blocks claim layer {index} "
-                f"({found[index][0]!r} and {path!r}); the plan's layer indices would be ambiguous"
-            )
-        found[index] = (path, module)
-    return [found[i] for i in sorted(found)]
-
-
-def check_state(plan: Plan, model: torch.nn.Module) -> None:
-    """Refuse a model whose parameters and buffers (names, shapes, dtypes) differ from those the plan was
-    made for: the half of the plan's fingerprint that needs no capture (the graph mechanism checks it all)."""
-    planned = {
-        (v.name, tuple(v.shape), v.dtype)
-        for v in plan.graph().values
-        if v.role in (Role.PARAMETER, Role.BUFFER)
-    }
-    state = [*model.named_parameters(), *model.named_buffers()]
-    actual = {(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in state}
-    if planned != actual:
-        missing, extra = sorted(planned - actual)[:3], sorted(actual - planned)[:3]
-        raise PlanMismatch(
-            f"memplan.applied(mechanism='torch'): the model's parameters and buffers are not those the plan "
-            f"was made for (in the plan only: {missing}; in the model only: {extra}); re-plan this model"
-        )
-
-
-def plan_layers(plan: Plan) -> list[int]:
-    """The layer indices the plan's ops refer to, sorted."""
-    return sorted({op.layer for op in plan.graph().ops if op.layer is not None})
-
-
-def swap_specs(plan: Plan, checkpointed: set[int], info: EagerInfo) -> dict[int, SwapSpec]:
-    """Layer -> the op outputs to swap there; swaps the mechanism cannot honour are noted in `info`."""
-    graph = plan.graph()
-    keys = occurrence_keys(graph)
-    out: dict[int, SwapSpec] = {}
-    for t in plan.decisions.remat.tensors if plan.decisions.remat else ():
-        if t.decision != "swap":
-            continue
-        p = graph.producer(t.value_id)
-        key = keys.get(p) if p is not None else None
-        if key is None:
-            info.swaps_outside_blocks.append(t.name)
-            continue
-        layer, target, occurrence = key
-        if layer in checkpointed:
-            info.swaps_on_device.append(t.name)
-            continue
-        position = graph.ops[p].outputs.index(t.value_id)
-        out.setdefault(layer, {}).setdefault((target, occurrence), []).append(position)
-    return out
 
 
 class SwapMarker(TorchDispatchMode):
@@ -203,9 +142,18 @@ class SwapMarker(TorchDispatchMode):
 class _Swapped:
     """One storage on the tier, shared by the packed views of it; read back once, freed with the last view."""
 
-    def __init__(self, swapper: Swapper, layer: int, handle: Handle, original: torch.UntypedStorage) -> None:
+    def __init__(
+        self,
+        swapper: Swapper,
+        layer: int,
+        handle: Handle,
+        original: torch.UntypedStorage,
+        device: torch.device,
+    ) -> None:
         self.swapper = swapper
         self.layer = layer
+        self.device = device
+        """The tensor's device (a fake tensor's storage says `meta`: the dry run needs the tensor's)."""
         self.original = weakref.ref(original)
         """The device storage that was swapped: if something outside the hooks still holds it when backward
         asks (autograd outside the blocks, the caller), it is used instead of a second copy from the tier."""
@@ -227,7 +175,7 @@ class _Swapped:
                 sw.on_first_load(self.layer)
                 original = self.original()
                 if original is not None:  # still on the device: reading it back would hold it twice
-                    self.data = torch.empty(0, dtype=torch.uint8, device=original.device).set_(original)
+                    self.data = torch.empty(0, dtype=torch.uint8, device=self.device).set_(original)
                     sw.info.held_on_device += 1
                 else:
                     self.data = sw.store.get(self.handle)
@@ -336,7 +284,7 @@ class Swapper:
                     storage = t.untyped_storage()
                     whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
                     handle = self.store.put(key, whole)
-                    record = records[sid] = _Swapped(self, layer, handle, storage)
+                    record = records[sid] = _Swapped(self, layer, handle, storage, t.device)
                     with self.lock:
                         self.live.add(record)
                         self.started.discard(layer)
@@ -452,57 +400,54 @@ def _swapping_forward(
 
 
 @contextmanager
+def installed(mech: Mechanism, swapper: Swapper | None, info: EagerInfo) -> Iterator[None]:
+    """The blocks' forwards replaced by their checkpointed or swapping versions inside the block."""
+    patched: list[tuple[torch.nn.Module, bool, Any]] = []
+    try:
+        for layer, (_, block) in enumerate(mech.blocks):
+            own = "forward" in vars(block)
+            forward = block.forward
+            if layer in mech.checkpointed:
+                new = _checkpointed_forward(forward, mech.table.get(layer, {}), info.sac)
+            elif swapper is not None:  # every plain block: a later one may save a swapped tensor
+                new = _swapping_forward(forward, layer, mech.specs.get(layer, {}), swapper)
+            else:
+                continue
+            patched.append((block, own, vars(block).get("forward")))
+            block.forward = new  # type: ignore[method-assign]
+        yield
+    finally:
+        for block, own, previous in reversed(patched):
+            if own:
+                block.forward = previous  # type: ignore[method-assign]
+            else:
+                del block.forward
+
+
+@contextmanager
 def applied_torch(
     plan: Plan,
     model: torch.nn.Module,
     store: TierStore | None = None,
     emulate: frozenset[str] = frozenset(),
+    refuse_over_budget: bool = True,
 ) -> Iterator[EagerInfo]:
-    """Run `model` with the plan applied by SAC and saved-tensor hooks inside the block (module docstring)."""
-    blocks = find_blocks(model)
-    layers = plan_layers(plan)
-    if layers != list(range(len(blocks))):
-        paths = [p for p, _ in blocks]
-        raise InvalidInput(
-            f"memplan.applied(mechanism='torch'): the plan has {len(layers)} repeated layers "
-            f"but the model has {len(blocks)} blocks at paths like '...h.<i>' or '...layers.<i>' "
-            f"({paths[:4]}{' ...' if len(paths) > 4 else ''}); plan this model, or use mechanism='graph'"
-        )
-    check_state(plan, model)
-    tier = plan.decisions.remat.tier if plan.decisions.remat else None
-    table = sac_table(plan)
-    checkpointed = set(checkpoint_layers(plan))
-    info = EagerInfo(sorted(checkpointed), [], tier)
-    specs = swap_specs(plan, checkpointed, info)
-    info.swap_layers = sorted(specs)
-    patched: list[tuple[torch.nn.Module, bool, Any]] = []
+    """Run `model` with the plan applied by SAC and saved-tensor hooks inside the block (module docstring).
+    First the step's peak is predicted (`eager_peak`) and a plan whose device budget it would exceed is
+    refused with `TorchOverBudget`; with `refuse_over_budget` off nothing is predicted or checked."""
+    from memplan.runtime.eager_peak import check_peak
+
+    mech, info = prepare(plan, model)
+    peak = check_peak(plan, model, mech, refuse_over_budget)
+    info.predicted_peak_bytes = peak.peak_bytes if peak is not None else None
     with ExitStack() as stack:
         swapper: Swapper | None = None
-        if specs:
-            if tier is None:
-                raise InvalidInput("memplan.applied: the plan swaps tensors but names no tier to swap to")
+        if mech.specs:
             if store is None:
                 from memplan.runtime.tiers.factory import open_tier
 
-                store = stack.enter_context(open_tier(plan.hardware, tier, emulate=emulate))
+                store = stack.enter_context(open_tier(plan.hardware, mech.tier, emulate=emulate))
             swapper = Swapper(store, info)
             stack.push(swapper.exit)
-        try:
-            for layer, (_, block) in enumerate(blocks):
-                own = "forward" in vars(block)
-                forward = block.forward
-                if layer in checkpointed:
-                    new = _checkpointed_forward(forward, table.get(layer, {}), info.sac)
-                elif swapper is not None:  # every plain block: a later one may save a swapped tensor
-                    new = _swapping_forward(forward, layer, specs.get(layer, {}), swapper)
-                else:
-                    continue
-                patched.append((block, own, vars(block).get("forward")))
-                block.forward = new  # type: ignore[method-assign]
+        with installed(mech, swapper, info):
             yield info
-        finally:
-            for block, own, previous in reversed(patched):
-                if own:
-                    block.forward = previous  # type: ignore[method-assign]
-                else:
-                    del block.forward

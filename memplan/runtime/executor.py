@@ -9,6 +9,8 @@ value sends its first k rows to the tier; at its first backward use those
 rows come back into the buffer allocated at the prefetch step and the closure, run on the rows [k:] of its
 inputs, writes the other rows into the same buffer (the producing op's `out=` overload). The memory it uses
 is therefore the plan's residency, step by step, and the live storage tracker can check it.
+A random op run again draws what its first run drew (`memplan.runtime.rng`); a swapped storage the forward
+writes in place leaves after its last write and comes back as written (`memplan.runtime.writes`).
 
 `PlannedStep` splits the run at the loss: `forward()` runs the forward ops and returns the loss,
 `backward()` runs the backward ops and returns the gradients; `memplan.runtime.applied` wires the two into
@@ -34,7 +36,9 @@ from memplan.ir.row_ops import ROW_VIEWS
 from memplan.plans.decisions import TensorRemat
 from memplan.plans.plan import Plan, fingerprint
 from memplan.runtime.out_variants import DIRECT_WRITERS, bind_arguments, out_call_kwargs, out_variant
+from memplan.runtime.rng import RngReplay, refuse_random_split
 from memplan.runtime.tiers.api import Handle, TierStore
+from memplan.runtime.writes import last_forward_writes, writes_in_place
 
 
 @dataclass
@@ -74,13 +78,15 @@ def _schedule(plan: Plan, graph: Graph) -> _Schedule:
     moved = {vid for vid, t in decided.items() if t.decision != "keep"}
     step_of = {op.id: i for i, op in enumerate(graph.ops)}
     n = len(plan.ops)
+    written = last_forward_writes(graph, phases(graph).fwd_end)
     for iv in plan.residency:
         if iv.tier == "device" and iv.value_id not in moved and iv.end < n:
             sch.drop_after[iv.end - 1].append(iv.value_id)
     for vid, t in decided.items():
         ops = tuple(step_of[i] for i in t.recompute_ops)
-        if t.decision in ("swap", "split"):
-            _schedule_swap(sch, vid, t, tuple(step_of[i] for i in t.view_ops))
+        if t.decision in ("swap", "split"):  # copied out once its forward writes are done
+            views = tuple(step_of[i] for i in t.view_ops)
+            _schedule_swap(sch, vid, t, views, max(t.produced, written.get(vid, -1)))
         if t.decision == "split":
             sch.swap_rows[vid] = t.swap_rows
             sch.split[t.first_bwd_use].append((vid, ops, t.swap_rows))
@@ -100,8 +106,10 @@ def _schedule(plan: Plan, graph: Graph) -> _Schedule:
     return sch
 
 
-def _schedule_swap(sch: _Schedule, vid: int, t: TensorRemat, view_steps: tuple[int, ...]) -> None:
-    sch.swap_out[t.produced + 1].append(vid)
+def _schedule_swap(
+    sch: _Schedule, vid: int, t: TensorRemat, view_steps: tuple[int, ...], final: int
+) -> None:
+    sch.swap_out[final + 1].append(vid)
     sch.release[t.write_done_step].append(vid)
     sch.prefetch[t.prefetch_step].append(vid)
     sch.arrive[t.first_bwd_use].append(vid)
@@ -114,6 +122,13 @@ def _schedule_recompute(sch: _Schedule, vid: int, t: TensorRemat, ops: tuple[int
     sch.drop_after[t.last_fwd_use].append(vid)
     sch.recompute[t.first_bwd_use].append((vid, ops, frozenset([vid, *t.recompute_transient])))
     sch.drop_after[t.first_bwd_use].extend(t.recompute_transient)
+
+
+def _rerun_ops(sch: _Schedule) -> set[int]:
+    """The ops the plan runs a second time: recompute closures, block re-runs, views redone on arrival."""
+    ops = {i for at_step in sch.recompute.values() for _, o, _ in at_step for i in o}
+    ops |= {i for at_step in sch.reruns.values() for o, _, _ in at_step for i in o}
+    return ops | {i for o in sch.views.values() for i in o}
 
 
 class PlannedStep:
@@ -135,6 +150,8 @@ class PlannedStep:
         self.env: dict[int, torch.Tensor] = {}
         self.handles: dict[int, Handle] = {}
         self.pending: dict[int, torch.Tensor] = {}
+        self.layouts: dict[int, tuple[int, ...]] = {}
+        """Swapped values stored as a contiguous permutation of themselves: the dims that undo it."""
         self.parts: dict[int, torch.Tensor] = {}
         """Split values: the rows of the prefetch buffer the tier's part is read into."""
         self.scratch: list[dict[int, torch.Tensor]] = []
@@ -148,6 +165,10 @@ class PlannedStep:
             ),
             -1,
         )
+        reruns = _rerun_ops(self.sched)
+        self.rng = RngReplay.for_reruns({i: self.nodes[self.graph.ops[i].name] for i in reruns}, reruns)
+        for vid, ops, _ in (s for at_step in self.sched.split.values() for s in at_step):
+            refuse_random_split(self.graph.value(vid).name, [self.nodes[self.graph.ops[i].name] for i in ops])
 
     # -- running ---------------------------------------------------------------------------------------
     def bind(self, args: Sequence[Any]) -> None:
@@ -156,6 +177,9 @@ class PlannedStep:
         for node, val in zip(placeholders, args, strict=True):
             for vid in self.cap.node_values.get(node.name, ()):
                 self.env[vid] = val
+        for node in self.cap.gm.graph.nodes:  # constants the trace lifted (a cache's `torch.tensor([])`)
+            if node.op == "get_attr" and node.name in self.cap.node_values:
+                self.env[self.cap.node_values[node.name][0]] = getattr(self.cap.gm, str(node.target))
 
     def forward(self) -> torch.Tensor:
         self._run(0, self.phases.fwd_end)
@@ -170,13 +194,19 @@ class PlannedStep:
         self._run(self.phases.fwd_end, self.phases.bwd_end)
         self.seed = None
         grads = [self.env[g] for g in self.graph.outputs[1:]]
-        if self.store is not None:
-            self.store.flush()
-        self.env.clear()
-        self.handles.clear()
-        self.pending.clear()
-        self.parts.clear()
+        self.reset()
         return grads
+
+    def reset(self) -> None:
+        """Forget this step's tensors (also of a forward whose backward will not run) and its tier copies."""
+        if self.store is not None:
+            for h in self.handles.values():
+                self.store.wait(h)
+                self.store.free(h)
+            self.store.flush()
+        for held in (self.env, self.handles, self.pending, self.parts, self.layouts):
+            held.clear()
+        self.rng.clear()
 
     def _loss(self) -> torch.Tensor:
         return self.env[self.graph.storage_of(self.graph.outputs[0])]
@@ -187,6 +217,7 @@ class PlannedStep:
             if step == self.seed_step and self.seed is not None:
                 self.env[self.graph.ops[step].outputs[0]] = self.seed
             else:
+                self.rng.record(step)
                 self._execute(step)
             self._after(step)
 
@@ -201,10 +232,12 @@ class PlannedStep:
             self._arrive(vid)
         for _, ops, rebuilt in self.sched.recompute.get(step, ()):
             for i in ops:
-                self._execute(i, only=rebuilt)
+                with self.rng.replay(i):
+                    self._execute(i, only=rebuilt)
         for ops, rebuilt, drops in self.sched.reruns.get(step, ()):
             for i in ops:
-                self._execute(i, only=rebuilt)
+                with self.rng.replay(i):
+                    self._execute(i, only=rebuilt)
                 for root in drops.get(i, ()):
                     self._drop(root)
         for vid, ops, k in self.sched.split.get(step, ()):
@@ -214,9 +247,12 @@ class PlannedStep:
         for vid in self.sched.swap_out.get(step + 1, ()):
             assert self.store is not None
             k = self.sched.swap_rows.get(vid)
-            self.handles[vid] = self.store.put(
-                str(vid), self.env[vid] if k is None else _rows(self.env[vid])[:k]
-            )
+            t = self.env[vid]
+            order = _dense_order(t) if k is None else None
+            if order is not None:  # a permuted layout (SDPA's output): stored and rebuilt in it, no copy
+                self.layouts[vid] = tuple(order.index(d) for d in range(t.dim()))
+                t = t.permute(order)
+            self.handles[vid] = self.store.put(str(vid), t if k is None else _rows(t)[:k])
         for vid in self.sched.drop_after.get(step, ()):
             self._drop(vid)
         self.scratch.clear()
@@ -273,8 +309,15 @@ class PlannedStep:
         self.store.get(handle, out=self.parts.pop(vid, buffer))
         self.env[vid] = buffer
         self.store.free(handle)
+        if vid in self.layouts:  # back in the producer's strides, which its views and readers expect
+            self.env[vid] = buffer.permute(self.layouts.pop(vid))
         for i in self.sched.views.get(vid, ()):
-            self._execute(i)
+            op = self.graph.ops[i]
+            if writes_in_place(self.nodes[op.name].target):  # its write is in the copy: it is its argument
+                for out in op.outputs:
+                    self.env[out] = self.env[self.graph.value(out).alias_of]  # type: ignore[index]
+            else:
+                self._execute(i)
 
     # -- split values: rebuilding rows ---------------------------------------------------------------
     def _rebuild_rows(self, vid: int, ops: tuple[int, ...], k: int) -> None:
@@ -335,6 +378,15 @@ class PlannedStep:
         if self.graph.value(self.graph.storage_of(vid)).role in PERSISTENT_ROLES or t.dim() == 0:
             return t
         return _rows(t)[k:]
+
+
+def _dense_order(t: torch.Tensor) -> list[int] | None:
+    """The dim order in which a non-contiguous `t` is contiguous (its layout a permutation of a dense one,
+    as SDPA's [batch, seq, heads, dim]-laid output), or None: contiguous already, or not dense."""
+    if t.is_contiguous():
+        return None
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return order if t.permute(order).is_contiguous() else None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """memplan.applied(..., mechanism="torch"): the plan applied by selective activation checkpointing and
 saved-tensor hooks gives the plain step's loss and gradients, lowers the measured peak when it recomputes,
-sends the plan's swaps through the tier store (and leaves it empty), and restores the model."""
+sends the plan's swaps through the tier store (and leaves it empty), and restores the model. Its peak is
+predicted at entry (a dry run on fake tensors, equal to the measured peak here): a plan whose budget it
+would exceed is refused with the numbers, one it accepts is held; `plan_for_torch` plans lower until the
+mechanism fits a budget."""
 
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ from memplan.passes import remat_swap
 from memplan.passes.manager import run_pipeline
 from memplan.passes.remat_swap import RematSwapOptions
 from memplan.planner.models import capture, load_model
+from memplan.planner.torch_mechanism import plan_for_torch
 from memplan.plans.decisions import TensorRemat
 from memplan.plans.plan import Plan, Workload
-from memplan.runtime.eager import EagerInfo, find_blocks
+from memplan.runtime.eager import EagerInfo, applied_torch, find_blocks
+from memplan.runtime.eager_peak import TorchOverBudget, predict_peak
 from memplan.runtime.tiers.factory import open_tier
 from memplan.runtime.tracker import LiveStorageTracker
 
@@ -61,7 +66,8 @@ def _plan(model: torch.nn.Module, inputs: Any, hw: Hardware, budget: int, **opts
 
 
 def _torch(plan: Plan, model: torch.nn.Module, store: Any = None) -> AbstractContextManager[Any]:
-    return memplan.applied(plan, model, store=store, mechanism="torch")
+    """The mechanism without its budget check: these plans are planned for the graph mechanism's peak."""
+    return applied_torch(plan, model, store=store, refuse_over_budget=False)
 
 
 def _restored(model: torch.nn.Module) -> bool:
@@ -75,8 +81,8 @@ def test_recompute_plan_same_gradients_lower_peak(setup: Any) -> None:
     loss, grads, peak, info = _step(model, inputs, _torch(plan, model))
     assert isinstance(info, EagerInfo) and info.checkpointed == [0, 1]
     assert info.sac["recompute"] > 0 and info.sac["save"] > 0 and info.sac["unlisted"] == 0
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, ref_grads, strict=True))
+    assert torch.equal(loss, ref_loss)  # the same ops on the same inputs, recomputed or not
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
     predicted = plan.predictions.peak_bytes["device"]
     print(f"\nrecompute plan: measured peak {peak} B, plan predicts {predicted} B, plain step {ref_peak} B")
     assert peak < ref_peak  # not necessarily <= predicted: SAC's granularity differs (module docstring)
@@ -142,11 +148,11 @@ def test_sac_and_swap_blocks_together(setup: Any, fast_host_hw: Hardware) -> Non
         loss, grads, _, info = _step(model, inputs, _torch(mixed, model, store))
         stats = store.stats()
     assert info.checkpointed == [0] and info.swap_layers == [1]
-    assert info.swaps_on_device == [kept0.name]
+    assert info.swaps_recomputed == [kept0.name]  # SAC cannot swap: recomputed, not kept on the device
     assert info.sac["recompute"] > 0 and 0 < info.swapped_tensors <= len(swapped1)
     assert stats.puts == info.swapped_tensors and stats.live_bytes == 0
-    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, ref_grads, strict=True))
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
 
 
 def test_forwards_restored_no_grad_plain_and_after_error(setup: Any, fast_host_hw: Hardware) -> None:
@@ -199,3 +205,74 @@ def test_in_place_change_of_a_saved_tensor_is_refused(setup: Any, fast_host_hw: 
     assert info.swap_layers == [0, 1]
     for p in model.parameters():
         p.grad = None
+
+
+def test_over_budget_refused_with_the_numbers(setup: Any) -> None:
+    """A plan made for the graph mechanism's peak, which the torch mechanism exceeds: refused at entry, with
+    the predicted peak (the one an unchecked run measures), the budget and the excess."""
+    model, inputs, base_peak, _ = setup
+    plan = _plan(model, inputs, load_hardware("cpu"), int(base_peak * 0.75), allow_swap=False)
+    budget = plan.budget_bytes["device"]
+    _, _, measured, _ = _step(model, inputs, _torch(plan, model))
+    for p in model.parameters():
+        p.grad = None
+    rng = torch.get_rng_state()
+    with pytest.raises(TorchOverBudget) as refused, memplan.applied(plan, model, mechanism="torch"):
+        pass
+    e = refused.value
+    assert e.peak_bytes == measured > budget and e.budget_bytes == budget
+    excess = measured - budget
+    message = str(e)
+    assert f"peak at {measured} B" in message and f"budget of {budget} B by {excess} B" in message
+    assert f"({excess / budget:.1%})" in message and f"at least {measured} B" in message
+    assert "mechanism='graph'" in message and "plan_for_torch" in message
+    assert _restored(model) and all(p.grad is None for p in model.parameters())  # the dry run left no trace
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_plan_for_torch_holds_its_budget_bitwise(setup: Any, fast_host_hw: Hardware) -> None:
+    """Plans made lower until the mechanism fits: accepted, the measured peak within the budget and equal
+    to the predicted one, the plain step's loss and gradients bit for bit (recompute plan, swap plan)."""
+    model, inputs, _, (ref_loss, ref_grads, ref_peak, _) = setup
+    for hw, frac in ((load_hardware("cpu"), 0.85), (fast_host_hw, 0.7)):
+        budget = int(ref_peak * frac)
+        fit = plan_for_torch(model, inputs, budget, hardware=hw)
+        plan = fit.plan
+        assert plan.budget_bytes["device"] == budget == fit.budget_bytes > fit.planned_at_bytes
+        loss, grads, peak, info = _step(model, inputs, memplan.applied(plan, model, mechanism="torch"))
+        print(
+            f"\n{hw.name} at {budget} B: planned at {fit.planned_at_bytes} B, predicted "
+            f"{info.predicted_peak_bytes} B, measured {peak} B"
+        )
+        assert peak <= budget and info.predicted_peak_bytes == peak == fit.predicted_peak_bytes
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    assert info.swapped_tensors > 0  # the second plan swaps
+
+
+def test_plan_for_torch_refuses_what_no_plan_fits(setup: Any) -> None:
+    """Below what SAC can reach (each checkpointed block rebuilds all its recomputed tensors at once), the
+    planner's lower bound stops the search: refused with the lowest predicted peak."""
+    model, inputs, _, (_, _, ref_peak, _) = setup
+    budget = int(ref_peak * 0.5)
+    with pytest.raises(TorchOverBudget, match="the planner's lower bound is") as refused:
+        plan_for_torch(model, inputs, budget, hardware="cpu")
+    e = refused.value
+    assert e.budget_bytes == budget and e.peak_bytes > budget
+    assert f"lowest predicted peak was {e.peak_bytes} B, over by {e.peak_bytes - budget} B" in str(e)
+    assert f"a budget of at least {e.peak_bytes} B" in str(e)
+    with pytest.raises(TorchOverBudget, match=f"{1} rounds of planning lower did not fit"):
+        plan_for_torch(model, inputs, int(ref_peak * 0.8), rounds=1, hardware="cpu")
+
+
+def test_a_step_that_cannot_run_on_fake_tensors_is_refused(setup: Any) -> None:
+    """A forward that reads a tensor's value (`.item()`) cannot be dry-run: refused, saying what to do."""
+    model, inputs, base_peak, _ = setup
+    plan = _plan(model, inputs, load_hardware("cpu"), int(base_peak * 0.75), allow_swap=False)
+    block = find_blocks(model)[0][1]
+    hook = block.register_forward_pre_hook(lambda _, args: args[0].sum().item() and None)
+    try:
+        with pytest.raises(InvalidInput, match="could not predict.*refuse_over_budget=False"):
+            predict_peak(plan, model)
+    finally:
+        hook.remove()
