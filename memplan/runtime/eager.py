@@ -44,8 +44,8 @@ a plan whose device budget that peak exceeds (`TorchOverBudget`: the peak, the b
 `EagerInfo.predicted_peak_bytes` carries the prediction. `memplan.planner.torch_mechanism.plan_for_torch`
 makes plans the mechanism holds (planned lower by the excess until the predicted peak fits). A step of
 other shapes, with gradients accumulated, or whose swap copies lag behind (their source storage is held
-until copied) can peak elsewhere. Gradients are the plain step's bit for bit where its kernels are deterministic (the same
-ops run on the same inputs).
+until copied) can peak elsewhere. Gradients are the plain step's bit for bit where its kernels are
+deterministic (the same ops run on the same inputs).
 The backward must run inside the block: tensors still on the tier at exit are freed (and the store closed
 if this opened it).
 """
