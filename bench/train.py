@@ -204,7 +204,8 @@ def _torch_plan(lv: Level, budget: int) -> tuple[Plan | None, dict[str, Any]]:
     except Exception as e:  # any other planning failure is a finding too
         return None, {"grads": f"CRASH (planning): {e!r}"[:300]}
     fields = {"plan_s": time.perf_counter() - t0, "budget_MiB": budget / MiB,
-              "planned_at_MiB": fit.planned_at_bytes / MiB, "predicted_torch_MiB": fit.predicted_peak_bytes / MiB}
+              "planned_at_MiB": fit.planned_at_bytes / MiB,
+              "predicted_torch_MiB": fit.predicted_peak_bytes / MiB}
     return fit.plan, _remat_report(fit.plan) | fields
 
 

@@ -72,8 +72,8 @@ def _not_found(target: int, best: TorchPeak | None, why: str) -> TorchOverBudget
     lowest = best.peak_bytes if best is not None else 0
     return TorchOverBudget(
         "memplan.planner.torch_mechanism.plan_for_torch: no plan found whose step under mechanism='torch' "
-        f"fits {target} B ({why}; the lowest predicted peak was {lowest} B, over by {lowest - target} B). Use "
-        f"mechanism='graph', which holds plans down to the planner's lower bound, or a budget of at least "
+        f"fits {target} B ({why}; the lowest predicted peak was {lowest} B, over by {lowest - target} B). "
+        "Use mechanism='graph', which holds plans down to the planner's lower bound, or a budget of at least "
         f"{lowest} B for the torch mechanism",
         lowest,
         target,

@@ -29,8 +29,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memplan.errors import InvalidInput, MemplanError
 from memplan.ir.graph import Role
 from memplan.plans.plan import Plan
-from memplan.runtime.eager import Swapper, installed
+from memplan.runtime.eager import installed
 from memplan.runtime.eager_setup import EagerInfo, Mechanism, prepare
+from memplan.runtime.eager_swap import Swapper
 from memplan.runtime.tiers.api import Handle, TierStats
 from memplan.runtime.tracker import LiveStorageTracker
 

@@ -10,7 +10,9 @@ rows come back into the buffer allocated at the prefetch step and the closure, r
 inputs, writes the other rows into the same buffer (the producing op's `out=` overload). The memory it uses
 is therefore the plan's residency, step by step, and the live storage tracker can check it.
 A random op run again draws what its first run drew (`memplan.runtime.rng`); a swapped storage the forward
-writes in place leaves after its last write and comes back as written (`memplan.runtime.writes`).
+writes in place leaves after its last write and comes back as written (`memplan.runtime.writes`). What
+happens at each step comes from `memplan.runtime.step_actions`; a split's rows are rebuilt by
+`memplan.runtime.split_rows`.
 
 `PlannedStep` splits the run at the loss: `forward()` runs the forward ops and returns the loss,
 `backward()` runs the backward ops and returns the gradients; `memplan.runtime.applied` wires the two into
@@ -22,7 +24,6 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,105 +31,13 @@ import torch.fx
 
 from memplan.errors import PlanMismatch
 from memplan.ir.frontends.fx_lower import Capture
-from memplan.ir.graph import PERSISTENT_ROLES, Graph
-from memplan.ir.phases import last_reads, phases
-from memplan.ir.row_ops import ROW_VIEWS
-from memplan.plans.decisions import TensorRemat
+from memplan.ir.phases import phases
 from memplan.plans.plan import Plan, fingerprint
-from memplan.runtime.out_variants import DIRECT_WRITERS, bind_arguments, out_call_kwargs, out_variant
 from memplan.runtime.rng import RngReplay, refuse_random_split
+from memplan.runtime.split_rows import rebuild_rows, rows
+from memplan.runtime.step_actions import rerun_ops, step_actions
 from memplan.runtime.tiers.api import Handle, TierStore
-from memplan.runtime.writes import last_forward_writes, writes_in_place
-
-
-@dataclass
-class _Schedule:
-    """What happens around each step, derived once from the plan."""
-
-    drop_after: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    swap_out: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    release: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    prefetch: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    arrive: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
-    recompute: dict[int, list[tuple[int, tuple[int, ...], frozenset[int]]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    """Step -> (value, ops to re-run, the storages those ops may rebuild: the value and its transients)."""
-    views: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    """Ops that rebuild the views of a swapped value once it is back."""
-    split: dict[int, list[tuple[int, tuple[int, ...], int]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    """Step -> (value, its closure, rows swapped) for the split values rebuilt there."""
-    swap_rows: dict[int, int] = field(default_factory=dict)
-    """Split value -> how many of its leading rows go to the tier."""
-    reruns: dict[int, list[tuple[tuple[int, ...], frozenset[int], dict[int, list[int]]]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    """Step -> checkpointed blocks re-run there: (ops, storages they rebuild, transients to drop after an
-    op)."""
-
-
-def _schedule(plan: Plan, graph: Graph) -> _Schedule:
-    """Drop points from the device residency; swap and recompute points from the pass's decisions (its op
-    ids turned into steps of `graph`, the plan's effective order)."""
-    sch = _Schedule()
-    remat = plan.decisions.remat
-    decided = {t.value_id: t for t in (remat.tensors if remat else ())}
-    moved = {vid for vid, t in decided.items() if t.decision != "keep"}
-    step_of = {op.id: i for i, op in enumerate(graph.ops)}
-    n = len(plan.ops)
-    written = last_forward_writes(graph, phases(graph).fwd_end)
-    for iv in plan.residency:
-        if iv.tier == "device" and iv.value_id not in moved and iv.end < n:
-            sch.drop_after[iv.end - 1].append(iv.value_id)
-    for vid, t in decided.items():
-        ops = tuple(step_of[i] for i in t.recompute_ops)
-        if t.decision in ("swap", "split"):  # copied out once its forward writes are done
-            views = tuple(step_of[i] for i in t.view_ops)
-            _schedule_swap(sch, vid, t, views, max(t.produced, written.get(vid, -1)))
-        if t.decision == "split":
-            sch.swap_rows[vid] = t.swap_rows
-            sch.split[t.first_bwd_use].append((vid, ops, t.swap_rows))
-        elif t.decision == "recompute" and t.block is not None:
-            sch.drop_after[t.last_fwd_use].append(vid)  # its block's re-run rebuilds it
-        elif t.decision == "recompute":
-            _schedule_recompute(sch, vid, t, ops)
-        if t.decision != "keep" and t.last_use + 1 < n:
-            sch.drop_after[t.last_use].append(vid)
-    for b in remat.blocks if remat else ():  # checkpointed blocks: one re-run each
-        ops = tuple(step_of[i] for i in b.ops)
-        rebuilt = frozenset([*b.members, *b.transient])
-        held = set(b.peak_transient)  # the plan counts these through step B: hold them as long
-        drops = {i: [r for r in rs if r not in held] for i, rs in last_reads(graph, ops, b.transient).items()}
-        sch.reruns[b.rebuild_step].append((ops, rebuilt, drops))
-        sch.drop_after[b.rebuild_step].extend(held)
-    return sch
-
-
-def _schedule_swap(
-    sch: _Schedule, vid: int, t: TensorRemat, view_steps: tuple[int, ...], final: int
-) -> None:
-    sch.swap_out[final + 1].append(vid)
-    sch.release[t.write_done_step].append(vid)
-    sch.prefetch[t.prefetch_step].append(vid)
-    sch.arrive[t.first_bwd_use].append(vid)
-    sch.views[vid] = view_steps
-
-
-def _schedule_recompute(sch: _Schedule, vid: int, t: TensorRemat, ops: tuple[int, ...]) -> None:
-    """Dropped after its last forward use, rebuilt before its first backward use; the values rebuilt on the
-    way (not saved activations themselves) are dropped right after that step."""
-    sch.drop_after[t.last_fwd_use].append(vid)
-    sch.recompute[t.first_bwd_use].append((vid, ops, frozenset([vid, *t.recompute_transient])))
-    sch.drop_after[t.first_bwd_use].extend(t.recompute_transient)
-
-
-def _rerun_ops(sch: _Schedule) -> set[int]:
-    """The ops the plan runs a second time: recompute closures, block re-runs, views redone on arrival."""
-    ops = {i for at_step in sch.recompute.values() for _, o, _ in at_step for i in o}
-    ops |= {i for at_step in sch.reruns.values() for o, _, _ in at_step for i in o}
-    return ops | {i for o in sch.views.values() for i in o}
+from memplan.runtime.writes import writes_in_place
 
 
 class PlannedStep:
@@ -142,7 +51,7 @@ class PlannedStep:
         self.plan, self.cap, self.store = plan, cap, store
         self.graph = plan.graph()
         self.phases = phases(self.graph)
-        self.sched = _schedule(plan, self.graph)
+        self.sched = step_actions(plan, self.graph)
         self.nodes = {n.name: n for n in cap.gm.graph.nodes}
         self.members: dict[int, list[int]] = defaultdict(list)
         for v in self.graph.values:
@@ -165,7 +74,7 @@ class PlannedStep:
             ),
             -1,
         )
-        reruns = _rerun_ops(self.sched)
+        reruns = rerun_ops(self.sched)
         self.rng = RngReplay.for_reruns({i: self.nodes[self.graph.ops[i].name] for i in reruns}, reruns)
         for vid, ops, _ in (s for at_step in self.sched.split.values() for s in at_step):
             refuse_random_split(self.graph.value(vid).name, [self.nodes[self.graph.ops[i].name] for i in ops])
@@ -241,7 +150,7 @@ class PlannedStep:
                 for root in drops.get(i, ()):
                     self._drop(root)
         for vid, ops, k in self.sched.split.get(step, ()):
-            self._rebuild_rows(vid, ops, k)
+            rebuild_rows(self, vid, ops, k)
 
     def _after(self, step: int) -> None:
         for vid in self.sched.swap_out.get(step + 1, ()):
@@ -252,7 +161,7 @@ class PlannedStep:
             if order is not None:  # a permuted layout (SDPA's output): stored and rebuilt in it, no copy
                 self.layouts[vid] = tuple(order.index(d) for d in range(t.dim()))
                 t = t.permute(order)
-            self.handles[vid] = self.store.put(str(vid), t if k is None else _rows(t)[:k])
+            self.handles[vid] = self.store.put(str(vid), t if k is None else rows(t)[:k])
         for vid in self.sched.drop_after.get(step, ()):
             self._drop(vid)
         self.scratch.clear()
@@ -297,7 +206,7 @@ class PlannedStep:
         if vid in self.sched.swap_rows:
             v = self.graph.value(vid)
             self.pending[vid] = torch.empty(v.shape, dtype=h.dtype)
-            self.parts[vid] = _rows(self.pending[vid])[: h.shape[0]]
+            self.parts[vid] = rows(self.pending[vid])[: h.shape[0]]
         else:
             self.pending[vid] = torch.empty(h.shape, dtype=h.dtype)
         self.store.prefetch(h, out=self.parts.get(vid, self.pending[vid]))
@@ -319,66 +228,6 @@ class PlannedStep:
             else:
                 self._execute(i)
 
-    # -- split values: rebuilding rows ---------------------------------------------------------------
-    def _rebuild_rows(self, vid: int, ops: tuple[int, ...], k: int) -> None:
-        """Run the closure of `vid` on the rows [k:] of its inputs; the producing op writes straight into the
-        rows [k:] of the buffer the tier's rows arrived in (views of `vid` were redone on arrival)."""
-        producer = self.graph.producer(vid)
-        scratch: dict[int, torch.Tensor] = {}
-        for i in ops:
-            if i == producer:
-                self._execute_rows(i, k, scratch, into=(vid, _rows(self.env[vid])[k:]))
-            elif i not in self.sched.views.get(vid, ()):
-                self._execute_rows(i, k, scratch)
-        self.scratch.append(scratch)
-
-    def _execute_rows(
-        self,
-        index: int,
-        k: int,
-        scratch: dict[int, torch.Tensor],
-        into: tuple[int, torch.Tensor] | None = None,
-    ) -> None:
-        """Op `index` on row blocks: inputs that carry rows (activations) enter as their rows [k:] in
-        [rows, last] form, parameters whole; views that keep the last dim are the identity there, `mean.dim`
-        reduces the last dim. With `into` = (value, slot), the op writes that output into the slot."""
-        op = self.graph.ops[index]
-        node = self.nodes[op.name]
-
-        def rows_of(n: torch.fx.Node) -> Any:
-            vids = self.cap.node_values.get(n.name)
-            if vids is None:
-                raise PlanMismatch(f"value of node {n.name} is not available for a split rebuild")
-            if n.target is operator.getitem:
-                vids = vids[:1]
-            got = [self._row_block(v, k, scratch) for v in vids]
-            return got[0] if len(got) == 1 else tuple(got)
-
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), rows_of)
-        if op.target in ROW_VIEWS:  # a view, or a copying reshape that made the value (`_unsafe_view`)
-            if into is not None:
-                into[1].copy_(args[0])
-            else:
-                scratch[op.outputs[0]] = args[0]
-            return
-        if op.target == "aten.mean.dim":
-            args = (args[0], [-1], *args[2:])
-        if into is None:
-            out = node.target(*args, **kwargs)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            for out_vid, t in zip(op.outputs, outs, strict=True):
-                scratch[out_vid] = t
-            return
-        _write_into(node.target, args, kwargs, op.outputs.index(into[0]), len(op.outputs), into[1])
-
-    def _row_block(self, vid: int, k: int, scratch: dict[int, torch.Tensor]) -> torch.Tensor:
-        if vid in scratch:
-            return scratch[vid]
-        t = self.env[vid]
-        if self.graph.value(self.graph.storage_of(vid)).role in PERSISTENT_ROLES or t.dim() == 0:
-            return t
-        return _rows(t)[k:]
-
 
 def _dense_order(t: torch.Tensor) -> list[int] | None:
     """The dim order in which a non-contiguous `t` is contiguous (its layout a permutation of a dense one,
@@ -387,25 +236,3 @@ def _dense_order(t: torch.Tensor) -> list[int] | None:
         return None
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
     return order if t.permute(order).is_contiguous() else None
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """`t` as [rows, last dim] (a view of a contiguous tensor)."""
-    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
-
-
-def _write_into(
-    target: Any, args: Any, kwargs: dict[str, Any], which: int, n_out: int, slot: torch.Tensor
-) -> None:
-    """Run ATen op `target` with output `which` written into `slot`, through its `out=` overload (the other
-    outputs resized from empty), a direct writer, or, for an op with neither, a copy."""
-    bound = bind_arguments(target._schema, args, kwargs)
-    if target in DIRECT_WRITERS and DIRECT_WRITERS[target](slot, bound):
-        return
-    variant = out_variant(target)
-    if variant is None:
-        out = target(*args, **kwargs)
-        slot.copy_(out if n_out == 1 else out[which])
-        return
-    slots = [slot if i == which else torch.empty(0, dtype=slot.dtype) for i in range(n_out)]
-    variant(**out_call_kwargs(variant._schema, bound, slots))

@@ -62,7 +62,8 @@ def _step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ctx: Abstrac
 def _plan(model: torch.nn.Module, inputs: Any, hw: Hardware, budget: int, **opts: Any) -> Plan:
     graph, _ = capture(load_model(model, "train", inputs), "train")
     options = {"remat_swap": RematSwapOptions(**opts)}
-    return run_pipeline(graph, hw, Workload("train", BATCH, SEQ), budget, "module", [remat_swap.PASS], options)
+    work = Workload("train", BATCH, SEQ)
+    return run_pipeline(graph, hw, work, budget, "module", [remat_swap.PASS], options)
 
 
 def _torch(plan: Plan, model: torch.nn.Module, store: Any = None) -> AbstractContextManager[Any]:
