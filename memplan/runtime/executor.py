@@ -144,13 +144,19 @@ class PlannedStep:
                 with self.rng.replay(i):
                     self._execute(i, only=rebuilt)
         for ops, rebuilt, drops in self.sched.reruns.get(step, ()):
-            for i in ops:
-                with self.rng.replay(i):
-                    self._execute(i, only=rebuilt)
-                for root in drops.get(i, ()):
-                    self._drop(root)
+            self._rerun(ops, rebuilt, drops)
         for vid, ops, k in self.sched.split.get(step, ()):
             rebuild_rows(self, vid, ops, k)
+
+    def _rerun(self, ops: tuple[int, ...], rebuilt: frozenset[int], drops: dict[int, list[int]]) -> None:
+        """Re-run a checkpointed block's forward: an op that rebuilds nothing (it makes only values still on
+        the device) is skipped, and each transient is dropped after its last read in the re-run."""
+        for i in ops:
+            if {self.graph.storage_of(v) for v in self.graph.ops[i].outputs} & rebuilt:
+                with self.rng.replay(i):
+                    self._execute(i, only=rebuilt)
+            for root in drops.get(i, ()):
+                self._drop(root)
 
     def _after(self, step: int) -> None:
         for vid in self.sched.swap_out.get(step + 1, ()):

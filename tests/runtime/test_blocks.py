@@ -34,5 +34,6 @@ def test_checkpointed_blocks_same_gradients_peak_as_predicted(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert peak <= budget < ref_peak
     predicted = plan.predictions.peak_bytes["device"]
-    # an upper bound: measured 0-6% below it on these models (the re-run's transients at their worst moment)
-    assert peak <= predicted <= 1.08 * peak
+    # an upper bound: the plan counts the re-run's transients at their worst moment beside all the block's
+    # members; the executor drops each transient after its last read, so it measures about 17% below it here
+    assert peak <= predicted <= 1.25 * peak
