@@ -22,7 +22,7 @@ import numpy as np
 from memplan.ir.analysis import Interval, timeline
 from memplan.ir.graph import Graph
 from memplan.plans.plan import Plan
-from memplan.plans.verify_decisions import Violation, check_decisions, missing_offsets
+from memplan.plans.verify_decisions import Violation, check_decisions, missing_offsets, order_permutation
 
 __all__ = ["VerifyReport", "Violation", "missing_offsets", "verify_plan"]
 _ARRIVALS = ("prefetch", "swap_in", "recompute")
@@ -40,12 +40,9 @@ class VerifyReport:
 
 def verify_plan(plan: Plan, max_per_kind: int = 20) -> VerifyReport:
     """Every check above; at most `max_per_kind` violations of each kind are reported."""
-    order = plan.decisions.order
-    if order is not None and sorted(order.op_ids) != sorted(op.id for op in plan.ops):
-        bad = Violation(
-            "bad-decision", f"order: {len(order.op_ids)} op ids, not a permutation of the plan's ops"
-        )
-        return VerifyReport((bad,), ("decisions",))
+    not_ordered = order_permutation(plan)
+    if not_ordered:  # nothing else can be replayed without an order
+        return VerifyReport(tuple(not_ordered), ("decisions",))
     graph = plan.graph()
     found: list[Violation] = []
     for check in (_references, _uses, _capacity, _offsets, _arrivals, check_decisions):

@@ -52,13 +52,19 @@ def _bad(message: str, tier: str | None = None) -> Violation:
     return Violation("bad-decision", message, tier)
 
 
-def _order(plan: Plan, graph: Graph) -> list[Violation]:
+def order_permutation(plan: Plan) -> list[Violation]:
+    """The order decision, if any, must be a permutation of the plan's op ids (else no effective graph)."""
     order = plan.decisions.order
-    if order is None:
-        return []
     ids = sorted(op.id for op in plan.ops)
-    if sorted(order.op_ids) != ids:
-        return [_bad(f"order: {len(order.op_ids)} op ids, not a permutation of the plan's {len(ids)} ops")]
+    if order is None or sorted(order.op_ids) == ids:
+        return []
+    return [_bad(f"order: {len(order.op_ids)} op ids, not a permutation of the plan's {len(ids)} ops")]
+
+
+def _order(plan: Plan, graph: Graph) -> list[Violation]:
+    """Every op after the producers of what it reads (`graph` is the effective graph: a permutation)."""
+    if plan.decisions.order is None:
+        return []
     out = []
     for step, op in enumerate(graph.ops):
         for vid in op.inputs:
