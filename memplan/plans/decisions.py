@@ -10,7 +10,7 @@ a pass adds its own and never rewrites another's (`Decisions.with_`).
     bitwidth     BitsDecision         per tensor: storage format, bits, group size, scale layout
     kv_budget    KVDecision           per layer (and head): tokens kept and their bits
     remat_swap   RematDecision        per saved activation: keep / swap / recompute / split; blocks
-    placement    PlacementDecision    per tensor or slice of one: home tier, prefetch and evict steps
+    placement    PlacementDecision    per tensor or slice of one: home tier, its device copies (prefetch, evict)
     allocate     AllocateDecision     per tier: the arena and how it was packed (offsets: Plan.offsets)
 """
 
@@ -166,18 +166,27 @@ class RematDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceCopy:
+    """A copy of a placed storage on the device: read from its tier starting at step `prefetch_step`,
+    dropped after step `evict_step` (the step of its last use in this visit)."""
+
+    prefetch_step: int
+    evict_step: int
+
+
+@dataclass(frozen=True, slots=True)
 class TensorPlacement:
     """Where one storage (or the byte slice `[start_byte, start_byte + length_bytes)` of it) lives: its home
-    `tier`, and, when that is not the device, the step from which a device copy is prefetched and the step
-    after which that copy is evicted (None: never brought to the device)."""
+    `tier`, and, when that is not the device, the device copies that bring it where it is used, in step
+    order (none: never brought to the device). A weight streamed through every forward of a generation has
+    one copy per use."""
 
     value_id: int
     tier: str
     start_byte: int = 0
     length_bytes: int | None = None
     """None: the whole storage."""
-    prefetch_step: int | None = None
-    evict_step: int | None = None
+    copies: tuple[DeviceCopy, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,8 +58,8 @@ def home_tiers(plan: Plan) -> dict[int, str]:
 
 def baseline_residency(plan: Plan) -> list[Interval]:
     """Every storage of the effective graph for its whole lifetime on its home tier (the device unless
-    placed elsewhere); a placed storage with prefetch and evict steps also has its device copy between
-    them. Zero-byte storages are skipped."""
+    placed elsewhere); a placed storage also has each of its device copies, from its prefetch step
+    through its evict step. Zero-byte storages are skipped."""
     graph = plan.graph()
     placed = {p.value_id: p for p in plan.decisions.placement.tensors} if plan.decisions.placement else {}
     out: list[Interval] = []
@@ -75,9 +75,7 @@ def baseline_residency(plan: Plan) -> list[Interval]:
         out.append(Interval(root, p.tier, s, e, part))
         if p.length_bytes is not None and size - part > 0:
             out.append(Interval(root, "device", s, e, size - part))
-        if p.prefetch_step is not None:
-            end = e if p.evict_step is None else p.evict_step + 1
-            out.append(Interval(root, "device", p.prefetch_step, end, part))
+        out.extend(Interval(root, "device", c.prefetch_step, c.evict_step + 1, part) for c in p.copies)
     return out
 
 

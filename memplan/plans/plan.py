@@ -26,12 +26,15 @@ EventKind = Literal["compute", "prefetch", "evict", "swap_out", "swap_in", "reco
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """What the plan is for: a training step or an inference forward, at this batch and sequence length."""
+    """What the plan is for: a training step, an inference forward, or (infer with `gen` > 0) a generation
+    of `gen` tokens after a prompt of `seq` tokens, at this batch."""
 
     mode: Literal["train", "infer"]
     batch: int
     seq: int | None = None
     optimizer: str = "none"
+    gen: int = 0
+    """Tokens generated (0: one forward, no generation)."""
 
 
 @dataclass(frozen=True, slots=True)

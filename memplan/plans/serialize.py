@@ -26,6 +26,7 @@ from memplan.plans.decisions import (
     BitsDecision,
     BlockRemat,
     Decisions,
+    DeviceCopy,
     KVBudget,
     KVDecision,
     OrderDecision,
@@ -141,7 +142,7 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
         if kv
         else None,
         remat=_remat(remat) if remat else None,
-        placement=PlacementDecision(tuple(TensorPlacement(**t) for t in placement["tensors"]))
+        placement=PlacementDecision(tuple(_placed(t) for t in placement["tensors"]))
         if placement
         else None,
         allocate=AllocateDecision(
@@ -150,6 +151,10 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
         if alloc
         else None,
     )
+
+
+def _placed(t: dict[str, Any]) -> TensorPlacement:
+    return TensorPlacement(**{**t, "copies": tuple(DeviceCopy(**c) for c in t["copies"])})
 
 
 def _remat(d: dict[str, Any]) -> RematDecision:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from memplan.ir.graph import Graph
-from memplan.plans.decisions import FORMAT_BITS, RematDecision, TensorRemat
+from memplan.plans.decisions import FORMAT_BITS, DeviceCopy, RematDecision, TensorRemat
 from memplan.plans.plan import Plan
 
 ViolationKind = Literal[
@@ -126,7 +126,18 @@ def _placement(plan: Plan) -> list[Violation]:
             out.append(
                 _bad(f"placement: value {p.value_id} placed on {p.tier} has no residency there", p.tier)
             )
+        out += _copies(p.value_id, p.copies, len(plan.ops))
     return out
+
+
+def _copies(vid: int, copies: tuple[DeviceCopy, ...], steps: int) -> list[Violation]:
+    """Device copies in step order, each within the schedule, none overlapping the next."""
+    prev_end = -1
+    for c in copies:
+        if not 0 <= c.prefetch_step <= c.evict_step < steps or c.prefetch_step <= prev_end:
+            return [_bad(f"placement: value {vid}: device copy {c.prefetch_step}..{c.evict_step} out of order")]
+        prev_end = c.evict_step
+    return []
 
 
 def _remat(plan: Plan, graph: Graph, remat: RematDecision) -> list[Violation]:

@@ -15,7 +15,7 @@ from memplan.passes.base import PassOutput, PassSpec
 from memplan.passes.baseline import rebased
 from memplan.passes.manager import run_pipeline
 from memplan.planner.models import capture, load_model
-from memplan.plans.decisions import PlacementDecision, TensorPlacement
+from memplan.plans.decisions import DeviceCopy, PlacementDecision, TensorPlacement
 from memplan.plans.plan import Event, PassReport, Plan, SolverReport, Workload
 from memplan.plans.verify import verify_plan
 
@@ -37,7 +37,9 @@ class PinOptions:
 
 def pin_to_host(graph: Graph, hardware: Hardware, plan: Plan, options: PinOptions) -> PassOutput:
     """A stand-in for a placement pass: one storage lives on the host and is prefetched to the device."""
-    placed = TensorPlacement(options.value_id, "host", prefetch_step=options.from_step)
+    placed = TensorPlacement(
+        options.value_id, "host", copies=(DeviceCopy(options.from_step, len(graph.ops) - 1),)
+    )
     new = rebased(plan.with_(decisions=plan.decisions.with_(placement=PlacementDecision((placed,)))))
     size = graph.value(options.value_id).size_bytes
     prefetch = Event(
