@@ -2,16 +2,17 @@
 
 Each pass module defines its `PASS` (a `PassSpec`: function, options type with the pass's defaults,
 requirements and guarantees); this module only lists them. The pipeline order is the architecture's:
-schedule, bitwidth, kv_budget, remat_swap, placement, allocate — of which remat_swap and allocate are built.
+schedule, bitwidth, kv_budget, remat_swap, placement, allocate — of which remat_swap, placement and allocate
+are built.
 """
 
 from __future__ import annotations
 
 from memplan.errors import InvalidInput
-from memplan.passes import allocate, remat_swap
+from memplan.passes import allocate, placement, remat_swap
 from memplan.passes.base import PassSpec
 
-PASSES: dict[str, PassSpec] = {p.name: p for p in (remat_swap.PASS, allocate.PASS)}
+PASSES: dict[str, PassSpec] = {p.name: p for p in (remat_swap.PASS, placement.PASS, allocate.PASS)}
 """Every built pass, in pipeline order."""
 
 
@@ -26,6 +27,6 @@ def passes_named(names: list[str]) -> list[PassSpec]:
     if unknown:
         raise InvalidInput(
             f"unknown pass {', '.join(map(repr, unknown))}; the built passes are {', '.join(PASSES)} "
-            "(schedule, bitwidth, kv_budget and placement are not built yet)"
+            "(schedule, bitwidth and kv_budget are not built yet)"
         )
     return [PASSES[n] for n in names]

@@ -47,6 +47,7 @@ def plan(
     seq: int | None = None,
     optimizer: str = "none",
     dtype: str = "fp32",
+    gen: int = 0,
     passes: Sequence[PassSpec | str] | None = None,
     options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
@@ -54,12 +55,14 @@ def plan(
     """Capture the model's step, run the passes and return a plan that fits `budget` on every tier.
 
     `budget` is a peak in bytes on the device (`"16GiB"`, `"512MiB"`, or an int), or a dict of peaks per
-    tier; a tier without one is held to its capacity. `dtype` (fp32, bf16, fp16) is the parameter dtype of
+    tier; a tier without one is held to its capacity. With `gen` > 0 (infer only) the plan is for a
+    generation of `gen` tokens after a prompt (the shape of `example_inputs`, the input ids, or `batch` x
+    `seq` for a zoo model), as `model.generate` runs it. `dtype` (fp32, bf16, fp16) is the parameter dtype of
     zoo models; `passes` names or gives the passes (default: every built pass, in pipeline order), and
     `options` maps a pass name to its options dataclass. Raises `InfeasibleBudget` (with the lower bound
     and the tensors forcing it) if no plan the passes make fits.
     """
-    from memplan.planner.models import capture, load_model, parse_dtype
+    from memplan.planner.models import capture, capture_generation, load_causal_lm, load_model, parse_dtype
 
     if mode not in ("train", "infer"):
         raise InvalidInput(f"mode must be 'train' or 'infer', got {mode!r}")
@@ -68,8 +71,15 @@ def plan(
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     budgets = budgets_from(budget)
     chosen = _passes(passes)
+    if gen < 0 or (gen and mode != "infer"):
+        raise InvalidInput(f"gen ({gen}) plans a generation: use mode='infer' and gen >= 1")
     if progress:
         progress("capturing")
+    if gen:
+        loaded = load_causal_lm(model_or_path, example_inputs, batch, seq, dtype=parse_dtype(dtype))
+        workload = Workload("infer", loaded.batch, loaded.seq, "none", gen)
+        graph = capture_generation(loaded, gen)
+        return run_pipeline(graph, hw, workload, budgets, loaded.source, chosen, options, progress=progress)
     loaded = load_model(model_or_path, mode, example_inputs, batch, seq, dtype=parse_dtype(dtype))  # type: ignore[arg-type]
     graph, _ = capture(loaded, mode, optimizer)  # type: ignore[arg-type]
     workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")  # type: ignore[arg-type]

@@ -126,6 +126,46 @@ def capture(model: LoadedModel, mode: Mode, optimizer: str = "none") -> tuple[Gr
     return cap.graph, cap
 
 
+def load_causal_lm(
+    spec: str | torch.nn.Module,
+    example_inputs: Any = None,
+    batch: int | None = None,
+    prompt: int | None = None,
+    device: str = "meta",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """A causal LM to generate with: a zoo language model (built on `device`), or an `nn.Module` with its
+    `input_ids` (a tensor, or a tuple whose first item is one). Batch and prompt come from the inputs."""
+    if isinstance(spec, torch.nn.Module):
+        ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise InvalidInput("generation needs input_ids: a [batch, prompt] tensor of token ids")
+        name = type(spec).__name__
+        return LoadedModel(
+            name, f"module:{type(spec).__qualname__}", spec, (ids,), None, ids.shape[0], ids.shape[1]
+        )
+    if not spec.startswith("zoo:"):
+        raise InvalidInput(f"generation plans a causal LM: give zoo:NAME or an nn.Module, not {spec!r}")
+    from memplan.zoo import catalog as zoo
+
+    entry = zoo.get(spec)
+    if entry.family == "resnet":
+        raise InvalidInput(f"{spec} is not a language model; generation needs a causal LM")
+    b, s = batch or entry.default_batch, prompt or min(entry.default_seq, 512)
+    model = entry.build(device=device, dtype=dtype)
+    model.eval()
+    return LoadedModel(entry.name, spec, model, entry.example_inputs(b, s, device, "infer"), None, b, s)
+
+
+def capture_generation(model: LoadedModel, gen: int) -> Graph:
+    """The unit-level IR of generating `gen` tokens after the model's prompt (see `causal_lm`)."""
+    from memplan.ir.frontends.causal_lm import generation_graph, profile_generation
+
+    assert model.module is not None and model.seq is not None
+    profile = profile_generation(model.module, model.batch, model.seq, model.name)
+    return generation_graph(profile, gen)
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

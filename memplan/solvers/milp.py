@@ -50,6 +50,18 @@ class MilpResult:
     time_limit_s: float
 
 
+def dense_problem(
+    c: np.ndarray, a: np.ndarray, row_lower: np.ndarray, row_upper: np.ndarray, lower: np.ndarray,
+    upper: np.ndarray, integrality: np.ndarray,
+) -> MilpProblem:  # fmt: skip
+    """A `MilpProblem` from a dense constraint matrix (fine for a few thousand entries)."""
+    cols, rows = np.nonzero(a.T)  # sorted by column, then row: CSC order
+    return MilpProblem(
+        c=c, lower=lower, upper=upper, integrality=integrality, a_data=a[rows, cols], a_indices=rows,
+        a_indptr=np.searchsorted(cols, np.arange(len(c) + 1)), row_lower=row_lower, row_upper=row_upper,
+    )  # fmt: skip
+
+
 def solve_milp(
     problem: MilpProblem,
     time_limit_s: float,
