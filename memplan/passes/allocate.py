@@ -68,21 +68,57 @@ def allocate_intervals(
     intervals: Iterable[Interval], alignment_bytes: dict[str, int], timeout_s: float, exact: bool = True
 ) -> dict[str, TierAllocation]:
     """Pack each tier's intervals into its own arena, minimising its height. Tiers without an entry in
-    `alignment_bytes` use the defaults (64 bytes; 4096 for ssd)."""
+    `alignment_bytes` use the defaults (64 bytes; 4096 for ssd). A tier whose storages all live at once
+    (weights streamed from a file) is laid out in the order the device first reads them (`file_layout`)."""
+    ivs = list(intervals)
     by_tier: dict[str, list[Interval]] = defaultdict(list)
-    for iv in intervals:
+    first_read: dict[int, int] = {}
+    for iv in ivs:
         by_tier[iv.tier].append(iv)
+        if iv.tier == "device":
+            first_read[iv.value_id] = min(first_read.get(iv.value_id, iv.start), iv.start)
     deadline = time.perf_counter() + timeout_s
     out: dict[str, TierAllocation] = {}
     tiers = sorted(by_tier)
     for k, tier in enumerate(tiers):
         align = alignment_bytes.get(tier, DEFAULT_ALIGNMENT.get(tier, 64))
+        if tier != "device" and _all_at_once(by_tier[tier]):
+            out[tier] = file_layout(tier, by_tier[tier], align, first_read)
+            continue
         problem, ids = tier_problem(by_tier[tier], align)
         share = max(deadline - time.perf_counter(), 0.05) / (len(tiers) - k)
         sol = solve(problem, share, options=PortfolioOptions(exact=exact))
         offsets = dict(zip(ids, sol.offsets_bytes or (), strict=False))
         out[tier] = TierAllocation(tier, offsets, sol)
     return out
+
+
+def _all_at_once(intervals: list[Interval]) -> bool:
+    """True when some step is inside every interval (so any packing is a sequence: no reuse possible)."""
+    return max(iv.start for iv in intervals) < min(iv.end for iv in intervals)
+
+
+def file_layout(
+    tier: str, intervals: list[Interval], align: int, first_read: dict[int, int]
+) -> TierAllocation:
+    """Storages that all live at once, one after the other in the order the device first reads them (the
+    weights one unit call reads are then one contiguous range). The bound: every storage at an aligned
+    offset of its own, so all but the last take their size rounded up to the alignment."""
+    t0 = time.perf_counter()
+    size: dict[int, int] = {}
+    for iv in intervals:
+        size[iv.value_id] = max(size.get(iv.value_id, 0), iv.size_bytes)
+    offsets: dict[int, int] = {}
+    top = 0
+    for vid in sorted(size, key=lambda v: (first_read.get(v, 1 << 62), v)):
+        top = -(-top // align) * align
+        offsets[vid] = top
+        top += size[vid]
+    padded = [-(-n // align) * align for n in size.values()]
+    bound = sum(padded) - max((p - n for p, n in zip(padded, size.values(), strict=True)), default=0)
+    status = Status.OPTIMAL if top <= bound else Status.FEASIBLE
+    sol = Solution(tuple(offsets.values()), top, status, bound, time.perf_counter() - t0, "file-layout")
+    return TierAllocation(tier, offsets, sol)
 
 
 def _combined_status(solutions: list[Solution]) -> str:
@@ -129,14 +165,17 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: AllocateOptions |
 def _packing(a: TierAllocation) -> TierPacking:
     s = a.solution
     return TierPacking(
-        a.tier, s.height_bytes or 0, s.lower_bound_bytes, s.status.value, s.solver, len(a.offsets_bytes),
+        a.tier,
+        s.height_bytes or 0,
+        s.lower_bound_bytes,
+        s.status.value,
+        s.solver,
+        len(a.offsets_bytes),
         round(s.time_s, 4),
     )
 
 
-PASS = PassSpec(
-    NAME, run, AllocateOptions, before=frozenset({"allocate"}), ensures=frozenset({"offsets"})
-)
+PASS = PassSpec(NAME, run, AllocateOptions, before=frozenset({"allocate"}), ensures=frozenset({"offsets"}))
 
 
 def _note(a: TierAllocation, budget: int | None) -> str:

@@ -100,16 +100,26 @@ def applied(
     emulate: frozenset[str] = frozenset(),
     mechanism: str = "graph",
     replan: Callable[[tuple[Any, ...]], Plan] | None = None,
-) -> Iterator[EagerInfo | None]:
-    """Run `model`'s training step under `plan` inside the block (see module docstring). `replan(inputs)`,
+) -> Iterator[Any]:
+    """Run `model`'s training step under `plan` inside the block (see module docstring); a generation plan
+    runs `model.generate` instead (`memplan.runtime.generation`, yielding its `GenerationRun`). `replan(inputs)`,
     if given, makes the plan for a call whose input shapes (or autocast) differ from the planned ones."""
     if mechanism not in MECHANISMS:
         raise InvalidInput(
             f"memplan.applied: unknown mechanism {mechanism!r}; choose one of "
             f"{', '.join(map(repr, MECHANISMS))}"
         )
+    if plan.workload.mode == "infer" and plan.workload.gen > 0:
+        from memplan.runtime.generation import applied_generation
+
+        with applied_generation(plan, model) as run:
+            yield run  # type: ignore[misc]
+        return
     if plan.workload.mode != "train":
-        raise InvalidInput("memplan.applied takes a training plan (mode='train'); this plan is for inference")
+        raise InvalidInput(
+            "memplan.applied takes a training plan (mode='train') or a generation plan (mode='infer', "
+            "gen=N); this plan is for one inference forward: run it with memplan.run_plan"
+        )
     if mechanism == "torch":
         with applied_torch(plan, model, store, emulate) as info:
             yield info
