@@ -29,7 +29,7 @@ from memplan.passes.placement_formulation import Choice, solve
 from memplan.passes.placement_model import GenerationModel, is_generation, read_model, spread
 from memplan.passes.remat_schedule import compute_share
 from memplan.plans.decisions import DeviceCopy, PlacementDecision, TensorPlacement
-from memplan.plans.effective import baseline_residency, predictions_for
+from memplan.plans.effective import baseline_residency, generation_times, predictions_for
 from memplan.plans.plan import Event, PassReport, Plan, SolverReport
 from memplan.units import format_size
 
@@ -152,17 +152,6 @@ def _replay(graph: Graph, hw: Hardware, placed: list[TensorPlacement]) -> list[E
             Event("evict", step, value_id=vid, src_tier="device", start_s=done) for vid in evict.get(step, ())
         ]
     return events
-
-
-def generation_times(graph: Graph, events: list[Event] | tuple[Event, ...]) -> tuple[float, float]:
-    """(prefill seconds, mean seconds per decode forward) from a generation plan's compute events."""
-    ends = {e.step: e.start_s + e.duration_s for e in events if e.kind == "compute"}
-    per_forward = sum(1 for op in graph.ops if op.name.startswith("prefill:"))
-    if not per_forward or not ends:
-        return 0.0, 0.0
-    prefill = ends[per_forward - 1]
-    decodes = len(graph.ops) // per_forward - 1
-    return prefill, (max(ends.values()) - prefill) / decodes if decodes else 0.0
 
 
 def _notes(graph: Graph, tiers: dict[int, str], events: list[Event], batch: int) -> tuple[str, ...]:

@@ -7,16 +7,18 @@ This is a door (it resolves models by name, which the runtime does not), so it l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from memplan.errors import InternalError, InvalidInput, PlanMismatch
 from memplan.ir.frontends.fx_lower import Capture
-from memplan.planner.models import LoadedModel, capture, load_model
-from memplan.plans.compare import Comparison, compare
+from memplan.planner.models import LoadedModel, capture, load_causal_lm, load_model
+from memplan.plans.compare import Comparison, GenerationComparison, compare, compare_generation
 from memplan.plans.plan import Plan, fingerprint
 from memplan.runtime.arena import check_arena_run, describe, run_in_arena
+from memplan.runtime.generation import GenerationMeasurement
 from memplan.runtime.measure import run_inference, run_step
 from memplan.runtime.tracker import Measurement
 from memplan.runtime.training import applied
@@ -67,6 +69,70 @@ def run_plan(
     else:
         measured = run_step(loaded.module, loaded.example_inputs, w.mode, w.optimizer)
     return measured, compare(plan, measured)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A planned generation next to the plain model's: same tokens?, and the plan's comparison."""
+
+    tokens_equal: bool
+    plain_s: float
+    planned_s: float
+    comparison: GenerationComparison
+    measured: GenerationMeasurement
+
+    def describe(self) -> str:
+        same = "identical to" if self.tokens_equal else "DIFFERENT from"
+        backends = "; ".join(f"{t}: {b}" for t, b in self.measured.backends.items())
+        return (
+            f"{self.comparison.describe()}\ngenerated tokens {same} the plain model's (greedy); wall time "
+            f"{self.planned_s:.2f} s planned vs {self.plain_s:.2f} s plain (all weights in memory)."
+            + (f"\ntiers: {backends}" if backends else "")
+        )
+
+
+def run_generation_plan(plan: Plan, prompt_file: str | None = None) -> GenerationResult:
+    """`memplan run` of a generation plan: rebuild the zoo model in memory, generate greedily without and
+    with the plan, compare the tokens and the plan's predictions."""
+    import time
+
+    from memplan.runtime.generation import applied_generation
+
+    w = plan.workload
+    if not plan.model.source.startswith("zoo:"):
+        raise InvalidInput(f"plan for {plan.model.source!r}: run it with memplan.applied(plan, model)")
+    loaded = load_causal_lm(plan.model.source, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
+    assert loaded.module is not None
+    ids = prompt_ids(prompt_file, w.batch, w.seq or 1) if prompt_file else loaded.example_inputs[0]
+    model = loaded.module
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=w.gen, min_new_tokens=w.gen, do_sample=False)
+    plain_s = time.perf_counter() - t0
+    with applied_generation(plan, model) as run:
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=w.gen, min_new_tokens=w.gen, do_sample=False)
+        planned_s = time.perf_counter() - t0
+    measured = run.finish()
+    return GenerationResult(
+        torch.equal(plain, out), plain_s, planned_s, compare_generation(plan, measured), measured
+    )
+
+
+def prompt_ids(path: str, batch: int, prompt: int) -> torch.Tensor:
+    """Token ids from a text file, one per byte (valid for every vocabulary of at least 256), repeated to
+    fill `batch` rows of `prompt` tokens."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidInput(f"no prompt file at {file}")
+    data = file.read_bytes()
+    if not data:
+        raise InvalidInput(f"prompt file {file} is empty")
+    need = batch * prompt
+    ids = torch.tensor(list((data * (need // len(data) + 1))[:need]), dtype=torch.long)
+    return ids.view(batch, prompt)
 
 
 def run_arena_for_plan(plan: Plan) -> str:

@@ -54,3 +54,96 @@ def compare(plan: Plan, measured: Measured) -> Comparison:
         predicted_time_s=plan.predictions.time_s,
         measured_time_s=measured.wall_s,
     )
+
+
+class GenerationMeasured(Protocol):
+    """What a planned generation measured (see `memplan.runtime.generation.GenerationMeasurement`)."""
+
+    peak_bytes: int
+    prefill_s: float
+    bytes_read: dict[str, int]
+    io_wait_s: float
+
+    @property
+    def decode_per_token_s(self) -> float: ...
+
+    @property
+    def io_hidden_s(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationComparison:
+    """A generation's predicted vs measured device peak, prefill and decode speed, and bytes read per tier."""
+
+    predicted_peak_bytes: int
+    measured_peak_bytes: int
+    budget_bytes: int
+    batch: int
+    prompt: int
+    predicted_prefill_s: float
+    measured_prefill_s: float
+    predicted_decode_s: float
+    measured_decode_s: float
+    predicted_read_bytes: dict[str, int]
+    measured_read_bytes: dict[str, int]
+    io_hidden_s: float
+    io_exposed_s: float
+
+    @property
+    def within_budget(self) -> bool:
+        return self.measured_peak_bytes <= self.budget_bytes
+
+    def tok_s(self, which: str, measured: bool) -> float:
+        """Tokens per second of the prefill or of decoding (one token per sequence per forward)."""
+        if which == "prefill":
+            s = self.measured_prefill_s if measured else self.predicted_prefill_s
+            return self.batch * self.prompt / s if s else 0.0
+        s = self.measured_decode_s if measured else self.predicted_decode_s
+        return self.batch / s if s else 0.0
+
+    def describe(self) -> str:
+        verdict = "within" if self.within_budget else "OVER"
+        err = (self.predicted_peak_bytes - self.measured_peak_bytes) / max(self.measured_peak_bytes, 1)
+        tiers = sorted(set(self.predicted_read_bytes) | set(self.measured_read_bytes))
+        reads = "; ".join(
+            f"{t} predicted {format_size(self.predicted_read_bytes.get(t, 0))}, measured "
+            f"{format_size(self.measured_read_bytes.get(t, 0))}"
+            for t in tiers
+        )
+        return (
+            f"device peak: predicted {format_size(self.predicted_peak_bytes)}, measured "
+            f"{format_size(self.measured_peak_bytes)} ({err:+.2%}); {verdict} the budget of "
+            f"{format_size(self.budget_bytes)}.\n"
+            f"prefill: predicted {self.tok_s('prefill', False):.1f} tok/s, measured "
+            f"{self.tok_s('prefill', True):.1f} tok/s; decode: predicted {self.tok_s('decode', False):.2f} "
+            f"tok/s, measured {self.tok_s('decode', True):.2f} tok/s (batch {self.batch}).\n"
+            f"bytes read: {reads or 'none'}; I/O hidden behind compute {self.io_hidden_s:.3f} s, exposed "
+            f"(waited for) {self.io_exposed_s:.3f} s."
+        )
+
+
+def compare_generation(plan: Plan, measured: GenerationMeasured) -> GenerationComparison:
+    """Line up a generation plan's predictions (its events) with a measured generation."""
+    from memplan.plans.effective import generation_times
+
+    graph = plan.graph()
+    prefill, decode = generation_times(graph, plan.events)
+    reads: dict[str, int] = {}
+    for e in plan.events:
+        if e.kind == "prefetch" and e.src_tier and e.duration_s > 0 and e.value_id is not None:
+            reads[e.src_tier] = reads.get(e.src_tier, 0) + graph.value(e.value_id).size_bytes
+    return GenerationComparison(
+        predicted_peak_bytes=plan.predictions.peak_bytes.get("device", 0),
+        measured_peak_bytes=measured.peak_bytes,
+        budget_bytes=plan.budget_bytes["device"],
+        batch=plan.workload.batch,
+        prompt=plan.workload.seq or 0,
+        predicted_prefill_s=prefill,
+        measured_prefill_s=measured.prefill_s,
+        predicted_decode_s=decode,
+        measured_decode_s=measured.decode_per_token_s,
+        predicted_read_bytes=reads,
+        measured_read_bytes=dict(measured.bytes_read),
+        io_hidden_s=measured.io_hidden_s,
+        io_exposed_s=measured.io_wait_s,
+    )

@@ -111,3 +111,14 @@ def predictions_for(
         working_set_bytes=ws,
         arena_bytes=dict(arena_bytes or {}),
     )
+
+
+def generation_times(graph: Graph, events: list[Event] | tuple[Event, ...]) -> tuple[float, float]:
+    """(prefill seconds, mean seconds per decode forward) from a generation plan's compute events."""
+    ends = {e.step: e.start_s + e.duration_s for e in events if e.kind == "compute"}
+    per_forward = sum(1 for op in graph.ops if op.name.startswith("prefill:"))
+    if not per_forward or not ends:
+        return 0.0, 0.0
+    prefill = ends[per_forward - 1]
+    decodes = len(graph.ops) // per_forward - 1
+    return prefill, (max(ends.values()) - prefill) / decodes if decodes else 0.0

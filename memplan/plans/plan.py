@@ -155,9 +155,12 @@ class Plan:
         return load_plan(path)
 
     def compare(self, measured: Any) -> Any:
-        """Predicted vs measured (a `memplan.runtime.tracker.Measurement`): a `Comparison`."""
-        from memplan.plans.compare import compare
+        """Predicted vs measured: a `Comparison` for a `memplan.runtime.tracker.Measurement`, a
+        `GenerationComparison` for a generation's `GenerationMeasurement`."""
+        from memplan.plans.compare import compare, compare_generation
 
+        if hasattr(measured, "decode_s"):
+            return compare_generation(self, measured)
         return compare(self, measured)
 
     def to_dict(self) -> dict[str, Any]:

@@ -142,9 +142,7 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
         if kv
         else None,
         remat=_remat(remat) if remat else None,
-        placement=PlacementDecision(tuple(_placed(t) for t in placement["tensors"]))
-        if placement
-        else None,
+        placement=PlacementDecision(tuple(_placed(t) for t in placement["tensors"])) if placement else None,
         allocate=AllocateDecision(
             tuple(Arena(**a) for a in alloc["arenas"]), tuple(TierPacking(**p) for p in alloc["packings"])
         )

@@ -135,7 +135,9 @@ def _copies(vid: int, copies: tuple[DeviceCopy, ...], steps: int) -> list[Violat
     prev_end = -1
     for c in copies:
         if not 0 <= c.prefetch_step <= c.evict_step < steps or c.prefetch_step <= prev_end:
-            return [_bad(f"placement: value {vid}: device copy {c.prefetch_step}..{c.evict_step} out of order")]
+            return [
+                _bad(f"placement: value {vid}: device copy {c.prefetch_step}..{c.evict_step} out of order")
+            ]
         prev_end = c.evict_step
     return []
 

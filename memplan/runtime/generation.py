@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,15 +331,42 @@ def applied_generation(
     run = GenerationRun(plan, model, ssd_dir)
     was_training = model.training
     model.eval()
+    stack = ExitStack()
     try:
         with torch.no_grad():
             run.place()
         run.hook()
+        stack.enter_context(_checked_generate(model, plan.workload.gen))
         resident = [p for v, p in run.params.items() if v not in run.placed]
         with run.tracker:
             run.tracker.track([*resident, *model.buffers()])
             yield run
     finally:
+        stack.close()
         run.unhook()
         run.restore()
         model.train(was_training)
+
+
+@contextmanager
+def _checked_generate(model: torch.nn.Module, gen: int) -> Iterator[None]:
+    """`model.generate` refuses a `max_new_tokens` other than the plan's `gen` while the plan is applied."""
+    original = getattr(model, "generate", None)
+    if original is None:
+        yield
+        return
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        asked = kwargs.get("max_new_tokens")
+        if asked is not None and asked != gen:
+            raise PlanMismatch(
+                f"the plan is for gen={gen} new tokens; generate asks for max_new_tokens={asked}: plan with "
+                f"gen={asked}"
+            )
+        return original(*args, **kwargs)
+
+    model.generate = generate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.generate

@@ -34,7 +34,7 @@ from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.frontends.train_step import capture_train_step
 from memplan.plans.plan import Plan, fingerprint
 from memplan.runtime.calls import CallSpec, Turns, autocast_off, autocast_state, refuse
-from memplan.runtime.eager import EagerInfo, applied_torch
+from memplan.runtime.eager import applied_torch
 from memplan.runtime.executor import PlannedStep
 from memplan.runtime.tiers.api import TierStore
 

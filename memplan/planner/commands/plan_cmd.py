@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--passes",
-        help="comma-separated passes to run, in order (default: every built pass: remat_swap,allocate)",
+        help="comma-separated passes to run, in order (default: every built pass that applies: remat_swap,placement,allocate)",
     )
     p.add_argument(
         "--hardware",
@@ -37,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="preset name (cpu, t4-16gb, a100-40gb, a100-80gb, h100-80gb) or a hardware JSON file",
     )
     p.add_argument("--batch", type=int)
-    p.add_argument("--seq", type=int)
+    p.add_argument("--seq", type=int, help="sequence length (in a generation: the prompt's)")
+    p.add_argument("--prompt", type=int, help="prompt tokens of a generation (same as --seq)")
+    p.add_argument(
+        "--gen", type=int, default=0, help="plan a generation of this many new tokens (mode infer)"
+    )
     p.add_argument(
         "--optimizer",
         choices=["none", "sgd", "adamw"],
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             budget=budgets_of(args.budget),
             hardware=args.hardware,
             batch=args.batch,
-            seq=args.seq,
+            seq=args.prompt or args.seq,
+            gen=args.gen,
             optimizer=args.optimizer,
             dtype=args.dtype,
             passes=args.passes.split(",") if args.passes else None,

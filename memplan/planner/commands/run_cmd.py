@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="inference plans: run inside one preallocated arena per tier at the planned offsets",
     )
     p.add_argument(
+        "--prompt-file",
+        help="generation plans: a text file whose bytes are the prompt's token ids (default: the zoo's "
+        "example prompt)",
+    )
+    p.add_argument(
         "--emulate",
         action="append",
         default=[],
@@ -36,6 +41,13 @@ def run(args: argparse.Namespace) -> int:
 
     plan = load(args.plan)
     console = Console()
+    if plan.workload.gen > 0:
+        from memplan.planner.run import run_generation_plan
+
+        with console.status(f"generating {plan.workload.gen} tokens with {plan.model.name}, as planned..."):
+            result = run_generation_plan(plan, args.prompt_file)
+        console.print(result.describe(), highlight=False)
+        return 0 if result.comparison.within_budget and result.tokens_equal else 1
     if args.arena:
         from memplan.planner.run import run_arena_for_plan
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from memplan.planner.exporters.accelerate import accelerate_config
 from memplan.planner.exporters.chrome_trace import chrome_trace
 from memplan.planner.exporters.deepspeed import deepspeed_config
 from memplan.planner.exporters.torch_sac import torch_sac
@@ -17,10 +18,11 @@ from memplan.plans.plan import Plan
 Exporter = Callable[[Plan], str]
 
 EXPORTERS: dict[str, Exporter] = {
+    "accelerate": accelerate_config,
     "chrome-trace": chrome_trace,
     "deepspeed": deepspeed_config,
     "torch-sac": torch_sac,
 }
 """Format name -> exporter. Write the text with `memplan.files.atomic_write_text`."""
 
-__all__ = ["EXPORTERS", "Exporter", "chrome_trace", "deepspeed_config", "torch_sac"]
+__all__ = ["EXPORTERS", "Exporter", "accelerate_config", "chrome_trace", "deepspeed_config", "torch_sac"]
