@@ -356,6 +356,7 @@ def _entries() -> list[ZooModel]:
         _opt("opt-1.3b", "OPT 1.3B, 1.32B parameters", 2048, 24, 32),
         _opt("opt-6.7b", "OPT 6.7B, 6.66B parameters", 4096, 32, 32),
         _opt("opt-30b", "OPT 30B, 30.0B parameters", 7168, 48, 56),
+        _opt("opt-175b", "OPT 175B, 175B parameters (FlexGen's largest setting)", 12288, 96, 96),
         _resnet50(),
         _tiny_lm(),
     ]  # fmt: skip
