@@ -25,7 +25,7 @@ from memplan.ir.cost import op_time_s
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware
 from memplan.passes.base import PassOutput, PassSpec
-from memplan.passes.placement_formulation import Choice, solve
+from memplan.passes.placement_formulation import Choice, least_device_bytes, solve
 from memplan.passes.placement_model import GenerationModel, is_generation, read_model, spread
 from memplan.passes.remat_schedule import compute_share
 from memplan.plans.decisions import DeviceCopy, PlacementDecision, TensorPlacement
@@ -58,7 +58,7 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: PlacementOptions 
     budgets = dict(plan.budget_bytes)
     result, choice = solve(model, hardware, budgets, opts.kv_tiers, opts.time_limit_s)
     if choice is None:
-        raise _infeasible(plan, model, result.status)
+        raise _infeasible(plan, model, hardware, opts)
     tiers = _tiers_of(model, choice)
     placed = _placements(graph, tiers, opts.lookahead)
     decided = plan.with_(decisions=plan.decisions.with_(placement=PlacementDecision(tuple(placed))))
@@ -168,14 +168,24 @@ def _notes(graph: Graph, tiers: dict[int, str], events: list[Event], batch: int)
     return tuple(notes)
 
 
-def _infeasible(plan: Plan, model: GenerationModel, status: str) -> InfeasibleBudget:
-    """The budget is below what any placement needs: two consecutive units' bytes with everything streamed
-    (the unit computing and the next arriving), the fixed activations and workspaces, and the KV caches
-    that must stay on the device; or the weights do not fit all the tiers together."""
+def _infeasible(plan: Plan, model: GenerationModel, hw: Hardware, opts: PlacementOptions) -> InfeasibleBudget:
+    """The budget is below the least any placement needs (solved exactly: the same MILP, minimising the
+    device bytes), with what makes it up: the two consecutive units that stream the most (the one computing
+    and the next arriving), the fixed activations and workspaces, and the KV caches that must stay on the
+    device; or the other tiers cannot hold the weights."""
     budget = plan.budget_bytes["device"]
-    kv_off = any(t in plan.budget_bytes for t in ("host", "cxl"))
+    need, result = least_device_bytes(model, hw, dict(plan.budget_bytes), opts.kv_tiers, opts.time_limit_s)
+    weights = sum(sum(c.sizes) * c.count for c in model.classes) + sum(sum(o.sizes) for o in model.others)
+    if need is None:
+        msg = (
+            f"the weights ({format_size(weights)}) and KV caches do not fit the tiers' budgets together "
+            f"({', '.join(f'{t} {format_size(b)}' for t, b in plan.budget_bytes.items())}); add a tier or "
+            "raise a budget"
+        )
+        return InfeasibleBudget(msg, weights, sum(plan.budget_bytes.values()), [])
+    kv_off = any(t in plan.budget_bytes for t in opts.kv_tiers)
     size = {
-        **{("class", c): (f"a layer of {len(cls.layers)}", sum(cls.sizes) + (cls.kv_bytes if kv_off else 0))
+        **{("class", c): (f"{cls.path} (one of {cls.count} alike)", sum(cls.sizes) + (cls.kv_bytes if kv_off else 0))
            for c, cls in enumerate(model.classes)},
         **{("other", u): (o.path, sum(o.sizes)) for u, o in enumerate(model.others)},
     }  # fmt: skip
@@ -183,31 +193,27 @@ def _infeasible(plan: Plan, model: GenerationModel, status: str) -> InfeasibleBu
     pairs = [(size[a], size[b]) for a, b in zip(seq, seq[1:] + seq[:1], strict=True)]
     (name_a, a), (name_b, b) = max(pairs, key=lambda p: p[0][1] + p[1][1])
     kv_dev = 0 if kv_off else sum(cls.kv_bytes * cls.count for cls in model.classes)
-    need = a + b + model.fixed_bytes + kv_dev
-    weights = sum(sum(c.sizes) * c.count for c in model.classes) + sum(sum(o.sizes) for o in model.others)
-    room = sum(plan.budget_bytes.values())
-    tensors = [f"{name_a} ({format_size(a)})", f"{name_b} ({format_size(b)})"]
-    if weights + kv_dev > room:
-        msg = (
-            f"the weights ({format_size(weights)}) and KV caches do not fit the tiers' budgets together "
-            f"({', '.join(f'{t} {format_size(b)}' for t, b in plan.budget_bytes.items())}); add a tier or "
-            "raise a budget"
+    room = sum(b for t, b in plan.budget_bytes.items() if t != "device")
+    if weights > room:
+        others = ", ".join(f"{t} {format_size(b)}" for t, b in plan.budget_bytes.items() if t != "device")
+        kv_dev += weights - room
+        name_a = (
+            f"the weights the other tiers ({others}) cannot take, {format_size(weights - room)}; {name_a}"
         )
-        return InfeasibleBudget(msg, weights, room, tensors)
     w = plan.workload
+    proven = "" if result.status == "optimal" else f" (a proven bound: the solver stopped, {result.status})"
     msg = (
-        f"device budget {format_size(budget)} is below what generating with {plan.model.name} at batch "
-        f"{w.batch}, prompt {w.seq}, gen {w.gen} needs (solver: {status}): the largest two consecutive units "
-        f"with every weight streamed, {name_a} ({format_size(a)}) computing while {name_b} "
-        f"({format_size(b)}) arrives, the activations and workspaces ({format_size(model.fixed_bytes)})"
-        + (
-            f" and the KV caches, which no host or CXL tier can take ({format_size(kv_dev)})"
-            if kv_dev
-            else ""
-        )
-        + f": at least {format_size(need)}. Raise the budget, or lower the batch or prompt."
+        f"device budget {format_size(budget)} is below the least any placement needs to generate with "
+        f"{plan.model.name} at batch {w.batch}, prompt {w.seq}, gen {w.gen}: {format_size(need)}{proven}. "
+        f"It is made of the activations and workspaces ({format_size(model.fixed_bytes)})"
+        + (f", the KV caches, which no host or CXL tier can take ({format_size(kv_dev)})" if kv_dev else "")
+        + f", and the prefetch window: the two consecutive units that stream the most, {name_a} "
+        f"({format_size(a)}) computing while {name_b} ({format_size(b)}) arrives. Raise the budget to at "
+        f"least {format_size(need)}, or lower the batch or prompt."
     )
-    return InfeasibleBudget(msg, need, budget, tensors)
+    return InfeasibleBudget(
+        msg, need, budget, [f"{name_a} ({format_size(a)})", f"{name_b} ({format_size(b)})"]
+    )
 
 
 PASS = PassSpec(

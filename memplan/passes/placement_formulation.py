@@ -27,7 +27,8 @@ from memplan.passes.placement_model import GenerationModel
 from memplan.passes.remat_schedule import compute_share
 from memplan.solvers.milp import MilpProblem, MilpResult, dense_problem, solve_milp
 
-GIB = float(1 << 30)
+GIB = float(1 << 20)
+"""Bytes per unit of the byte rows (MiB: HiGHS's 1e-6 feasibility tolerance is then about a byte)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +61,11 @@ class _Cols:
 
 
 def formulate(
-    model: GenerationModel, hw: Hardware, budgets: dict[str, int], kv_tiers: tuple[str, ...]
-) -> tuple[MilpProblem, dict[str, object]]:
-    """The MILP and an index of its columns (see the module docstring)."""
+    model: GenerationModel, hw: Hardware, budgets: dict[str, int], kv_tiers: tuple[str, ...],
+    least_device: bool = False,
+) -> tuple[MilpProblem, dict[str, object]]:  # fmt: skip
+    """The MILP and an index of its columns (see the module docstring). `least_device`: minimise the
+    device bytes instead of the time, with no device budget (the least budget any placement needs)."""
     tiers = [t.name for t in hw.tiers if t.name in budgets]
     kv_ok = [t for t in tiers if t == "device" or t in kv_tiers]
     cols = _Cols([], [], [], [])
@@ -170,7 +173,12 @@ def formulate(
         (ca, ka), (cb, kb) = streams[a], streams[b]
         both = {i: ca.get(i, 0.0) + cb.get(i, 0.0) for i in {*ca, *cb}}
         row({w: 1.0, **{i: -v for i, v in both.items()}}, ka + kb, np.inf)
-    row(device_use, -np.inf, (budgets["device"] - model.fixed_bytes) / GIB)
+    if least_device:
+        cost[:] = 0.0
+        for i, v in device_use.items():
+            cost[i] += v
+    else:
+        row(device_use, -np.inf, (budgets["device"] - model.fixed_bytes) / GIB)
     for r, use in tier_use.items():
         if use:
             row(use, -np.inf, budgets[r] / GIB)
@@ -220,3 +228,17 @@ def solve(
     problem, index = formulate(model, hw, budgets, kv_tiers)
     result = solve_milp(problem, time_limit_s, mip_rel_gap=1e-6)
     return result, (decode(result, model, index) if result.x is not None else None)
+
+
+def least_device_bytes(
+    model: GenerationModel, hw: Hardware, budgets: dict[str, int], kv_tiers: tuple[str, ...],
+    time_limit_s: float,
+) -> tuple[int | None, MilpResult]:  # fmt: skip
+    """The least device budget any placement of this model needs (its proven bound when the solver stops
+    early), or None when the other tiers cannot hold what must leave the device."""
+    problem, _ = formulate(model, hw, budgets, kv_tiers, least_device=True)
+    result = solve_milp(problem, time_limit_s, mip_rel_gap=1e-9)
+    best = result.bound if result.status == "optimal" or result.bound is not None else None
+    if result.x is None or best is None:
+        return None, result
+    return int(best * GIB) + model.fixed_bytes, result

@@ -25,6 +25,8 @@ class LayerClass:
     path) and size, and per-layer costs."""
 
     layers: tuple[int, ...]
+    path: str
+    """Module path of the first of them."""
     suffixes: tuple[str, ...]
     sizes: tuple[int, ...]
     prefill_s: float
@@ -118,7 +120,7 @@ def read_model(graph: Graph, hw: Hardware, gen: int, prompt: int) -> GenerationM
         path = layer_path[first]
         kv_prompt, kv_token = _kv_growth(kv, gen, prompt)
         classes.append(
-            LayerClass(tuple(layers), suffixes, sizes, _mean(times[(path, False)]), _mean(times[(path, True)]),
+            LayerClass(tuple(layers), path, suffixes, sizes, _mean(times[(path, False)]), _mean(times[(path, True)]),
                        kv, kv_prompt, kv_token)
         )  # fmt: skip
     others = tuple(
