@@ -132,7 +132,8 @@ def run(quick: bool) -> Result:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("equal", "better")}
     slowest = max(rows, key=lambda r: r["wall_s"])
     notes = [
-        f"{counts['equal']} equal and {counts['better']} better than the published objective, of {len(rows)}; "
+        f"{counts['equal']} equal and {counts['better']} better than the published objective, of "
+        f"{len(rows)}; "
         f"{sum(r['optimal_bits'] for r in rows)} give the golden file's (verified, unique) optimal bits.",
         f"slowest: {slowest['wall_s']:.3f} s ({slowest['model']} {slowest['kind']} {slowest['fraction']}), "
         f"{sum(r['wall_s'] < GOAL_S for r in rows)} of {len(rows)} under {GOAL_S:g} s.",

@@ -94,7 +94,8 @@ def read_problem(path: str | Path) -> ChoiceProblem:
 
 def problem_from_dict(data: Any, source: str = "problem") -> ChoiceProblem:
     """Validate a problem document and build the solver's `ChoiceProblem`; errors name `source`."""
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(PROBLEM_SCHEMA).iter_errors(data))
+    validator = jsonschema.Draft202012Validator(PROBLEM_SCHEMA)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise InvalidInput(f"{source}: invalid at {where}: {error.message}")

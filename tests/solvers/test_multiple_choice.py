@@ -66,8 +66,9 @@ def problems(draw: st.DrawFn) -> ChoiceProblem:
     for i in range(n):
         formats = draw(st.lists(st.sampled_from("abc"), min_size=1, max_size=3, unique=True))
         layers.append(Layer(f"l{i}", tuple(
-            Choice(f, draw(st.integers(-20, 20)) * scale, *(draw(st.integers(0, 9)) * scale for _ in RESOURCES))
-            for f in formats
+            Choice(fmt, draw(st.integers(-20, 20)) * scale,
+                   *(draw(st.integers(0, 9)) * scale for _ in RESOURCES))
+            for fmt in formats
         )))
     ties = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=2))
     limits = Usage(*(draw(st.one_of(st.none(), st.integers(0, 9 * n).map(lambda v: v * scale)))
@@ -93,8 +94,7 @@ def test_equals_brute_force(problem: ChoiceProblem) -> None:
     assert math.isclose(sol.objective, best, rel_tol=1e-12, abs_tol=0.0)
     assert sol.objective == cost_of(problem, sol.choice)
     assert sol.bound is not None and sol.bound <= sol.objective
-    assert all(problem.layers[a].choices[sol.choice[a]].format == problem.layers[b].choices[sol.choice[b]].format
-               for a, b in problem.ties)
+    assert sol.formats is not None and all(sol.formats[a] == sol.formats[b] for a, b in problem.ties)
     used = usage_of(problem, sol.choice)
     assert all((lim := getattr(problem.limits, r)) is None or used[r] <= Fraction(lim) for r in RESOURCES)
 

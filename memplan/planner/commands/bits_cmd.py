@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("problem", help="JSON: layers with choices (format, cost, size, bops, latency), ties, limits")
+    p.add_argument("problem", help="JSON: layers' choices (format, cost, size, bops, latency), ties, limits")
     p.add_argument("-o", "--output", help="write the solution JSON here (default: stdout)")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the solver (default 10)")
     p.set_defaults(func=run)
@@ -81,7 +81,8 @@ def summary(problem: ChoiceProblem, sol: ChoiceSolution) -> str:
             f"reachable (least {least}); relax one of them"
         )
     if sol.status == "timeout":
-        return f"[yellow]no choice found in {sol.time_limit_s:g} s[/yellow] for {n} layers; raise --time-limit"
+        found = f"[yellow]no choice found in {sol.time_limit_s:g} s[/yellow]"
+        return f"{found} for {n} layers; raise --time-limit"
     gap = "-" if sol.gap is None else f"{sol.gap:.2e}"
     return (
         f"[green]{sol.status}[/green]: {n} layers, objective {sol.objective!r}, bound {sol.bound!r}, "
