@@ -94,16 +94,8 @@ def read_problem(path: str | Path) -> ChoiceProblem:
 
 def problem_from_dict(data: Any, source: str = "problem") -> ChoiceProblem:
     """Validate a problem document and build the solver's `ChoiceProblem`; errors name `source`."""
-    validator = jsonschema.Draft202012Validator(PROBLEM_SCHEMA)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise InvalidInput(f"{source}: invalid at {where}: {error.message}")
-    layers = tuple(
-        Layer(layer["name"], tuple(Choice(**{k: _number(v) if k != "format" else v for k, v in c.items()})
-                                   for c in layer["choices"]))
-        for layer in data["layers"]
-    )
+    _check_schema(data, source)
+    layers = tuple(Layer(layer["name"], tuple(map(_choice, layer["choices"]))) for layer in data["layers"])
     limits = data.get("limits", {})
     problem = ChoiceProblem(
         layers,
@@ -115,6 +107,19 @@ def problem_from_dict(data: Any, source: str = "problem") -> ChoiceProblem:
     except InvalidInput as e:
         raise InvalidInput(f"{source}: {e}") from e
     return problem
+
+
+def _check_schema(data: Any, source: str) -> None:
+    """InvalidInput with the most relevant schema violation, and where it is (a JSON path)."""
+    errors = jsonschema.Draft202012Validator(PROBLEM_SCHEMA).iter_errors(data)
+    error = jsonschema.exceptions.best_match(errors)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise InvalidInput(f"{source}: invalid at {where}: {error.message}")
+
+
+def _choice(doc: dict[str, Any]) -> Choice:
+    return Choice(doc["format"], **{k: _number(v) for k, v in doc.items() if k != "format"})
 
 
 def _number(value: float | int) -> float:

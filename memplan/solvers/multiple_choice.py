@@ -128,6 +128,11 @@ def check_problem(problem: ChoiceProblem) -> list[set[str]]:
         limit = getattr(problem.limits, r)
         if limit is not None and not (math.isfinite(limit) and limit >= 0):
             raise InvalidInput(f"limits.{r} = {limit}: must be a finite number >= 0")
+    return _allowed_formats(problem)
+
+
+def _allowed_formats(problem: ChoiceProblem) -> list[set[str]]:
+    """Per layer, the formats every layer of its tie group has (InvalidInput if a group has none)."""
     allowed: list[set[str]] = [set() for _ in problem.layers]
     for group in tie_groups(problem):
         common = set.intersection(*({c.format for c in problem.layers[i].choices} for i in group))
@@ -222,13 +227,8 @@ def solve_multiple_choice(problem: ChoiceProblem, time_limit_s: float) -> Choice
     minimum = minimum_usage(problem, allowed)
     least = _as_usage(minimum)
     empty = ChoiceSolution("infeasible", None, None, None, None, None, None, least, 0.0, time_limit_s)
-    shortfalls = tuple(
-        Shortfall(r, limit, float(minimum[r]))
-        for r in RESOURCES
-        if (limit := getattr(problem.limits, r)) is not None and Fraction(limit) < minimum[r]
-    )
-    if shortfalls:
-        return replace(empty, shortfalls=shortfalls, time_s=_since(t0))
+    if short := shortfalls(problem, minimum):
+        return replace(empty, shortfalls=short, time_s=_since(t0))
     if not problem.layers:
         return replace(empty, status="optimal", choice=(), formats=(), objective=0.0, bound=0.0, gap=0.0,
                        usage=Usage(0.0, 0.0, 0.0), time_s=_since(t0))
@@ -244,6 +244,15 @@ def solve_multiple_choice(problem: ChoiceProblem, time_limit_s: float) -> Choice
         if len(cuts) > MAX_REPAIRS or _since(t0) >= time_limit_s:
             return replace(empty, status="timeout", repairs=len(cuts), time_s=_since(t0))
     return _solution(problem, model, res, choice, replace(empty, repairs=len(cuts)), t0)
+
+
+def shortfalls(problem: ChoiceProblem, minimum: dict[Resource, Fraction]) -> tuple[Shortfall, ...]:
+    """The limits below the least of their resource (exact comparison)."""
+    return tuple(
+        Shortfall(r, limit, float(minimum[r]))
+        for r in RESOURCES
+        if (limit := getattr(problem.limits, r)) is not None and Fraction(limit) < minimum[r]
+    )
 
 
 def _since(t0: float) -> float:
@@ -270,9 +279,10 @@ def _solution(
             return replace(empty, time_s=_since(t0))
         return replace(empty, status="timeout", bound=bound, time_s=_since(t0))
     objective = cost_of(problem, choice)
-    if bound is None and res.status == "optimal":
-        bound = objective
-    bound = None if bound is None else min(bound, objective)
+    if bound is None:  # HiGHS proves optimality without a finite dual bound only when presolve solves it
+        bound = objective if res.status == "optimal" else None
+    else:
+        bound = min(bound, objective)
     scale = model.cost_scale
     optimal = res.status == "optimal" and bound is not None and objective - bound <= GAP_TOLERANCE * scale
     return replace(
@@ -308,13 +318,11 @@ class _Model:
         costs, offset = _shifted(problem, ok, "cost")
         scale = max(costs.max(), 0.0) or 1.0
         upper = np.array([1.0 if a else 0.0 for row in ok for a in row])
-        rows = [(list(range(f, f + len(layer.choices))), [1.0] * len(layer.choices), 1.0, 1.0)
-                for f, layer in zip(first, problem.layers, strict=True)]
+        rows: list[_Row] = [([f + k for k in range(len(layer.choices))], [1.0] * len(layer.choices), 1.0, 1.0)
+                            for f, layer in zip(first, problem.layers, strict=True)]  # one-hot
         rows += _tie_rows(problem, allowed, first)
         for r in RESOURCES:
-            limit = getattr(problem.limits, r)
-            if limit is not None:
-                rows += _limit_row(problem, ok, r, limit)
+            rows += _limit_row(problem, ok, r, getattr(problem.limits, r))
         return _Model(first, costs / scale, upper, rows, float(offset), float(scale))
 
     def milp(self, cuts: list[tuple[int, ...]]) -> MilpProblem:
@@ -361,14 +369,12 @@ def _shifted(problem: ChoiceProblem, ok: list[list[bool]], field: str) -> tuple[
     return np.array(out), offset
 
 
-def _limit_row(
-    problem: ChoiceProblem, ok: list[list[bool]], r: Resource, limit: float
-) -> list[_Row]:
-    """`Σ (r_ik − min_k r_ik) x_ik <= limit − Σ min_k r_ik`, divided by its largest coefficient (none if all
-    are zero: the limit already holds, as the shortfall check passed)."""
+def _limit_row(problem: ChoiceProblem, ok: list[list[bool]], r: Resource, limit: float | None) -> list[_Row]:
+    """`Σ (r_ik − min_k r_ik) x_ik <= limit − Σ min_k r_ik`, divided by its largest coefficient (none without
+    a limit, or if all are zero: the limit then holds, as the shortfall check passed)."""
     values, offset = _shifted(problem, ok, r)
-    scale = float(values.max()) if len(values) else 0.0
-    if scale <= 0:
+    scale = float(values.max())
+    if limit is None or scale <= 0:
         return []
     cols = [j for j in range(len(values)) if values[j] > 0]
     upper = float((Fraction(limit) - offset) / Fraction(scale))
