@@ -20,6 +20,7 @@ COMMANDS = (
     "export_cmd",
     "run_cmd",
     "alloc",
+    "bits_cmd",
     "remat_cmd",
     "zoo_cmd",
     "calibrate_cmd",

@@ -68,14 +68,18 @@ def solve_milp(
     mip_rel_gap: float = 1e-4,
     threads: int = 1,
     start: np.ndarray | None = None,
+    mip_abs_gap: float | None = None,
 ) -> MilpResult:
     """Solve with HiGHS within `time_limit_s` seconds; never hangs, always reports what it found. `start`, a
-    feasible point (every column), is handed to HiGHS as its first incumbent (a warm start)."""
+    feasible point (every column), is handed to HiGHS as its first incumbent (a warm start). `mip_abs_gap`
+    replaces HiGHS's absolute gap (1e-6 by default, which swallows objectives that small)."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", float(mip_rel_gap))
     h.setOptionValue("threads", int(threads))
+    if mip_abs_gap is not None:
+        h.setOptionValue("mip_abs_gap", float(mip_abs_gap))
     lp = highspy.HighsLp()
     n, m = len(problem.c), len(problem.row_lower)
     lp.num_col_, lp.num_row_ = n, m

@@ -68,6 +68,7 @@ def test_help_imports_no_torch() -> None:
         ["export", "{plan}", "--to", "deepspeed", "-o", "{tmp}/ds.json"],
         ["alloc", str(DATA / "minimalloc" / "F.1048576.csv"), "--capacity", "1048576", "-o", "{tmp}/a.csv"],
         ["remat", "{graph}", "--budget-fraction", "0.7", "--timeout", "5"],
+        ["bits", "{bits}", "-o", "{tmp}/bits.json"],
     ],
 )
 def test_commands_that_read_files_import_no_torch(argv: list[str], plan_file: Path, tmp_path: Path) -> None:
@@ -75,5 +76,7 @@ def test_commands_that_read_files_import_no_torch(argv: list[str], plan_file: Pa
     nodes = [{"id": f"n{i}", "cost": 1, "size": s} for i, s in enumerate([10, 10, 10, 10, 1])]
     links = [{"source": f"n{a}", "target": f"n{b}"} for a, b in [(0, 1), (1, 2), (2, 3), (0, 4), (3, 4)]]
     graph.write_text(json.dumps({"directed": True, "nodes": nodes, "links": links}))
-    args = [a.format(plan=plan_file, tmp=tmp_path, graph=graph) for a in argv]
+    bits = tmp_path / "bits.problem.json"
+    bits.write_text(json.dumps({"layers": [{"name": "a", "choices": [{"format": "int8", "cost": 0}]}]}))
+    args = [a.format(plan=plan_file, tmp=tmp_path, graph=graph, bits=bits) for a in argv]
     assert probe(args) == ("NO-TORCH", 0)
