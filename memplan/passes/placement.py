@@ -186,7 +186,8 @@ def _infeasible(plan: Plan, model: GenerationModel, hw: Hardware, opts: Placemen
         return InfeasibleBudget(msg, weights, sum(plan.budget_bytes.values()), [])
     kv_off = any(t in plan.budget_bytes for t in opts.kv_tiers)
     size = {
-        **{("class", c): (f"{cls.path} (one of {cls.count} alike)", sum(cls.sizes) + (cls.kv_bytes if kv_off else 0))
+        **{("class", c): (f"{cls.path} (one of {cls.count} alike)",
+                          sum(cls.sizes) + (cls.kv_bytes if kv_off else 0))
            for c, cls in enumerate(model.classes)},
         **{("other", u): (o.path, sum(o.sizes)) for u, o in enumerate(model.others)},
     }  # fmt: skip

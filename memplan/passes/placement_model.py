@@ -120,7 +120,8 @@ def read_model(graph: Graph, hw: Hardware, gen: int, prompt: int) -> GenerationM
         path = layer_path[first]
         kv_prompt, kv_token = _kv_growth(kv, gen, prompt)
         classes.append(
-            LayerClass(tuple(layers), path, suffixes, sizes, _mean(times[(path, False)]), _mean(times[(path, True)]),
+            LayerClass(tuple(layers), path, suffixes, sizes, _mean(times[(path, False)]),
+                       _mean(times[(path, True)]),
                        kv, kv_prompt, kv_token)
         )  # fmt: skip
     others = tuple(

@@ -10,7 +10,7 @@ a pass adds its own and never rewrites another's (`Decisions.with_`).
     bitwidth     BitsDecision         per tensor: storage format, bits, group size, scale layout
     kv_budget    KVDecision           per layer (and head): tokens kept and their bits
     remat_swap   RematDecision        per saved activation: keep / swap / recompute / split; blocks
-    placement    PlacementDecision    per tensor or slice of one: home tier, its device copies (prefetch, evict)
+    placement    PlacementDecision    per tensor (or slice): home tier, its device copies (prefetch, evict)
     allocate     AllocateDecision     per tier: the arena and how it was packed (offsets: Plan.offsets)
 """
 

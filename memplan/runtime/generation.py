@@ -100,7 +100,8 @@ class GenerationRun:
         for p in self.placed.values():
             if self.graph.value(p.value_id).role != Role.PARAMETER:
                 raise InvalidInput(
-                    f"the plan puts {self.graph.value(p.value_id).name} ({self.graph.value(p.value_id).role}) "
+                    f"the plan puts {self.graph.value(p.value_id).name} "
+                    f"({self.graph.value(p.value_id).role}) "
                     f"on the {p.tier} tier; this runtime streams weights only (plan with kv_tiers=() to keep "
                     "the KV cache on the device)"
                 )
@@ -304,9 +305,9 @@ def _params_by_value(plan: Plan, model: torch.nn.Module) -> dict[int, torch.nn.P
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     shapes = [
-        f"{n}: plan {want[n].shape} {want[n].dtype}, model {tuple(have[n].shape)} {str(have[n].dtype).removeprefix('torch.')}"
+        f"{n}: plan {want[n].shape} {want[n].dtype}, model {tuple(have[n].shape)} {_dtype_name(have[n])}"
         for n in sorted(set(want) & set(have))
-        if tuple(have[n].shape) != want[n].shape or str(have[n].dtype).removeprefix("torch.") != want[n].dtype
+        if tuple(have[n].shape) != want[n].shape or _dtype_name(have[n]) != want[n].dtype
     ]
     if missing or extra or shapes:
         parts = []
@@ -318,6 +319,10 @@ def _params_by_value(plan: Plan, model: torch.nn.Module) -> dict[int, torch.nn.P
             parts.append("different: " + "; ".join(shapes[:5]))
         raise PlanMismatch(f"the plan was made for another model ({plan.model.name}): " + "; ".join(parts))
     return {v.id: have[v.name] for v in want.values()}
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 @contextmanager

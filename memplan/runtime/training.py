@@ -102,7 +102,8 @@ def applied(
     replan: Callable[[tuple[Any, ...]], Plan] | None = None,
 ) -> Iterator[Any]:
     """Run `model`'s training step under `plan` inside the block (see module docstring); a generation plan
-    runs `model.generate` instead (`memplan.runtime.generation`, yielding its `GenerationRun`). `replan(inputs)`,
+    runs `model.generate` instead (`memplan.runtime.generation`, yielding its `GenerationRun`).
+    `replan(inputs)`,
     if given, makes the plan for a call whose input shapes (or autocast) differ from the planned ones."""
     if mechanism not in MECHANISMS:
         raise InvalidInput(

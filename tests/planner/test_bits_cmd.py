@@ -111,7 +111,7 @@ def layers_with(**choice: Any) -> dict[str, Any]:
         (layers_with(sise=2), "Additional properties are not allowed ('sise' was unexpected)"),
         (layers_with(format="int4"), "layers[0] ('a'): format names repeat (['int4', 'int4'])"),
         (layers_with(cost=float("nan")), "layers[0] ('a').choices[1].cost = nan: must be a finite number"),
-        (layers_with(latency=10**400), "layers[0] ('a').choices[1].latency = inf: must be a finite number >= 0"),
+        (layers_with(latency=10**400), "layers[0] ('a').choices[1].latency = inf: must be a finite number >= 0"),  # noqa: E501
         (layers_with() | {"ties": [[0, 1]]}, "ties[0] = [0, 1]: a layer index is out of range (0..0)"),
         (layers_with() | {"ties": [[0]]}, "invalid at ties/0: [0] is too short"),
         (layers_with() | {"ties": [[0, -1]]}, "invalid at ties/0/1: -1 is less than the minimum of 0"),

@@ -162,7 +162,8 @@ RECORDS = st.builds(
     kv=st.none()
     | st.integers(0, 4096).map(lambda t: KVDecision((KVBudget(0, t, 4), KVBudget(1, t, 16, 0)), 4, 32)),
     remat=st.none() | st.integers(1, 8).map(_remat),
-    placement=st.none() | st.just(PlacementDecision((TensorPlacement(1, "ssd", 0, 128, (DeviceCopy(1, 3),)),))),
+    placement=st.none()
+    | st.just(PlacementDecision((TensorPlacement(1, "ssd", 0, 128, (DeviceCopy(1, 3),)),))),
     allocate=st.none()
     | st.just(
         AllocateDecision(

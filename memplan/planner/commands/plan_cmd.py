@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--passes",
-        help="comma-separated passes to run, in order (default: every built pass that applies: remat_swap,placement,allocate)",
+        help="comma-separated passes to run, in order (default: every built pass that applies: "
+        "remat_swap,placement,allocate)",
     )
     p.add_argument(
         "--hardware",

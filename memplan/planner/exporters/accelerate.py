@@ -46,7 +46,8 @@ def config_dict(plan: Plan) -> dict[str, Any]:
         if host:
             max_memory["cpu"] = str(host)
     notes = [
-        "accelerate copies an offloaded module's weights when its forward starts and waits for them; the plan "
+        "accelerate copies an offloaded module's weights when its forward starts and waits for them; the "
+        "plan "
         "prefetches each copy one unit ahead on a background thread (not expressible)",
         "the KV cache stays where accelerate computes it; the plan's KV placement is not expressible",
     ]
