@@ -50,5 +50,3 @@ ROW_OPS = (
 `native_layer_norm` and `mean.dim` over the last dim only."""
 ROW_OPERAND = {"aten.mm.default": 0, "aten.addmm.default": 1}
 """The one input of a matmul that carries rows; its other inputs are parameters."""
-
-

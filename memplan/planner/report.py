@@ -133,7 +133,12 @@ def _header(plan: Plan) -> tuple[tuple[str, str], ...]:
     seq = "" if w.seq is None else f", seq {w.seq}"
     return (
         ("model", f"{m.name} ({m.source}), {m.parameters:,} parameters, {m.fingerprint}"),
-        ("workload", f"{w.mode}, batch {w.batch}{seq}, optimizer {w.optimizer}"),
+        (
+            "workload",
+            f"generation, batch {w.batch}, prompt {w.seq}, gen {w.gen}"
+            if w.gen
+            else f"{w.mode}, batch {w.batch}{seq}, optimizer {w.optimizer}",
+        ),
         (
             "hardware",
             f"{hw.name} ({hw.device_kind}), tiers {', '.join(t.name for t in hw.tiers)}"

@@ -63,6 +63,7 @@ class GenerationMeasured(Protocol):
     prefill_s: float
     bytes_read: dict[str, int]
     io_wait_s: float
+    tier_peak_bytes: dict[str, int]
 
     @property
     def decode_per_token_s(self) -> float: ...
@@ -88,10 +89,14 @@ class GenerationComparison:
     measured_read_bytes: dict[str, int]
     io_hidden_s: float
     io_exposed_s: float
+    tier_peaks: dict[str, tuple[int, int, int]]
+    """Other tiers: (predicted, measured, budget) peak bytes."""
 
     @property
     def within_budget(self) -> bool:
-        return self.measured_peak_bytes <= self.budget_bytes
+        """The device and every other tier held their budgets."""
+        others = all(m <= b for _, m, b in self.tier_peaks.values())
+        return self.measured_peak_bytes <= self.budget_bytes and others
 
     def tok_s(self, which: str, measured: bool) -> float:
         """Tokens per second of the prefill or of decoding (one token per sequence per forward)."""
@@ -110,10 +115,14 @@ class GenerationComparison:
             f"{format_size(self.measured_read_bytes.get(t, 0))}"
             for t in tiers
         )
+        tier_text = "".join(
+            f" {t} peak: predicted {format_size(p)}, measured {format_size(m)} (budget {format_size(b)})."
+            for t, (p, m, b) in sorted(self.tier_peaks.items())
+        )
         return (
             f"device peak: predicted {format_size(self.predicted_peak_bytes)}, measured "
             f"{format_size(self.measured_peak_bytes)} ({err:+.2%}); {verdict} the budget of "
-            f"{format_size(self.budget_bytes)}.\n"
+            f"{format_size(self.budget_bytes)}.{tier_text}\n"
             f"prefill: predicted {self.tok_s('prefill', False):.1f} tok/s, measured "
             f"{self.tok_s('prefill', True):.1f} tok/s; decode: predicted {self.tok_s('decode', False):.2f} "
             f"tok/s, measured {self.tok_s('decode', True):.2f} tok/s (batch {self.batch}).\n"
@@ -146,4 +155,8 @@ def compare_generation(plan: Plan, measured: GenerationMeasured) -> GenerationCo
         measured_read_bytes=dict(measured.bytes_read),
         io_hidden_s=measured.io_hidden_s,
         io_exposed_s=measured.io_wait_s,
+        tier_peaks={
+            t: (plan.predictions.peak_bytes.get(t, 0), m, plan.budget_bytes.get(t, 0))
+            for t, m in measured.tier_peak_bytes.items()
+        },
     )

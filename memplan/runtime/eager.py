@@ -92,6 +92,7 @@ __all__ = [
     "swap_specs",
 ]
 
+
 def _checkpointed_forward(
     forward: Callable[..., Any], table: dict[tuple[str, int], str], stats: Counter[str]
 ) -> Callable[..., Any]:

@@ -57,6 +57,8 @@ class GenerationMeasurement:
     bytes_read: dict[str, int] = field(default_factory=dict)
     io_busy_s: dict[str, float] = field(default_factory=dict)
     io_wait_s: float = 0.0
+    tier_peak_bytes: dict[str, int] = field(default_factory=dict)
+    """Peak bytes each tier other than the device held (the SSD tier: its weight file)."""
     wall_s: float = 0.0
     backends: dict[str, str] = field(default_factory=dict)
 
@@ -106,6 +108,12 @@ class GenerationRun:
                     "the KV cache on the device)"
                 )
         self.params = _params_by_value(plan, model)
+        on = {p.device.type for p in self.params.values()}
+        if on != {"cpu"}:
+            raise InvalidInput(
+                f"the model's weights are on {', '.join(sorted(on))}: this runtime streams weights into CPU "
+                "memory (the cpu preset's device tier); streaming onto a CUDA device is not built yet"
+            )
         self.units = [op.module_path for op in self.graph.ops]
         self.per_forward = sum(1 for op in self.graph.ops if op.name.startswith("prefill:"))
         self.step = 0
@@ -277,10 +285,12 @@ class GenerationRun:
         if self.file is not None:
             m.bytes_read["ssd"] = self.file.stats.bytes_read
             m.io_busy_s["ssd"] = self.file.stats.busy_s
+            m.tier_peak_bytes["ssd"] = sum(s.nbytes for s in self.file.stored.values())
         for tier, store in self.stores.items():
             st = store.stats()
             m.bytes_read[tier] = st.bytes_read
             m.io_busy_s[tier] = st.busy_s
+            m.tier_peak_bytes[tier] = st.peak_bytes
         return m
 
 

@@ -35,6 +35,7 @@ def rebuild_rows(step: PlannedStep, vid: int, ops: tuple[int, ...], k: int) -> N
             _execute_rows(step, i, k, scratch)
     step.scratch.append(scratch)
 
+
 def _execute_rows(
     step: PlannedStep,
     index: int,
@@ -73,6 +74,7 @@ def _execute_rows(
             scratch[out_vid] = t
         return
     write_into(node.target, args, kwargs, op.outputs.index(into[0]), len(op.outputs), into[1])
+
 
 def _row_block(step: PlannedStep, vid: int, k: int, scratch: dict[int, torch.Tensor]) -> torch.Tensor:
     if vid in scratch:

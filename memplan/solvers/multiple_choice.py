@@ -182,8 +182,10 @@ def minimum_usage(problem: ChoiceProblem, allowed: list[set[str]]) -> dict[Resou
     groups = tie_groups(problem)
     return {
         r: sum(
-            (min(_exact_sum(getattr(_choice(problem.layers[i], f), r) for i in g) for f in allowed[g[0]])
-             for g in groups),
+            (
+                min(_exact_sum(getattr(_choice(problem.layers[i], f), r) for i in g) for f in allowed[g[0]])
+                for g in groups
+            ),
             Fraction(0),
         )
         for r in RESOURCES
@@ -230,8 +232,17 @@ def solve_multiple_choice(problem: ChoiceProblem, time_limit_s: float) -> Choice
     if short := shortfalls(problem, minimum):
         return replace(empty, shortfalls=short, time_s=_since(t0))
     if not problem.layers:
-        return replace(empty, status="optimal", choice=(), formats=(), objective=0.0, bound=0.0, gap=0.0,
-                       usage=Usage(0.0, 0.0, 0.0), time_s=_since(t0))
+        return replace(
+            empty,
+            status="optimal",
+            choice=(),
+            formats=(),
+            objective=0.0,
+            bound=0.0,
+            gap=0.0,
+            usage=Usage(0.0, 0.0, 0.0),
+            time_s=_since(t0),
+        )
     model = _Model.build(problem, allowed)
     cuts: list[tuple[int, ...]] = []
     while True:
@@ -318,8 +329,10 @@ class _Model:
         costs, offset = _shifted(problem, ok, "cost")
         scale = max(costs.max(), 0.0) or 1.0
         upper = np.array([1.0 if a else 0.0 for row in ok for a in row])
-        rows: list[_Row] = [([f + k for k in range(len(layer.choices))], [1.0] * len(layer.choices), 1.0, 1.0)
-                            for f, layer in zip(first, problem.layers, strict=True)]  # one-hot
+        rows: list[_Row] = [
+            ([f + k for k in range(len(layer.choices))], [1.0] * len(layer.choices), 1.0, 1.0)
+            for f, layer in zip(first, problem.layers, strict=True)
+        ]  # one-hot
         rows += _tie_rows(problem, allowed, first)
         for r in RESOURCES:
             rows += _limit_row(problem, ok, r, getattr(problem.limits, r))
@@ -328,8 +341,9 @@ class _Model:
     def milp(self, cuts: list[tuple[int, ...]]) -> MilpProblem:
         """The MILP with a no-good row `Σ_i x_{i, cut_i} <= n − 1` for each cut."""
         n = len(self.first)
-        rows = self.rows + [([f + k for f, k in zip(self.first, cut, strict=True)], [1.0] * n, 0.0, n - 1.0)
-                            for cut in cuts]
+        rows = self.rows + [
+            ([f + k for f, k in zip(self.first, cut, strict=True)], [1.0] * n, 0.0, n - 1.0) for cut in cuts
+        ]
         return _csc(self.cost, self.upper, rows)
 
     def decode(self, res: MilpResult) -> tuple[int, ...] | None:
@@ -338,8 +352,10 @@ class _Model:
             return None
         ends = [*self.first[1:], len(self.cost)]
         choice = tuple(int(np.argmax(res.x[f:e])) for f, e in zip(self.first, ends, strict=True))
-        internal_assert(all(res.x[f + k] > 0.5 for f, k in zip(self.first, choice, strict=True)),
-                        "multiple-choice MILP: a layer has no choice at 1")
+        internal_assert(
+            all(res.x[f + k] > 0.5 for f, k in zip(self.first, choice, strict=True)),
+            "multiple-choice MILP: a layer has no choice at 1",
+        )
         return choice
 
 
@@ -364,8 +380,9 @@ def _shifted(problem: ChoiceProblem, ok: list[list[bool]], field: str) -> tuple[
         values = [getattr(c, field) for c in layer.choices]
         least = min(v for v, a in zip(values, allowed, strict=True) if a)
         offset += Fraction(least)
-        out += [float(Fraction(v) - Fraction(least)) if a else 0.0
-                for v, a in zip(values, allowed, strict=True)]
+        out += [
+            float(Fraction(v) - Fraction(least)) if a else 0.0 for v, a in zip(values, allowed, strict=True)
+        ]
     return np.array(out), offset
 
 

@@ -37,9 +37,16 @@ def config_dict(plan: Plan) -> dict[str, Any]:
         {p.value_id: p.tier for p in plan.decisions.placement.tensors} if plan.decisions.placement else {}
     )
     where: dict[str, int | str] = {}
+    by_id = {v.id: v for v in plan.tensors}
     for v in plan.tensors:
         if v.role in (Role.PARAMETER, Role.BUFFER) and v.alias_of is None:
             where[v.name] = target[placed.get(v.id, "device")]
+    for op in plan.ops:  # a module reading a tied weight under another module's name (an LM head)
+        for vid in op.inputs:
+            v = by_id[vid]
+            owned = any(n == op.module_path or n.startswith(op.module_path + ".") for n in where)
+            if v.role == Role.PARAMETER and op.module_path and not owned:
+                where[op.module_path] = target[placed.get(v.id, "device")]
     max_memory: dict[str, str] = {str(device): str(plan.budget_bytes["device"])}
     if not cpu:
         host = sum(plan.budget_bytes.get(t, 0) for t in ("host", "cxl"))

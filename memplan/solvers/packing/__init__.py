@@ -11,6 +11,16 @@ from memplan.solvers.packing.sweep import max_load
 from memplan.solvers.packing.validate import Failure, Violation, validate
 
 __all__ = [
-    "Buffer", "Failure", "PortfolioOptions", "Problem", "Solution", "Status", "Violation",
-    "height_of", "make_buffer", "max_load", "solve", "validate",
+    "Buffer",
+    "Failure",
+    "PortfolioOptions",
+    "Problem",
+    "Solution",
+    "Status",
+    "Violation",
+    "height_of",
+    "make_buffer",
+    "max_load",
+    "solve",
+    "validate",
 ]

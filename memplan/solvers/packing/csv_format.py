@@ -53,10 +53,12 @@ def _columns(header: list[str], source: str) -> list[str]:
     missing = [c for c in REQUIRED if c not in header]
     unknown = [c for c in header if c not in REQUIRED + OPTIONAL]
     if missing or unknown or len(set(header)) != len(header):
-        raise InvalidInput(f"{source}:1: bad header {','.join(header)!r}: need {','.join(REQUIRED)}, "
-                           f"optionally {','.join(OPTIONAL)}"
-                           + (f"; missing {','.join(missing)}" if missing else "")
-                           + (f"; unknown {','.join(unknown)}" if unknown else ""))
+        raise InvalidInput(
+            f"{source}:1: bad header {','.join(header)!r}: need {','.join(REQUIRED)}, "
+            f"optionally {','.join(OPTIONAL)}"
+            + (f"; missing {','.join(missing)}" if missing else "")
+            + (f"; unknown {','.join(unknown)}" if unknown else "")
+        )
     return header
 
 

@@ -124,8 +124,9 @@ def place(problem: Problem, order: np.ndarray, sw: Sweep | None = None, ordering
             continue
         others = np.concatenate([_overlapping(ix, int(ix.lo[p]), int(ix.hi[p])) for p in piece_of[i]])
         others = others[placed[others]]
-        offsets[i] = _best_gap(offsets[others], offsets[others] + sizes[others], int(sizes[i]),
-                               problem.alignment_of(i))
+        offsets[i] = _best_gap(
+            offsets[others], offsets[others] + sizes[others], int(sizes[i]), problem.alignment_of(i)
+        )
         placed[i] = True
     height = int((offsets + sizes).max())
     return GreedyResult(tuple(int(o) for o in offsets), height, ordering)

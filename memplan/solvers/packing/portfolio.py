@@ -66,8 +66,12 @@ def _greedy(problem: Problem, opts: PortfolioOptions, lb: int, deadline: float) 
     return best
 
 
-def solve(problem: Problem, timeout_s: float, capacity: int | None = None,
-          options: PortfolioOptions = PortfolioOptions()) -> Solution:
+def solve(
+    problem: Problem,
+    timeout_s: float,
+    capacity: int | None = None,
+    options: PortfolioOptions = PortfolioOptions(),
+) -> Solution:
     """Pack `problem` (its capacity, or `capacity` when given) within about `timeout_s` seconds.
 
     Without a capacity the height is minimised. The returned packing is the lowest found even when it
@@ -131,24 +135,33 @@ def decompose(problem: Problem) -> tuple[int, dict[int, int], list[list[int]]]:
     return base, bottom, [[rest[j] for j in part] for part in partitions(sweep(sub))]
 
 
-def _combine(problem: Problem, offsets: tuple[int, ...], lb: int, base: int, sols: list[Solution],
-             cap: int | None, t0: float) -> Solution:
+def _combine(
+    problem: Problem,
+    offsets: tuple[int, ...],
+    lb: int,
+    base: int,
+    sols: list[Solution],
+    cap: int | None,
+    t0: float,
+) -> Solution:
     """One solution from the bottom stack and the partitions' solutions."""
     height = height_of(problem, offsets)
     statuses = {s.status for s in sols}
     nodes = sum(s.nodes for s in sols)
     who = "+".join(sorted({s.solver for s in sols})) or "stack"
     if cap is not None and Status.INFEASIBLE in statuses:
-        return Solution(offsets, height, Status.INFEASIBLE, max(lb, (cap or 0) + 1), time.perf_counter() - t0,
-                        who, nodes)
+        return Solution(
+            offsets, height, Status.INFEASIBLE, max(lb, (cap or 0) + 1), time.perf_counter() - t0, who, nodes
+        )
     if cap is not None and (Status.TIMEOUT in statuses or height > cap):
         return Solution(offsets, height, Status.TIMEOUT, lb, time.perf_counter() - t0, who, nodes)
     status = Status.OPTIMAL if height == lb else Status.FEASIBLE
     return Solution(offsets, height, status, lb, time.perf_counter() - t0, who, nodes)
 
 
-def _solve_part(problem: Problem, lb: int, cap: int | None, options: PortfolioOptions, t0: float,
-                deadline: float) -> Solution:
+def _solve_part(
+    problem: Problem, lb: int, cap: int | None, options: PortfolioOptions, t0: float, deadline: float
+) -> Solution:
     """Greedy, then exact search, on a problem that does not decompose further: fit `cap` if given
     (a partition's share of the capacity, or the height another partition already forces), else minimise.
 
@@ -161,8 +174,16 @@ def _solve_part(problem: Problem, lb: int, cap: int | None, options: PortfolioOp
     if cap is not None:
         g = _greedy(problem, options, target, deadline)
         can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
-        return _fit(problem, cap, lb, (g.offsets_bytes, g.height_bytes, f"greedy-{g.ordering}"), can_search,
-                    options, t0, deadline)
+        return _fit(
+            problem,
+            cap,
+            lb,
+            (g.offsets_bytes, g.height_bytes, f"greedy-{g.ordering}"),
+            can_search,
+            options,
+            t0,
+            deadline,
+        )
     first = replace(options, greedy_orderings=options.greedy_orderings[:1])
     g = _greedy(problem, first, target, deadline)
     can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
@@ -170,8 +191,15 @@ def _solve_part(problem: Problem, lb: int, cap: int | None, options: PortfolioOp
         r = search(problem, target, (deadline - time.perf_counter()) * DIVE_SHARE, options.search)
         if r.outcome is Outcome.FOUND and r.offsets_bytes is not None:
             h = height_of(problem, r.offsets_bytes)
-            return Solution(r.offsets_bytes, h, Status.OPTIMAL if h == lb else Status.FEASIBLE, lb,
-                            time.perf_counter() - t0, "exact", r.nodes)
+            return Solution(
+                r.offsets_bytes,
+                h,
+                Status.OPTIMAL if h == lb else Status.FEASIBLE,
+                lb,
+                time.perf_counter() - t0,
+                "exact",
+                r.nodes,
+            )
     if g.height_bytes > target:
         rest = replace(options, greedy_orderings=options.greedy_orderings[1:])
         if rest.greedy_orderings:
@@ -181,8 +209,16 @@ def _solve_part(problem: Problem, lb: int, cap: int | None, options: PortfolioOp
     return _minimise(problem, lb, best, can_search, options, t0, deadline)
 
 
-def _fit(problem: Problem, cap: int, lb: int, best: tuple[tuple[int, ...], int, str], can_search: bool,
-         opts: PortfolioOptions, t0: float, deadline: float) -> Solution:
+def _fit(
+    problem: Problem,
+    cap: int,
+    lb: int,
+    best: tuple[tuple[int, ...], int, str],
+    can_search: bool,
+    opts: PortfolioOptions,
+    t0: float,
+    deadline: float,
+) -> Solution:
     offsets, height, who = best
     if height <= cap:
         status = Status.OPTIMAL if height == lb else Status.FEASIBLE
@@ -199,8 +235,15 @@ def _fit(problem: Problem, cap: int, lb: int, best: tuple[tuple[int, ...], int, 
     return Solution(offsets, height, status, bound, time.perf_counter() - t0, who, r.nodes)
 
 
-def _minimise(problem: Problem, lb: int, best: tuple[tuple[int, ...], int, str], can_search: bool,
-              opts: PortfolioOptions, t0: float, deadline: float) -> Solution:
+def _minimise(
+    problem: Problem,
+    lb: int,
+    best: tuple[tuple[int, ...], int, str],
+    can_search: bool,
+    opts: PortfolioOptions,
+    t0: float,
+    deadline: float,
+) -> Solution:
     """Bisect the height between the proven bound `lo` and the best packing's height."""
     offsets, height, who = best
     lo, nodes = lb, 0

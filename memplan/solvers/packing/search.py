@@ -100,11 +100,20 @@ def _tables(problem: Problem) -> tuple[Tables, dict[str, np.ndarray]]:
     np.add.at(crossing, sw.last - 1, -1)
     reach = np.zeros(sw.n_sections, dtype=np.int64)  # per section: largest size + alignment - 1
     np.maximum.at(reach, pairs_s, (size + align - 1)[pairs_b])
-    tab = Tables(size.tolist(), align.tolist(), sw.first.tolist(), sw.last.tolist(),
-                 [c.tolist() for c in sw.covers], [o.tolist() for o in overlap_lists(sw, list(range(n)))],
-                 members, _sym_prev(problem), np.cumsum(crossing)[:-1].tolist(), sw.load.tolist(),
-                 [int(size[i] + reach[c].max()) for i, c in enumerate(sw.covers)],
-                 [len(c) == int(sw.last[i] - sw.first[i]) for i, c in enumerate(sw.covers)])
+    tab = Tables(
+        size.tolist(),
+        align.tolist(),
+        sw.first.tolist(),
+        sw.last.tolist(),
+        [c.tolist() for c in sw.covers],
+        [o.tolist() for o in overlap_lists(sw, list(range(n)))],
+        members,
+        _sym_prev(problem),
+        np.cumsum(crossing)[:-1].tolist(),
+        sw.load.tolist(),
+        [int(size[i] + reach[c].max()) for i, c in enumerate(sw.covers)],
+        [len(c) == int(sw.last[i] - sw.first[i]) for i, c in enumerate(sw.covers)],
+    )
     width = sw.events[sw.last] - sw.events[sw.first]
     total = np.asarray([sw.load[c].max() for c in sw.covers], dtype=np.int64)
     keys = {"W": width, "A": np.asarray([b.area for b in problem.buffers], dtype=np.int64), "T": total}
@@ -133,8 +142,9 @@ def preorder_rank(keys: dict[str, np.ndarray], heuristic: str) -> list[int]:
     return rank.tolist()
 
 
-def search(problem: Problem, capacity_bytes: int, timeout_s: float,
-           params: SearchParams = SearchParams()) -> SearchResult:
+def search(
+    problem: Problem, capacity_bytes: int, timeout_s: float, params: SearchParams = SearchParams()
+) -> SearchResult:
     """Find a packing of `problem` within `capacity_bytes`, prove there is none, or time out.
 
     Buffers of size 0 get offset 0 and take no part. The found packing's offsets respect alignment.
@@ -146,8 +156,9 @@ def search(problem: Problem, capacity_bytes: int, timeout_s: float,
     return _run(problem, capacity_bytes, timeout_s, params, lambda: False)
 
 
-def _run(problem: Problem, capacity_bytes: int, timeout_s: float, params: SearchParams,
-         stop: Callable[[], bool]) -> SearchResult:
+def _run(
+    problem: Problem, capacity_bytes: int, timeout_s: float, params: SearchParams, stop: Callable[[], bool]
+) -> SearchResult:
     """The search in this process; `stop()` (polled every 64 nodes) ends it early, as a timeout."""
     deadline = time.perf_counter() + timeout_s
     keep = [i for i, b in enumerate(problem.buffers) if b.size_bytes > 0]
@@ -164,13 +175,29 @@ def _run(problem: Problem, capacity_bytes: int, timeout_s: float, params: Search
 
 
 def _switches(params: SearchParams) -> Switches:
-    return Switches(params.canonical_only, params.dominance, params.section_inference,
-                    params.unallocated_floor, params.symmetry, params.dynamic_decomposition,
-                    params.hatless_pruning, params.dynamic_preorder, params.dynamic_preorder_max)
+    return Switches(
+        params.canonical_only,
+        params.dominance,
+        params.section_inference,
+        params.unallocated_floor,
+        params.symmetry,
+        params.dynamic_decomposition,
+        params.hatless_pruning,
+        params.dynamic_preorder,
+        params.dynamic_preorder_max,
+    )
 
 
-def _rounds(tab: Tables, keys: dict[str, np.ndarray], capacity_bytes: int, params: SearchParams,
-            deadline: float, keep: list[int], n: int, stop: Callable[[], bool]) -> SearchResult:
+def _rounds(
+    tab: Tables,
+    keys: dict[str, np.ndarray],
+    capacity_bytes: int,
+    params: SearchParams,
+    deadline: float,
+    keep: list[int],
+    n: int,
+    stop: Callable[[], bool],
+) -> SearchResult:
     """Round robin over the preorders with a node limit doubling every round (MiniMalloc's schedule)."""
     limit, nodes = len(keep), 0
     ranks = {h: preorder_rank(keys, h) for h in params.preorderings}
@@ -178,8 +205,17 @@ def _rounds(tab: Tables, keys: dict[str, np.ndarray], capacity_bytes: int, param
     while True:
         limit *= 2
         for heuristic in params.preorderings:
-            dfs = Dfs(tab, capacity_bytes, ranks[heuristic], _switches(params), limit, deadline, heuristic,
-                      static_keys, stop)
+            dfs = Dfs(
+                tab,
+                capacity_bytes,
+                ranks[heuristic],
+                _switches(params),
+                limit,
+                deadline,
+                heuristic,
+                static_keys,
+                stop,
+            )
             try:
                 found = dfs.solve()
             except Abort:

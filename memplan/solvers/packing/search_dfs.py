@@ -87,9 +87,18 @@ INF = 1 << 62
 class Dfs:
     """One round under one preorder: `solve()` places every buffer or proves it cannot be done."""
 
-    def __init__(self, tab: Tables, cap: int, rank: list[int], sw: Switches, node_limit: int,
-                 deadline: float, preorder: str = "", static_keys: dict[str, list[int]] | None = None,
-                 stop: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        tab: Tables,
+        cap: int,
+        rank: list[int],
+        sw: Switches,
+        node_limit: int,
+        deadline: float,
+        preorder: str = "",
+        static_keys: dict[str, list[int]] | None = None,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
         n = len(tab.size)
         self.tab, self.cap, self.rank, self.sw, self.n = tab, cap, list(rank), sw, n
         self.preorder, self.static_keys = preorder, static_keys or {}
@@ -142,8 +151,10 @@ class Dfs:
 
     def _reorder(self, sub: list[int]) -> list[int]:
         """`sub` sorted by the preorder, "T" being the largest unplaced total among a buffer's sections."""
-        cols = [self._largest_totals(sub) if c == "T" else [self.static_keys[c][u] for u in sub]
-                for c in self.preorder]
+        cols = [
+            self._largest_totals(sub) if c == "T" else [self.static_keys[c][u] for u in sub]
+            for c in self.preorder
+        ]
         idx = sorted(range(len(sub)), key=lambda j: (*(-col[j] for col in cols), sub[j]))
         return [sub[j] for j in idx]
 
@@ -168,7 +179,7 @@ class Dfs:
             b = um[i]
             if self.sw.symmetry and minoff[prev[b]] != self.cap:
                 continue  # twins go in index order
-            if not self._doomed(b, s0, s1) and self._try(b, um[:i] + um[i + 1:], s0, s1):
+            if not self._doomed(b, s0, s1) and self._try(b, um[:i] + um[i + 1 :], s0, s1):
                 return True
             if self.sw.hatless_pruning and self._hatless(b):
                 return False  # b fixed nothing for the others, and no later sibling can place b
@@ -189,8 +200,11 @@ class Dfs:
         first, last, single = tab.first, tab.last, tab.single
         for u in tab.members[s]:
             m = minoff[u]
-            if m <= room and u != b and (m >= top or top <= room or not single[u] or last[u] <= f
-                                         or first[u] >= end):
+            if (
+                m <= room
+                and u != b
+                and (m >= top or top <= room or not single[u] or last[u] <= f or first[u] >= end)
+            ):
                 return False
         return True
 
@@ -234,8 +248,12 @@ class Dfs:
     def _largest_totals(self, sub: list[int]) -> list[int]:
         """Per buffer of `sub`, the largest unplaced total among its sections."""
         total, tab = self.total, self.tab
-        return [max(total[tab.first[u]:tab.last[u]]) if tab.single[u]
-                else max([total[s] for s in tab.covers[u]]) for u in sub]
+        return [
+            max(total[tab.first[u] : tab.last[u]])
+            if tab.single[u]
+            else max([total[s] for s in tab.covers[u]])
+            for u in sub
+        ]
 
     def _try(self, b: int, um: list[int], s0: int, s1: int) -> bool:
         """Place b at its min offset, recurse, undo."""

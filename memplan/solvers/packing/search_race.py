@@ -30,12 +30,17 @@ Runner = Callable[["Problem", int, float, "SearchParams", Callable[[], bool]], "
 
 def rival(params: SearchParams) -> SearchParams:
     """The child's settings: preorders reversed, `dynamic_preorder` flipped, no further racing."""
-    return replace(params, parallel=False, dynamic_preorder=not params.dynamic_preorder,
-                   preorderings=tuple(reversed(params.preorderings)))
+    return replace(
+        params,
+        parallel=False,
+        dynamic_preorder=not params.dynamic_preorder,
+        preorderings=tuple(reversed(params.preorderings)),
+    )
 
 
-def race(run: Runner, problem: Problem, capacity: int, timeout_s: float,
-         params: SearchParams) -> SearchResult:
+def race(
+    run: Runner, problem: Problem, capacity: int, timeout_s: float, params: SearchParams
+) -> SearchResult:
     """`run` here with `params` and in a forked child with `rival(params)`; the first answer wins."""
     if "fork" not in multiprocessing.get_all_start_methods():
         return run(problem, capacity, timeout_s, replace(params, parallel=False), lambda: False)
@@ -60,8 +65,9 @@ def race(run: Runner, problem: Problem, capacity: int, timeout_s: float,
         recv.close()
 
 
-def _child(run: Runner, problem: Problem, capacity: int, timeout_s: float, params: SearchParams,
-           send: Connection) -> None:
+def _child(
+    run: Runner, problem: Problem, capacity: int, timeout_s: float, params: SearchParams, send: Connection
+) -> None:
     try:
         send.send(run(problem, capacity, timeout_s, params, lambda: False))
     finally:

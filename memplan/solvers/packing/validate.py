@@ -49,12 +49,20 @@ def validate(problem: Problem, offsets: tuple[int, ...] | list[int] | None) -> l
     for i, (b, o) in enumerate(zip(problem.buffers, offsets, strict=True)):
         align = problem.alignment_of(i)
         if o % align:
-            out.append(Violation(Failure.ALIGNMENT, (b.id,),
-                                 f"buffer {b.id}: offset {o} is not a multiple of {align}"))
+            out.append(
+                Violation(
+                    Failure.ALIGNMENT, (b.id,), f"buffer {b.id}: offset {o} is not a multiple of {align}"
+                )
+            )
         cap = problem.capacity_bytes
         if o < 0 or (cap is not None and o + b.size_bytes > cap):
-            out.append(Violation(Failure.OUT_OF_BOUNDS, (b.id,),
-                                 f"buffer {b.id}: bytes [{o}, {o + b.size_bytes}) outside [0, {cap})"))
+            out.append(
+                Violation(
+                    Failure.OUT_OF_BOUNDS,
+                    (b.id,),
+                    f"buffer {b.id}: bytes [{o}, {o + b.size_bytes}) outside [0, {cap})",
+                )
+            )
     return out + _overlaps(problem, list(offsets))
 
 
@@ -78,10 +86,15 @@ def _overlaps(problem: Problem, offsets: list[int]) -> list[Violation]:
         pos = bisect.bisect_left(live, key)
         for j in _clashes(problem, offsets, live, pos, i):
             a, c = problem.buffers[i], problem.buffers[j]
-            out.append(Violation(Failure.OVERLAP, (c.id, a.id),
-                                 f"buffers {c.id} [{offsets[j]}, {offsets[j] + c.size_bytes}) and "
-                                 f"{a.id} [{offsets[i]}, {offsets[i] + a.size_bytes}) are live together "
-                                 "and overlap"))
+            out.append(
+                Violation(
+                    Failure.OVERLAP,
+                    (c.id, a.id),
+                    f"buffers {c.id} [{offsets[j]}, {offsets[j] + c.size_bytes}) and "
+                    f"{a.id} [{offsets[i]}, {offsets[i] + a.size_bytes}) are live together "
+                    "and overlap",
+                )
+            )
         live.insert(pos, key)
     return out
 
