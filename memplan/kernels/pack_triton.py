@@ -24,7 +24,7 @@ def _pack_kernel(codes_ptr, out_ptr, rows, cols, out_cols,
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]  # [BR, 1]
     unit = tl.program_id(1) * BLOCK_UNITS + tl.arange(0, BLOCK_UNITS)[None, :]  # [1, BU]
     in_rows = r < rows
-    word = tl.zeros([BLOCK_ROWS, BLOCK_UNITS], dtype=tl.int32)
+    word = tl.full([BLOCK_ROWS, BLOCK_UNITS], 0, tl.int32)
     for j in tl.static_range(VALUES):
         col = unit * VALUES + j
         code = tl.load(codes_ptr + r * cols + col, mask=in_rows & (col < cols), other=0)
@@ -42,7 +42,7 @@ def _unpack_kernel(packed_ptr, out_ptr, rows, cols, packed_width,
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
     unit = tl.program_id(1) * BLOCK_UNITS + tl.arange(0, BLOCK_UNITS)[None, :]
     in_rows = r < rows
-    word = tl.zeros([BLOCK_ROWS, BLOCK_UNITS], dtype=tl.int32)
+    word = tl.full([BLOCK_ROWS, BLOCK_UNITS], 0, tl.int32)
     for i in tl.static_range(NBYTES):
         byte = unit * NBYTES + i
         b = tl.load(packed_ptr + r * packed_width + byte, mask=in_rows & (byte < packed_width), other=0)
@@ -55,7 +55,7 @@ def _unpack_kernel(packed_ptr, out_ptr, rows, cols, packed_width,
 
 def pack(codes: torch.Tensor, bits: int, block_rows: int = BLOCK_ROWS,
          block_units: int = BLOCK_UNITS) -> torch.Tensor:
-    """`packing.pack` as a Triton kernel: codes (uint8, any shape, rows along the last dim) to packed bytes."""
+    """`packing.pack` as a Triton kernel: codes (any shape, rows along the last dim) to packed bytes."""
     values, nbytes = unit_of(bits)
     check_codes(codes, bits)
     codes8 = codes.to(torch.uint8).contiguous()
