@@ -6,8 +6,9 @@ The torch reference is `memplan.kernels.linear.reference_linear`. Each program c
 of a row lives in unit k // VALUES at bit (k % VALUES) * BITS, and may straddle two of the unit's bytes
 when BITS = 3), its group's scale (and zero point unless SYMMETRIC) and accumulates
 `dot(x, (code - zero) * scale)` in fp32. BITS, GROUP_SIZE, SYMMETRIC and the blocks are `tl.constexpr`s
-from `memplan.kernels.specialise`. With fp16 x the dequantized tile is cast to fp16 for the dot (tensor
-cores on a GPU); with fp32 x the dot is fp32 (TF32 on recent GPUs, exact under the interpreter).
+from `memplan.kernels.specialise`. With fp16 (or, on a GPU, bf16) x the dequantized tile is cast to x's
+dtype for the dot (tensor cores on a GPU); with fp32 x the dot is fp32 (TF32 on recent GPUs, exact under
+the interpreter). Only the interpreter has run it (no GPU here): GPU speed and tolerances are unmeasured.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedWeight,
     """`x @ dequantize(q).T` by the Triton kernel, in x's dtype; `blocks` (M, N, K) overrides specialise's."""
     cfg = specialise(q.spec, q.shape, x.shape[0] if x.dim() else 0, INTERPRETED, blocks)
     n, k = q.shape
-    check_input(x, k)
+    check_input(x, k, INTERPRETED)
     x = x.contiguous()
     payload, scales = q.payload.contiguous(), q.scales.contiguous()
     zeros = scales if q.zeros is None else q.zeros.contiguous()  # not read when SYMMETRIC

@@ -35,10 +35,11 @@ in bench/results/bitwidth_kernels.json (measured at 1 and 16 rows)."""
 TOLERANCES: dict[tuple[LinearPath, torch.dtype], float] = {
     ("native", torch.float32): 1e-5, ("native", torch.float16): 1e-3,
     ("native-bf16", torch.float32): 6e-3, ("native-bf16", torch.float16): 6e-3,
-    ("triton", torch.float32): 1e-5, ("triton", torch.float16): 1e-3,
+    ("triton", torch.float32): 1e-5, ("triton", torch.float16): 1e-3, ("triton", torch.bfloat16): 6e-3,
 }
 """The largest `linear_error` each path may have against the reference, by x's dtype (checked by tests):
-fp16 rounds W and y once each (2 * 2**-11), bf16 x, W and y (3 * 2**-9); fp32 is fp32 summation order."""
+fp16 rounds W and y once each (2 * 2**-11), bf16 x, W and y (3 * 2**-9); fp32 is fp32 summation order.
+Triton's are checked under the interpreter only (its GPU fp32 dot may use TF32: unmeasured)."""
 
 
 @dataclass(frozen=True, slots=True)

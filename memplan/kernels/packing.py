@@ -71,9 +71,8 @@ def check_codes(codes: torch.Tensor, bits: int) -> None:
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise InvalidInput(f"codes must be an integer tensor, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
-        raise InvalidInput(
-            f"{bits}-bit codes must lie in [0, {(1 << bits) - 1}], got [{int(codes.min())}, {int(codes.max())}]"
-        )
+        lo, hi = int(codes.min()), int(codes.max())
+        raise InvalidInput(f"{bits}-bit codes must lie in [0, {(1 << bits) - 1}], got [{lo}, {hi}]")
 
 
 def check_packed(packed: torch.Tensor, bits: int, cols: int) -> None:

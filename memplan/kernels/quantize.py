@@ -72,7 +72,7 @@ def quantize(weight: torch.Tensor, spec: TensorBits) -> QuantizedWeight:
     """Quantize `weight` (any float dtype, rows along the last dim) as `spec` says."""
     scheme = scheme_of(spec, tuple(weight.shape))
     if not weight.dtype.is_floating_point:
-        raise InvalidInput(f"tensor {spec.value_id}: cannot quantize a {weight.dtype} tensor; give a float one")
+        raise InvalidInput(f"tensor {spec.value_id}: cannot quantize a {weight.dtype} tensor; give a float")
     w = weight.detach().float().reshape(scheme.rows, scheme.groups, scheme.group_size)
     if not bool(torch.isfinite(w).all()):
         raise InvalidInput(f"tensor {spec.value_id}: holds inf or NaN values; they cannot be quantized")

@@ -1,4 +1,4 @@
-"""A plan's `TensorBits` resolved against a weight shape: the integer scheme quantize, pack and kernels follow.
+"""A plan's `TensorBits` resolved for a weight shape: the integer scheme quantize, pack and kernels follow.
 
 Every integer format stores an unsigned *code* `u` in `[0, 2**bits)` per element and dequantizes it as
 
@@ -59,8 +59,9 @@ def scheme_of(spec: TensorBits, shape: tuple[int, ...]) -> QuantScheme:
     """Resolve `spec` for a tensor of `shape`, or raise UnsupportedBits saying what to change."""
     if spec.format not in INT_FORMATS:
         raise UnsupportedBits(
-            f"tensor {spec.value_id}: format {spec.format!r} has no quantized kernel ({spec.format} is a plain "
-            f"cast: use tensor.to(torch.{_torch_name(spec.format)})); kernels take {', '.join(INT_FORMATS)}"
+            f"tensor {spec.value_id}: format {spec.format!r} has no quantized kernel ({spec.format} is a "
+            f"plain cast: use tensor.to(torch.{_torch_name(spec.format)})); kernels take "
+            f"{', '.join(INT_FORMATS)}"
         )
     if spec.scale_dtype not in SCALE_DTYPES:
         raise UnsupportedBits(

@@ -17,7 +17,9 @@ from memplan.kernels.scheme import UnsupportedBits, scheme_of
 from memplan.plans.decisions import TensorBits
 
 INPUT_DTYPES = (torch.float32, torch.float16)
-"""Activations the kernel multiplies (bf16 arithmetic is wrong under the interpreter)."""
+"""Activations the kernel multiplies under the interpreter (its bf16 arithmetic is wrong)."""
+GPU_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Activations the kernel multiplies on a GPU."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +62,15 @@ def specialise(spec: TensorBits, shape: tuple[int, int], rows: int, interpreted:
                                block_m, block_n, block_k)
 
 
-def check_input(x: torch.Tensor, k: int) -> None:
-    """UnsupportedBits unless `x` is a 2-D fp32/fp16 activation with `k` columns."""
+def check_input(x: torch.Tensor, k: int, interpreted: bool) -> None:
+    """UnsupportedBits unless `x` is a 2-D activation with `k` columns in a dtype the kernel takes here."""
     if x.dim() != 2 or x.shape[1] != k:
         raise UnsupportedBits(f"x must be [M, {k}] (the weight's in_features), got {tuple(x.shape)}")
-    if x.dtype not in INPUT_DTYPES:
+    dtypes = INPUT_DTYPES if interpreted else GPU_INPUT_DTYPES
+    if x.dtype not in dtypes:
+        where = "under the Triton interpreter" if interpreted else "on a GPU"
         raise UnsupportedBits(
-            f"x is {x.dtype}; the dequantize-matmul kernel takes {', '.join(map(str, INPUT_DTYPES))} "
+            f"x is {x.dtype}; {where} the dequantize-matmul kernel takes {', '.join(map(str, dtypes))} "
             f"(cast it, e.g. x.float())"
         )
 

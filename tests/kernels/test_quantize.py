@@ -1,4 +1,4 @@
-"""Quantize/dequantize (the reference semantics): the stated error bound per format, exact cases, bad input."""
+"""Quantize/dequantize (the reference semantics): the stated error bound per format, exact cases, errors."""
 
 from __future__ import annotations
 

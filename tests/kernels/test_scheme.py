@@ -25,7 +25,7 @@ def test_per_group_and_per_channel_resolve() -> None:
     [
         (TensorBits(1, "fp16"), (4, 4), "plain cast: use tensor.to(torch.float16)"),
         (TensorBits(1, "bf16", scale_layout="per-channel"), (4, 4), "torch.bfloat16"),
-        (TensorBits(1, "int4", 2, scale_layout="per-group", scale_dtype="bfloat16"), (4, 4), "float16, float32"),
+        (TensorBits(1, "int4", 2, True, "per-group", "bfloat16"), (4, 4), "float16, float32"),
         (TensorBits(1, "int8", scale_layout="per-tensor"), (4, 4), "'per-tensor' is not supported"),
         (TensorBits(1, "int8", scale_layout="none"), (4, 4), "use 'per-channel'"),
         (TensorBits(1, "int4", 128, scale_layout="per-group"), (4, 192), "divisors near it: [64, 96, 192]"),

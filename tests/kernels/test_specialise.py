@@ -33,6 +33,7 @@ def test_unsupported() -> None:
     with pytest.raises(UnsupportedBits, match="plain cast"):
         specialise(TensorBits(2, "fp32"), (64, 64), 1, True)
     with pytest.raises(UnsupportedBits, match=r"x must be \[M, 64\]"):
-        check_input(torch.zeros(2, 32), 64)
-    with pytest.raises(UnsupportedBits, match=r"torch.bfloat16; .* \(cast it"):
-        check_input(torch.zeros(2, 64, dtype=torch.bfloat16), 64)
+        check_input(torch.zeros(2, 32), 64, interpreted=True)
+    with pytest.raises(UnsupportedBits, match=r"torch.bfloat16; under the Triton interpreter .* \(cast it"):
+        check_input(torch.zeros(2, 64, dtype=torch.bfloat16), 64, interpreted=True)
+    check_input(torch.zeros(2, 64, dtype=torch.bfloat16), 64, interpreted=False)
