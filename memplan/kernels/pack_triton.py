@@ -8,6 +8,8 @@ the default tiles are large (64 x 256 units).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from memplan.kernels.packing import check_codes, check_packed, packed_cols, unit_of
@@ -56,33 +58,31 @@ def _unpack_kernel(packed_ptr, out_ptr, rows, cols, packed_width,
 def pack(codes: torch.Tensor, bits: int, block_rows: int = BLOCK_ROWS,
          block_units: int = BLOCK_UNITS) -> torch.Tensor:
     """`packing.pack` as a Triton kernel: codes (any shape, rows along the last dim) to packed bytes."""
-    values, nbytes = unit_of(bits)
     check_codes(codes, bits)
-    codes8 = codes.to(torch.uint8).contiguous()
-    *lead, cols = codes8.shape
-    rows = codes8.numel() // cols if cols else 0
-    width = packed_cols(cols, bits)
-    out = torch.empty(*lead, width, dtype=torch.uint8, device=codes.device)
-    if rows and cols:
-        grid = (triton.cdiv(rows, block_rows), triton.cdiv(width // nbytes, block_units))
-        check_launchable(_pack_kernel)
-        _pack_kernel[grid](codes8, out, rows, cols, width, BITS=bits, VALUES=values, NBYTES=nbytes,
-                           BLOCK_ROWS=block_rows, BLOCK_UNITS=block_units)
-    return out
+    src = codes.to(torch.uint8).contiguous()
+    *lead, cols = src.shape
+    out = torch.empty(*lead, packed_cols(cols, bits), dtype=torch.uint8, device=codes.device)
+    return _launch(_pack_kernel, src, out, cols, bits, (block_rows, block_units))
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int, block_rows: int = BLOCK_ROWS,
            block_units: int = BLOCK_UNITS) -> torch.Tensor:
     """`packing.unpack` as a Triton kernel: the `cols` uint8 codes of each packed row."""
-    values, nbytes = unit_of(bits)
     check_packed(packed, bits, cols)
-    *lead, width = packed.shape
     src = packed.contiguous()
-    rows = src.numel() // width if width else 0
-    out = torch.empty(*lead, cols, dtype=torch.uint8, device=packed.device)
+    out = torch.empty(*packed.shape[:-1], cols, dtype=torch.uint8, device=packed.device)
+    return _launch(_unpack_kernel, src, out, cols, bits, (block_rows, block_units))
+
+
+def _launch(kernel: Any, src: torch.Tensor, out: torch.Tensor, cols: int, bits: int,
+            blocks: tuple[int, int]) -> torch.Tensor:
+    """Run a pack or unpack kernel over `rows x units` tiles (both take src, out, rows, cols, width)."""
+    values, nbytes = unit_of(bits)
+    width = packed_cols(cols, bits)
+    rows = out.numel() // out.shape[-1] if out.shape[-1] else 0
     if rows and cols:
-        grid = (triton.cdiv(rows, block_rows), triton.cdiv(width // nbytes, block_units))
-        check_launchable(_unpack_kernel)
-        _unpack_kernel[grid](src, out, rows, cols, width, BITS=bits, VALUES=values, NBYTES=nbytes,
-                             BLOCK_ROWS=block_rows, BLOCK_UNITS=block_units)
+        grid = (triton.cdiv(rows, blocks[0]), triton.cdiv(width // nbytes, blocks[1]))
+        check_launchable(kernel)
+        kernel[grid](src, out, rows, cols, width, BITS=bits, VALUES=values, NBYTES=nbytes,
+                     BLOCK_ROWS=blocks[0], BLOCK_UNITS=blocks[1])
     return out
