@@ -11,7 +11,8 @@ products can reach. On this project's 2-core AVX2 machine (bench/results/bitwidt
 int8/int4 CPU kernels are vectorized for bf16 activations only: `native-bf16` is the fastest path for
 both at batch 1 and 16 (faster than fp32 torch.matmul); in fp32 they still beat the reference at batch 1
 but the int4 one loses to it at batch 16. So `linear` takes `native-bf16` when the prepared weight allows
-bf16 activations (the default: the int4/int8 weight error is far larger than bf16's), else `native` up to
+bf16 activations (`bf16_activations=True`: the int4/int8 weight error is far larger than bf16's; off by
+default, since rounding the caller's activations is a change they did not ask for), else `native` up to
 `NATIVE_MAX_ROWS` rows and the reference beyond. Formats no native kernel takes (int3, int2, asymmetric
 int8, other groups) use the reference. triton is imported only when the triton path runs.
 """
@@ -50,7 +51,7 @@ class PreparedLinear:
     q: QuantizedWeight
     native: NativeWeight | None = None
     path: LinearPath | None = None
-    bf16_activations: bool = True
+    bf16_activations: bool = False
 
 
 def reference_linear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
@@ -78,7 +79,7 @@ def choose_path(q: QuantizedWeight, device: torch.device, rows: int, bf16_activa
 
 
 def prepare_linear(q: QuantizedWeight, path: LinearPath | None = None,
-                   bf16_activations: bool = True) -> PreparedLinear:
+                   bf16_activations: bool = False) -> PreparedLinear:
     """Convert q for PyTorch's CPU kernel when one applies (or `path` needs it)."""
     if path is not None and path not in PATHS:
         raise InvalidInput(f"unknown linear path {path!r}; use one of {', '.join(PATHS)}")
