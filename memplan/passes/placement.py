@@ -38,12 +38,12 @@ NAME = "placement"
 
 @dataclass(frozen=True, slots=True)
 class PlacementOptions:
-    """`kv_tiers`: tiers the KV cache may live on besides the device (e.g. ("host", "cxl")); none by default,
-    because the runtime streams weights only: a plan with KV caches off the device is priced and verified
-    but `memplan.applied` refuses to run it. `lookahead`: unit calls between a copy's prefetch and its use."""
+    """`kv_tiers`: tiers the KV caches may live on besides the device (a layer's cache then comes back
+    before the layer runs and leaves after it); `lookahead`: unit calls between a copy's prefetch and its
+    use."""
 
     time_limit_s: float = 10.0
-    kv_tiers: tuple[str, ...] = ()
+    kv_tiers: tuple[str, ...] = ("host", "cxl")
     lookahead: int = 1
 
 

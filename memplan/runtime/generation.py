@@ -33,6 +33,7 @@ import torch
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.graph import Role
 from memplan.plans.plan import Plan
+from memplan.runtime.kv_offload import KVOffload
 from memplan.runtime.tiers.api import Handle, TierStore
 from memplan.runtime.tiers.direct_io import ALIGN, round_up
 from memplan.runtime.tiers.factory import open_tier
@@ -98,15 +99,18 @@ class GenerationRun:
         self.model = model
         self.graph = plan.graph()
         placement = plan.decisions.placement
-        self.placed = {p.value_id: p for p in placement.tensors} if placement else {}
-        for p in self.placed.values():
-            if self.graph.value(p.value_id).role != Role.PARAMETER:
-                raise InvalidInput(
-                    f"the plan puts {self.graph.value(p.value_id).name} "
-                    f"({self.graph.value(p.value_id).role}) "
-                    f"on the {p.tier} tier; this runtime streams weights only (plan with kv_tiers=() to keep "
-                    "the KV cache on the device)"
-                )
+        placed = {p.value_id: p for p in placement.tensors} if placement else {}
+        kv: dict[int, tuple[int, str]] = {}
+        for vid, p in placed.items():
+            v = self.graph.value(vid)
+            if v.role == Role.KV_CACHE and v.layer is not None:
+                kv[vid] = (v.layer, p.tier)
+            elif v.role != Role.PARAMETER:
+                raise InvalidInput(f"the plan puts {v.name} ({v.role}) on the {p.tier} tier; this runtime "
+                                   "moves weights and KV caches only")  # fmt: skip
+        self.placed = {v: p for v, p in placed.items() if v not in kv}
+        w = plan.workload
+        self.kv = KVOffload(kv, (w.seq or 0) + w.gen - 1) if kv else None
         self.params = _params_by_value(plan, model)
         on = {p.device.type for p in self.params.values()}
         if on != {"cpu"}:
@@ -119,7 +123,7 @@ class GenerationRun:
         self.step = 0
         self.issue: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self.drop: dict[int, list[int]] = defaultdict(list)
-        for vid, p in self.placed.items():
+        for vid, p in placed.items():
             for c in p.copies:
                 self.issue[c.prefetch_step].append((vid, c.prefetch_step))
                 self.drop[c.evict_step].append(vid)
@@ -169,6 +173,8 @@ class GenerationRun:
             self.params[v].data = original
         self.originals.clear()
         self.live.clear()
+        if self.kv is not None:
+            self.kv.close()
         for store in self.stores.values():
             store.close()
         if self.file is not None:
@@ -192,6 +198,8 @@ class GenerationRun:
     # -- the schedule ---------------------------------------------------------------------------------
     def _check_call(self, _: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.kv is not None:
+            self.kv.set_cache(kwargs.get("past_key_values"))
         f = self.step // self.per_forward if self.per_forward else 0
         w = self.plan.workload
         if self.step >= len(self.units):
@@ -225,22 +233,34 @@ class GenerationRun:
             for vid in self.graph.ops[s].inputs:
                 if vid in self.placed:
                     self._bind(vid)
+                elif self.kv is not None and vid in self.kv.placed:
+                    self.kv.bind(vid)
 
         return hook
 
     def _after(self, path: str) -> Any:
         def hook(*_: Any) -> None:
             s = self.step
+            if self.kv is not None:
+                op = self.graph.ops[s]
+                for vid in (*op.inputs, *op.outputs):
+                    if vid in self.kv.placed:
+                        self.kv.store(vid)
             for vid in self.drop.get(s, ()):
-                self.params[vid].data = torch.empty(0, dtype=self.params[vid].dtype)
-                self.live.pop(vid, None)
+                if vid in self.placed:
+                    self.params[vid].data = torch.empty(0, dtype=self.params[vid].dtype)
+                    self.live.pop(vid, None)
             self.step += 1
 
         return hook
 
     def _start(self, step: int) -> None:
         """Start the copies issued at `step`: SSD runs as one read each, other tiers through their store."""
-        issued = [vid for vid, _ in self.issue.get(step, ())]
+        issued = [vid for vid, _ in self.issue.get(step, ()) if vid in self.placed]
+        if self.kv is not None:
+            for vid, _ in self.issue.get(step, ()):
+                if vid in self.kv.placed:
+                    self.kv.issue(vid)
         ssd = [v for v in issued if self.placed[v].tier == "ssd"]
         for v in issued:
             if self.placed[v].tier != "ssd":
@@ -286,11 +306,18 @@ class GenerationRun:
             m.bytes_read["ssd"] = self.file.stats.bytes_read
             m.io_busy_s["ssd"] = self.file.stats.busy_s
             m.tier_peak_bytes["ssd"] = sum(s.nbytes for s in self.file.stored.values())
+        if self.kv is not None:
+            kv = self.kv.stats
+            for tier, n in kv.tier_bytes.items():
+                m.bytes_read[tier] = m.bytes_read.get(tier, 0) + kv.bytes_read
+                m.io_busy_s[tier] = m.io_busy_s.get(tier, 0.0) + kv.busy_s
+                m.tier_peak_bytes[tier] = m.tier_peak_bytes.get(tier, 0) + n
+            m.io_wait_s += kv.wait_s
         for tier, store in self.stores.items():
             st = store.stats()
-            m.bytes_read[tier] = st.bytes_read
-            m.io_busy_s[tier] = st.busy_s
-            m.tier_peak_bytes[tier] = st.peak_bytes
+            m.bytes_read[tier] = m.bytes_read.get(tier, 0) + st.bytes_read
+            m.io_busy_s[tier] = m.io_busy_s.get(tier, 0.0) + st.busy_s
+            m.tier_peak_bytes[tier] = m.tier_peak_bytes.get(tier, 0) + st.peak_bytes
         return m
 
 

@@ -167,3 +167,31 @@ def test_plan_file_round_trip(tmp_path: Path) -> None:
     loaded = memplan.load(str(path))
     assert loaded.decisions.placement == plan.decisions.placement and loaded.workload.gen == GEN
     assert json.loads(path.read_text())["workload"]["gen"] == GEN
+
+
+def test_kv_caches_on_the_host_tier() -> None:
+    """KV caches planned off the device come back one layer at a time: same tokens, budget held."""
+    from tests.conftest import gpu_like
+
+    from memplan.passes.placement import PlacementOptions
+
+    hw = gpu_like("kv-host", 1e10)
+    model, ids = _model("gpt2-tiny"), _ids()
+    opts = {"placement": PlacementOptions(kv_tiers=("host",))}
+    plan = _tight(model, ids, hw, options=opts)
+    kv_off = [p for p in plan.decisions.placement.tensors if p.value_id in _kv_ids(plan)]  # type: ignore[union-attr]
+    assert kv_off and all(p.tier == "host" for p in kv_off)
+    plain = model.generate(ids, max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
+    with memplan.applied(plan, model) as run:
+        placed = model.generate(ids, max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
+    m = run.finish()
+    assert torch.equal(plain, placed)
+    cmp = plan.compare(m)
+    assert cmp.within_budget, cmp.describe()
+    assert m.bytes_read["host"] > 0
+
+
+def _kv_ids(plan: memplan.Plan) -> set[int]:
+    from memplan.ir.graph import Role
+
+    return {v.id for v in plan.tensors if v.role == Role.KV_CACHE}
