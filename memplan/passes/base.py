@@ -49,4 +49,10 @@ class PassSpec:
     before: frozenset[str] = frozenset()
     """Fields of `Decisions` that must still be empty: this pass changes what they were decided on."""
     ensures: frozenset[Guarantee] = frozenset()
-    modes: frozenset[str] = frozenset({"train", "infer"})
+    modes: frozenset[str] = frozenset({"train", "infer", "generate"})
+    """Workload kinds it applies to (`workload_kind`): a training step, one inference forward, a generation."""
+
+
+def workload_kind(mode: str, gen: int) -> str:
+    """`generate` for an inference workload that generates tokens, else its mode."""
+    return "generate" if mode == "infer" and gen > 0 else mode

@@ -18,7 +18,7 @@ from memplan.errors import InfeasibleBudget, InternalError, InvalidInput, Mempla
 from memplan.ir.analysis import live_at, persistent_bytes
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware
-from memplan.passes.base import PassSpec
+from memplan.passes.base import PassSpec, workload_kind
 from memplan.passes.baseline import baseline_plan
 from memplan.plans.plan import Plan, Workload
 from memplan.plans.verify import missing_offsets, verify_plan
@@ -49,7 +49,7 @@ def run_pipeline(
     plan = baseline_plan(graph, hardware, workload, budgets, source)
     done = ["baseline"]
     for spec in passes:
-        if workload.mode not in spec.modes:
+        if workload_kind(workload.mode, workload.gen) not in spec.modes:
             continue
         if progress:
             progress(f"pass {spec.name}")

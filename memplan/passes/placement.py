@@ -220,5 +220,5 @@ def _infeasible(plan: Plan, model: GenerationModel, hw: Hardware, opts: Placemen
 
 PASS = PassSpec(
     NAME, run, PlacementOptions, before=frozenset({"placement", "allocate"}),
-    ensures=frozenset({"device-budget"}), modes=frozenset({"infer"}),
+    ensures=frozenset({"device-budget"}), modes=frozenset({"generate"}),
 )  # fmt: skip

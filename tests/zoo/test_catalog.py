@@ -25,6 +25,7 @@ PUBLISHED_PARAMS = {
     "opt-1.3b": 1.32e9,  # facebook/opt-1.3b on the HF hub: 1.32B (Zhang et al. 2022, table 1: "1.3B")
     "opt-6.7b": 6.7e9,  # Zhang et al. 2022, table 1
     "opt-30b": 30e9,  # Zhang et al. 2022, table 1
+    "opt-175b": 175e9,  # Zhang et al. 2022, table 1
     "resnet50": 25.6e6,  # microsoft/resnet-50: 25.6M
 }
 EXPECTED_NAMES = set(PUBLISHED_PARAMS) | {"gpt2-tiny", "llama-tiny", "tiny-lm"}
