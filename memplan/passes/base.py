@@ -50,7 +50,7 @@ class PassSpec:
     """Fields of `Decisions` that must still be empty: this pass changes what they were decided on."""
     ensures: frozenset[Guarantee] = frozenset()
     modes: frozenset[str] = frozenset({"train", "infer", "generate"})
-    """Workload kinds it applies to (`workload_kind`): a training step, one inference forward, a generation."""
+    """Workload kinds it applies to (`workload_kind`): training step, one inference forward, generation."""
 
 
 def workload_kind(mode: str, gen: int) -> str:

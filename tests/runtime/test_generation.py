@@ -171,9 +171,8 @@ def test_plan_file_round_trip(tmp_path: Path) -> None:
 
 def test_kv_caches_on_the_host_tier() -> None:
     """KV caches planned off the device come back one layer at a time: same tokens, budget held."""
-    from tests.conftest import gpu_like
-
     from memplan.passes.placement import PlacementOptions
+    from tests.conftest import gpu_like
 
     hw = gpu_like("kv-host", 1e10)
     model, ids = _model("gpt2-tiny"), _ids()
