@@ -21,10 +21,28 @@ from memplan.kernels.triton_env import INTERPRETED, check_launchable, tl, triton
 
 
 @triton.jit
-def _dequant_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                           stride_ym, BITS: tl.constexpr, VALUES: tl.constexpr, NBYTES: tl.constexpr,
-                           GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_ym,
+    BITS: tl.constexpr,
+    VALUES: tl.constexpr,
+    NBYTES: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of x and y
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of W, columns of y
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
@@ -53,8 +71,9 @@ def _dequant_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def dequant_matmul(x: torch.Tensor, q: QuantizedWeight,
-                   blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+def dequant_matmul(
+    x: torch.Tensor, q: QuantizedWeight, blocks: tuple[int, int, int] | None = None
+) -> torch.Tensor:
     """`x @ dequantize(q).T` by the Triton kernel, in x's dtype; `blocks` (M, N, K) overrides specialise's."""
     cfg = specialise(q.spec, q.shape, x.shape[0] if x.dim() else 0, INTERPRETED, blocks)
     n, k = q.shape
@@ -65,6 +84,19 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedWeight,
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(x.shape[0], cfg.BLOCK_M), triton.cdiv(n, cfg.BLOCK_N))
     check_launchable(_dequant_matmul_kernel)
-    _dequant_matmul_kernel[grid](x, payload, scales, zeros, y, x.shape[0], n, k, x.stride(0),
-                                 payload.stride(0), scales.stride(0), y.stride(0), **cfg.constexprs())
+    _dequant_matmul_kernel[grid](
+        x,
+        payload,
+        scales,
+        zeros,
+        y,
+        x.shape[0],
+        n,
+        k,
+        x.stride(0),
+        payload.stride(0),
+        scales.stride(0),
+        y.stride(0),
+        **cfg.constexprs(),
+    )
     return y

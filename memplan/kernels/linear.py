@@ -34,9 +34,13 @@ NATIVE_MAX_ROWS: dict[NativeKind, int] = {"int8pack": 16, "int4pack": 1}
 """Without bf16 activations: the most rows of x at which the native kernel (in fp32) beat the reference
 in bench/results/bitwidth_kernels.json (measured at 1 and 16 rows)."""
 TOLERANCES: dict[tuple[LinearPath, torch.dtype], float] = {
-    ("native", torch.float32): 1e-5, ("native", torch.float16): 1e-3,
-    ("native-bf16", torch.float32): 6e-3, ("native-bf16", torch.float16): 6e-3,
-    ("triton", torch.float32): 1e-5, ("triton", torch.float16): 1e-3, ("triton", torch.bfloat16): 6e-3,
+    ("native", torch.float32): 1e-5,
+    ("native", torch.float16): 1e-3,
+    ("native-bf16", torch.float32): 6e-3,
+    ("native-bf16", torch.float16): 6e-3,
+    ("triton", torch.float32): 1e-5,
+    ("triton", torch.float16): 1e-3,
+    ("triton", torch.bfloat16): 6e-3,
 }
 """The largest `linear_error` each path may have against the reference, by x's dtype (checked by tests):
 fp16 rounds W and y once each (2 * 2**-11), bf16 x, W and y (3 * 2**-9); fp32 is fp32 summation order.
@@ -78,8 +82,9 @@ def choose_path(q: QuantizedWeight, device: torch.device, rows: int, bf16_activa
     return "native" if rows <= NATIVE_MAX_ROWS[kind] else "reference"
 
 
-def prepare_linear(q: QuantizedWeight, path: LinearPath | None = None,
-                   bf16_activations: bool = False) -> PreparedLinear:
+def prepare_linear(
+    q: QuantizedWeight, path: LinearPath | None = None, bf16_activations: bool = False
+) -> PreparedLinear:
     """Convert q for PyTorch's CPU kernel when one applies (or `path` needs it)."""
     if path is not None and path not in PATHS:
         raise InvalidInput(f"unknown linear path {path!r}; use one of {', '.join(PATHS)}")

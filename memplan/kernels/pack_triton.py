@@ -20,9 +20,18 @@ BLOCK_UNITS = 256
 
 
 @triton.jit
-def _pack_kernel(codes_ptr, out_ptr, rows, cols, out_cols,
-                 BITS: tl.constexpr, VALUES: tl.constexpr, NBYTES: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr, BLOCK_UNITS: tl.constexpr):
+def _pack_kernel(
+    codes_ptr,
+    out_ptr,
+    rows,
+    cols,
+    out_cols,
+    BITS: tl.constexpr,
+    VALUES: tl.constexpr,
+    NBYTES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_UNITS: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]  # [BR, 1]
     unit = tl.program_id(1) * BLOCK_UNITS + tl.arange(0, BLOCK_UNITS)[None, :]  # [1, BU]
     in_rows = r < rows
@@ -33,14 +42,26 @@ def _pack_kernel(codes_ptr, out_ptr, rows, cols, out_cols,
         word |= code.to(tl.int32) << (BITS * j)
     for i in tl.static_range(NBYTES):
         byte = unit * NBYTES + i
-        tl.store(out_ptr + r * out_cols + byte, ((word >> (8 * i)) & 0xFF).to(tl.uint8),
-                 mask=in_rows & (byte < out_cols))
+        tl.store(
+            out_ptr + r * out_cols + byte,
+            ((word >> (8 * i)) & 0xFF).to(tl.uint8),
+            mask=in_rows & (byte < out_cols),
+        )
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, out_ptr, rows, cols, packed_width,
-                   BITS: tl.constexpr, VALUES: tl.constexpr, NBYTES: tl.constexpr,
-                   BLOCK_ROWS: tl.constexpr, BLOCK_UNITS: tl.constexpr):
+def _unpack_kernel(
+    packed_ptr,
+    out_ptr,
+    rows,
+    cols,
+    packed_width,
+    BITS: tl.constexpr,
+    VALUES: tl.constexpr,
+    NBYTES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_UNITS: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
     unit = tl.program_id(1) * BLOCK_UNITS + tl.arange(0, BLOCK_UNITS)[None, :]
     in_rows = r < rows
@@ -55,8 +76,9 @@ def _unpack_kernel(packed_ptr, out_ptr, rows, cols, packed_width,
         tl.store(out_ptr + r * cols + col, code.to(tl.uint8), mask=in_rows & (col < cols))
 
 
-def pack(codes: torch.Tensor, bits: int, block_rows: int = BLOCK_ROWS,
-         block_units: int = BLOCK_UNITS) -> torch.Tensor:
+def pack(
+    codes: torch.Tensor, bits: int, block_rows: int = BLOCK_ROWS, block_units: int = BLOCK_UNITS
+) -> torch.Tensor:
     """`packing.pack` as a Triton kernel: codes (any shape, rows along the last dim) to packed bytes."""
     check_codes(codes, bits)
     src = codes.to(torch.uint8).contiguous()
@@ -65,8 +87,9 @@ def pack(codes: torch.Tensor, bits: int, block_rows: int = BLOCK_ROWS,
     return _launch(_pack_kernel, src, out, cols, bits, (block_rows, block_units))
 
 
-def unpack(packed: torch.Tensor, bits: int, cols: int, block_rows: int = BLOCK_ROWS,
-           block_units: int = BLOCK_UNITS) -> torch.Tensor:
+def unpack(
+    packed: torch.Tensor, bits: int, cols: int, block_rows: int = BLOCK_ROWS, block_units: int = BLOCK_UNITS
+) -> torch.Tensor:
     """`packing.unpack` as a Triton kernel: the `cols` uint8 codes of each packed row."""
     check_packed(packed, bits, cols)
     src = packed.contiguous()
@@ -74,8 +97,9 @@ def unpack(packed: torch.Tensor, bits: int, cols: int, block_rows: int = BLOCK_R
     return _launch(_unpack_kernel, src, out, cols, bits, (block_rows, block_units))
 
 
-def _launch(kernel: Any, src: torch.Tensor, out: torch.Tensor, cols: int, bits: int,
-            blocks: tuple[int, int]) -> torch.Tensor:
+def _launch(
+    kernel: Any, src: torch.Tensor, out: torch.Tensor, cols: int, bits: int, blocks: tuple[int, int]
+) -> torch.Tensor:
     """Run a pack or unpack kernel over `rows x units` tiles (both take src, out, rows, cols, width)."""
     values, nbytes = unit_of(bits)
     width = packed_cols(cols, bits)
@@ -83,6 +107,16 @@ def _launch(kernel: Any, src: torch.Tensor, out: torch.Tensor, cols: int, bits: 
     if rows and cols:
         grid = (triton.cdiv(rows, blocks[0]), triton.cdiv(width // nbytes, blocks[1]))
         check_launchable(kernel)
-        kernel[grid](src, out, rows, cols, width, BITS=bits, VALUES=values, NBYTES=nbytes,
-                     BLOCK_ROWS=blocks[0], BLOCK_UNITS=blocks[1])
+        kernel[grid](
+            src,
+            out,
+            rows,
+            cols,
+            width,
+            BITS=bits,
+            VALUES=values,
+            NBYTES=nbytes,
+            BLOCK_ROWS=blocks[0],
+            BLOCK_UNITS=blocks[1],
+        )
     return out

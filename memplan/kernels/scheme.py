@@ -75,8 +75,9 @@ def scheme_of(spec: TensorBits, shape: tuple[int, ...]) -> QuantScheme:
     for d in shape[:-1]:
         rows *= d
     group = _group_size(spec, cols)
-    return QuantScheme(FORMAT_BITS[spec.format], group, spec.symmetric, SCALE_DTYPES[spec.scale_dtype],
-                       rows, cols)
+    return QuantScheme(
+        FORMAT_BITS[spec.format], group, spec.symmetric, SCALE_DTYPES[spec.scale_dtype], rows, cols
+    )
 
 
 def _group_size(spec: TensorBits, cols: int) -> int:

@@ -42,8 +42,13 @@ class DequantMatmulConfig:
         return asdict(self)
 
 
-def specialise(spec: TensorBits, shape: tuple[int, int], rows: int, interpreted: bool,
-               blocks: tuple[int, int, int] | None = None) -> DequantMatmulConfig:
+def specialise(
+    spec: TensorBits,
+    shape: tuple[int, int],
+    rows: int,
+    interpreted: bool,
+    blocks: tuple[int, int, int] | None = None,
+) -> DequantMatmulConfig:
     """The config for `x [rows, K] @ dequant(W [N, K]).T` with W stored as `spec` says; `blocks` (M, N, K)
     overrides the chosen block sizes. Raises UnsupportedBits for a spec or shape the kernel cannot run."""
     if len(shape) != 2:
@@ -58,8 +63,9 @@ def specialise(spec: TensorBits, shape: tuple[int, int], rows: int, interpreted:
     for name, b in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
         if b < 16 or b & (b - 1):
             raise UnsupportedBits(f"{name}={b}: Triton's dot needs power-of-two blocks of at least 16")
-    return DequantMatmulConfig(scheme.bits, values, nbytes, scheme.group_size, scheme.symmetric,
-                               block_m, block_n, block_k)
+    return DequantMatmulConfig(
+        scheme.bits, values, nbytes, scheme.group_size, scheme.symmetric, block_m, block_n, block_k
+    )
 
 
 def check_input(x: torch.Tensor, k: int, interpreted: bool) -> None:

@@ -57,8 +57,15 @@ if not HAS_GPU and INTERPRETED and not LIBRARY_INTERPRETED:
         stacklevel=2,
     )
 
-__all__ = ["HAS_GPU", "INTERPRETED", "LIBRARY_INTERPRETED", "TritonUnavailable", "check_launchable", "tl",
-           "triton"]
+__all__ = [
+    "HAS_GPU",
+    "INTERPRETED",
+    "LIBRARY_INTERPRETED",
+    "TritonUnavailable",
+    "check_launchable",
+    "tl",
+    "triton",
+]
 
 
 class TritonUnavailable(MemplanError):
@@ -69,9 +76,7 @@ def check_launchable(kernel: object) -> None:
     """Raise TritonUnavailable, saying why and what to do, when `kernel` cannot launch on this machine."""
     if HAS_GPU or isinstance(kernel, InterpretedFunction):
         return
-    before = (
-        "triton was imported before memplan.kernels and " if IMPORTED_BEFORE else ""
-    )
+    before = "triton was imported before memplan.kernels and " if IMPORTED_BEFORE else ""
     raise TritonUnavailable(
         f"no CUDA device, and Triton kernel {getattr(kernel, '__name__', kernel)!r} is not interpreted: "
         f"{before}TRITON_INTERPRET was {ENV_BEFORE!r} when memplan's kernels were defined. Unset it (memplan "

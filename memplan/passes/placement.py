@@ -19,18 +19,20 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from memplan.errors import InfeasibleBudget
+from memplan.errors import InfeasibleBudget, InvalidInput
 from memplan.ir.analysis import lifetimes
 from memplan.ir.cost import op_time_s
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import Hardware
 from memplan.passes.base import PassOutput, PassSpec
 from memplan.passes.placement_formulation import Choice, least_device_bytes, solve
+from memplan.passes.placement_joint import Candidate, solve_joint
 from memplan.passes.placement_model import GenerationModel, is_generation, read_model, spread
 from memplan.passes.remat_schedule import compute_share
-from memplan.plans.decisions import DeviceCopy, PlacementDecision, TensorPlacement
+from memplan.plans.decisions import BitsDecision, Decisions, DeviceCopy, PlacementDecision, TensorPlacement
 from memplan.plans.effective import baseline_residency, generation_times, predictions_for
 from memplan.plans.plan import Event, PassReport, Plan, SolverReport
+from memplan.solvers.milp import MilpResult
 from memplan.units import format_size
 
 NAME = "placement"
@@ -45,6 +47,11 @@ class PlacementOptions:
     time_limit_s: float = 10.0
     kv_tiers: tuple[str, ...] = ("host", "cxl")
     lookahead: int = 1
+    bits_candidates: dict[int, tuple[Candidate, ...]] | None = None
+    """Value id -> the ways its weight may be stored (format, sensitivity, stored bytes): with them, bits
+    and tiers are decided together (`placement_joint`), the plan's bits decision included."""
+    sensitivity_limit: float = 0.0
+    """The joint mode's limit on the total sensitivity of the chosen formats."""
 
 
 def run(graph: Graph, hardware: Hardware, plan: Plan, options: PlacementOptions | None = None) -> PassOutput:
@@ -57,12 +64,24 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: PlacementOptions 
     w = plan.workload
     model = read_model(graph, hardware, w.gen, w.seq or 1)
     budgets = dict(plan.budget_bytes)
+    if opts.bits_candidates is not None:
+        return _run_joint(graph, hardware, plan, opts, model, t0)
     result, choice = solve(model, hardware, budgets, opts.kv_tiers, opts.time_limit_s)
     if choice is None:
         raise _infeasible(plan, model, hardware, opts)
     tiers = _tiers_of(model, choice)
+    return _finish(graph, hardware, plan, opts, tiers, result, t0, plan.decisions)
+
+
+def _finish(
+    graph: Graph, hardware: Hardware, plan: Plan, opts: PlacementOptions, tiers: dict[int, str],
+    result: MilpResult, t0: float, decisions: Decisions, extra: tuple[str, ...] = (),
+) -> PassOutput:  # fmt: skip
+    """The plan with `tiers` placed (copies, residency, replayed events, predictions) and its report."""
+    w = plan.workload
     placed = _placements(graph, tiers, opts.lookahead)
-    decided = plan.with_(decisions=plan.decisions.with_(placement=PlacementDecision(tuple(placed))))
+    decided = plan.with_(decisions=decisions.with_(placement=PlacementDecision(tuple(placed))))
+    graph = decided.graph()
     residency = tuple(baseline_residency(decided))
     events = _replay(graph, hardware, placed)
     predictions = predictions_for(graph, residency, events)
@@ -72,8 +91,42 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: PlacementOptions 
         opts.time_limit_s,
     )  # fmt: skip
     return PassOutput(
-        new_plan, PassReport(NAME, time.perf_counter() - t0, report, _notes(graph, tiers, events, w.batch))
+        new_plan,
+        PassReport(NAME, time.perf_counter() - t0, report, (*_notes(graph, tiers, events, w.batch), *extra)),
     )
+
+
+def _run_joint(
+    graph: Graph, hardware: Hardware, plan: Plan, opts: PlacementOptions, model: GenerationModel, t0: float
+) -> PassOutput:
+    """Bits and tiers together (see `placement_joint`); KV caches stay on the device."""
+    if plan.decisions.bits is not None:
+        raise InvalidInput("joint placement decides the bits itself: run it without the bitwidth pass")
+    assert opts.bits_candidates is not None
+    kv = sum(graph.value(v).size_bytes for v in model.kv_values.values())
+    candidates = {v: list(c) for v, c in opts.bits_candidates.items()}
+    result, choice = solve_joint(
+        graph, hardware, dict(plan.budget_bytes), model.fixed_bytes + kv, candidates, opts.sensitivity_limit,
+        plan.workload.gen, opts.time_limit_s,
+    )  # fmt: skip
+    if choice is None:
+        raise InfeasibleBudget(
+            f"no storage formats and tiers fit the budgets ({_budgets_text(plan)}) "
+            f"within the sensitivity limit {opts.sensitivity_limit:g} (solver: {result.status}); raise the "
+            "limit or a budget",
+            plan.budget_bytes["device"], plan.budget_bytes["device"], [],
+        )  # fmt: skip
+    chosen = [
+        opts.bits_candidates[v][f].bits for v, f in choice.candidate.items() if v in opts.bits_candidates
+    ]
+    bits = BitsDecision(tuple(b for b in chosen if b is not None))
+    decisions = plan.decisions.with_(bits=bits)
+    note = f"joint bits: {len(bits.tensors)} tensors quantized, total sensitivity {choice.sensitivity:.6g}"
+    return _finish(graph, hardware, plan, opts, choice.tier, result, t0, decisions, (note,))
+
+
+def _budgets_text(plan: Plan) -> str:
+    return ", ".join(f"{t} {format_size(b)}" for t, b in plan.budget_bytes.items())
 
 
 def _tiers_of(model: GenerationModel, choice: Choice) -> dict[int, str]:

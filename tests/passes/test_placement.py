@@ -92,3 +92,32 @@ def test_spread_keeps_counts_and_spreads_evenly(counts: dict[str, int]) -> None:
         gaps = [b - a for a, b in zip(positions, positions[1:])]
         if gaps:  # evenly: gaps differ by at most what the other tiers' interleaving adds
             assert max(gaps) <= -(-len(tiers) // n) + 1
+
+
+def test_joint_bits_and_tiers() -> None:
+    """With candidates, bits and tiers are chosen together: within the sensitivity limit and the budget,
+    never slower than the bits-blind plan, and the plan's bits decision prices the quantized bytes."""
+    import torch
+
+    from memplan.passes.placement import PlacementOptions
+    from memplan.planner.bits_candidates import quantization_candidates
+    from memplan.zoo import catalog
+
+    model = catalog.get("gpt2-tiny").build(device="cpu")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = memplan.plan(model, ids, mode="infer", budget=MIN_BYTES, gen=6)
+    cands = quantization_candidates(plain, model)
+    limit = 0.5 * sum(max(c.cost for c in cs) for cs in cands.values())
+    opts = PlacementOptions(bits_candidates=cands, sensitivity_limit=limit)
+    joint = memplan.plan(model, ids, mode="infer", budget=MIN_BYTES, gen=6, options={"placement": opts})
+    assert joint.decisions.bits is not None and joint.decisions.bits.tensors
+    chosen = {b.value_id: b for b in joint.decisions.bits.tensors}
+    spent = sum(next(c.cost for c in cands[v] if c.bits == b) for v, b in chosen.items())
+    assert spent <= limit * (1 + 1e-9)
+    assert joint.predictions.peak_bytes["device"] <= MIN_BYTES and verify_plan(joint).ok
+    assert joint.passes[1].solver.objective <= plain.passes[1].solver.objective + 1e-12
+    graph = joint.graph()
+    assert all(graph.value(v).size_bytes == b.stored_bytes(graph.value(v).shape) for v, b in chosen.items())
+    with pytest.raises(InfeasibleBudget, match="within the sensitivity limit"):
+        memplan.plan(model, ids, mode="infer", budget=400_000, gen=6,
+                     options={"placement": PlacementOptions(bits_candidates=cands, sensitivity_limit=0.0)})  # fmt: skip
