@@ -119,5 +119,5 @@ def test_joint_bits_and_tiers() -> None:
     graph = joint.graph()
     assert all(graph.value(v).size_bytes == b.stored_bytes(graph.value(v).shape) for v, b in chosen.items())
     with pytest.raises(InfeasibleBudget, match="within the sensitivity limit"):
-        memplan.plan(model, ids, mode="infer", budget=400_000, gen=6,
-                     options={"placement": PlacementOptions(bits_candidates=cands, sensitivity_limit=0.0)})  # fmt: skip
+        strict = PlacementOptions(bits_candidates=cands, sensitivity_limit=0.0)
+        memplan.plan(model, ids, mode="infer", budget=400_000, gen=6, options={"placement": strict})
