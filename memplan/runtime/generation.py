@@ -98,6 +98,12 @@ class GenerationRun:
         self.plan = plan
         self.model = model
         self.graph = plan.graph()
+        if plan.decisions.bits is not None and plan.decisions.bits.tensors:
+            raise InvalidInput(
+                f"this plan stores {len(plan.decisions.bits.tensors)} weights quantized; the generation "
+                "runtime streams weights as the model holds them and does not run quantized weights yet: "
+                "plan without bits to run it"
+            )
         placement = plan.decisions.placement
         placed = {p.value_id: p for p in placement.tensors} if placement else {}
         kv: dict[int, tuple[int, str]] = {}
