@@ -131,7 +131,7 @@ class GenerationRun:
         self.drop: dict[int, list[int]] = defaultdict(list)
         for vid, p in placed.items():
             for c in p.copies:
-                self.issue[c.prefetch_step].append((vid, c.prefetch_step))
+                self.issue[c.prefetch_step].append((vid, c.evict_step))
                 self.drop[c.evict_step].append(vid)
         self.live: dict[int, _Copy] = {}
         self.originals: dict[int, torch.Tensor] = {}
@@ -267,14 +267,19 @@ class GenerationRun:
             for vid, _ in self.issue.get(step, ()):
                 if vid in self.kv.placed:
                     self.kv.issue(vid)
-        ssd = [v for v in issued if self.placed[v].tier == "ssd"]
+        by_evict: dict[int, list[int]] = defaultdict(list)
+        """One read buffer per run of weights dropped at the same step: a buffer lives until its last view
+        goes, so weights dropped at different steps must not share one."""
+        for v, evict in self.issue.get(step, ()):
+            if v in self.placed and self.placed[v].tier == "ssd":
+                by_evict[evict].append(v)
         for v in issued:
             if self.placed[v].tier != "ssd":
                 store = self.stores[self.placed[v].tier]
                 out = torch.empty(self.originals[v].shape, dtype=self.originals[v].dtype)
                 store.prefetch(self.handles[v], out=out)
                 self.live[v] = _Copy(out, None, self.handles[v], store)
-        for run in _runs(self.file, ssd) if self.file else ():
+        for run in [r for vids in by_evict.values() for r in _runs(self.file, vids)] if self.file else ():
             start = run[0][1] - run[0][1] % ALIGN
             end = round_up(max(off + self.file.stored[v].nbytes for v, off in run))
             _, buf = aligned_buffer(end - start)
