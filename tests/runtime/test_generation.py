@@ -199,7 +199,7 @@ def _kv_ids(plan: memplan.Plan) -> set[int]:
 def test_weights_read_together_but_dropped_apart_do_not_outlive_their_copy() -> None:
     """Step 0 issues the first two units' weights; the first is dropped a step earlier than the second, so
     they must not share a read buffer (it would live until the later drop, above the plan)."""
-    model, ids = _model("gpt2-tiny"), _ids(prompt=4)
+    model, ids = _model("gpt2-tiny"), _ids(batch=1, prompt=4)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = memplan.plan(model, ids, mode="infer", budget=int(0.9 * weights), gen=4)
     with memplan.applied(plan, model) as run:
