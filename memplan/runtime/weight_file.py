@@ -4,7 +4,8 @@ gave it, so that the weights a unit needs are one contiguous aligned read.
 `WeightFile.create` writes the tensors at their offsets (page-aligned, with `O_DIRECT` where the
 filesystem allows, through the SSD tier's `direct_io` helpers) after checking the disk has room, and
 keeps a CRC-32 of each tensor (computed from memory while writing). `read_into` fills a caller's
-buffer with one byte range on a worker thread, then checks the CRC of every tensor in it: a corrupted
+buffer with one byte range on the reader thread, then a checker thread checks the CRC of every tensor in
+it (the next read starts meanwhile): a corrupted
 file raises `TierCorrupt` naming the tensor and the file, a short read `TierIOError`. The file lives in
 a fresh directory inside the tier's `path` (or the temporary directory), removed at `close`, also when
 writing fails half-way, so nothing is left behind.
@@ -61,6 +62,7 @@ class WeightFile:
         self.stored = stored
         self._fd = fd
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memplan-weights")
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memplan-crc")
         self._lock = threading.Lock()
         self._busy_until = 0.0
         self.stats = FileStats()
@@ -108,16 +110,41 @@ class WeightFile:
         return WeightFile(directory, path, fd, direct, stored)
 
     def read_into(self, start: int, out: torch.Tensor, members: list[int]) -> Future[None]:
-        """Start reading `out.numel()` bytes from `start` into `out` (uint8, page-aligned); checks the CRC
-        of each value in `members` (which lie inside the range) once read."""
-        return self._pool.submit(self._read, start, out, members)
+        """Start reading `out.numel()` bytes from `start` into `out` (uint8, page-aligned); the future is done
+        once the CRC of each value in `members` (which lie inside the range) is checked. Reads run one after
+        another on the reader thread and checksums on a checker thread, so the disk never waits for a CRC."""
+        done: Future[None] = Future()
+        self._pool.submit(self._read_then_check, start, out, members, done)
+        return done
 
-    def _read(self, start: int, out: torch.Tensor, members: list[int]) -> None:
+    def _read_then_check(self, start: int, out: torch.Tensor, members: list[int], done: Future[None]) -> None:
+        try:
+            view, t0 = self._read(start, out)
+        except BaseException as e:
+            done.set_exception(e)
+            return
+        self._checker.submit(self._check_into, view, start, members, t0, done)
+
+    def _check_into(
+        self, view: memoryview, start: int, members: list[int], t0: float, done: Future[None]
+    ) -> None:
+        try:
+            self._check(view, start, members)
+            self._account(len(view), t0)
+        except BaseException as e:
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+
+    def _read(self, start: int, out: torch.Tensor) -> tuple[memoryview, float]:
         t0 = time.perf_counter()
         view = memoryview(out.numpy()).cast("B")
         got = pread_full(self._fd, view, start)
         if got < min(len(view), os.fstat(self._fd).st_size - start):
             raise TierIOError(f"short read from {self.path}: {got} of {len(view)} bytes at offset {start}")
+        return view, t0
+
+    def _check(self, view: memoryview, start: int, members: list[int]) -> None:
         for vid in members:
             s = self.stored[vid]
             lo = s.offset - start
@@ -129,9 +156,11 @@ class WeightFile:
                     key=s.name,
                     path=self.path,
                 )
+
+    def _account(self, nbytes: int, t0: float) -> None:
         t1 = time.perf_counter()
         with self._lock:
-            self.stats.bytes_read += got
+            self.stats.bytes_read += nbytes
             self.stats.reads += 1
             self.stats.read_s += t1 - t0
             self.stats.busy_s += t1 - max(t0, self._busy_until)
@@ -142,13 +171,16 @@ class WeightFile:
         s = self.stored[vid]
         lo = s.offset - s.offset % ALIGN
         buf, aligned = aligned_buffer(round_up(s.offset + s.nbytes) - lo)
-        self._read(lo, aligned, [vid])
+        view, t0 = self._read(lo, aligned)
+        self._check(view, lo, [vid])
+        self._account(len(view), t0)
         start = s.offset - lo
         return aligned[start : start + s.nbytes].clone().view(dtype).view(shape)
 
     def close(self) -> None:
         """Stop the reader, close and delete the file and its directory."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._checker.shutdown(wait=True, cancel_futures=True)
         try:
             os.close(self._fd)
         except OSError:
