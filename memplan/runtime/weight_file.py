@@ -22,6 +22,7 @@ import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -114,26 +115,34 @@ class WeightFile:
         once the CRC of each value in `members` (which lie inside the range) is checked. Reads run one after
         another on the reader thread and checksums on a checker thread, so the disk never waits for a CRC."""
         done: Future[None] = Future()
-        self._pool.submit(self._read_then_check, start, out, members, done)
+        self._pool.submit(self._read_then_check, start, [out], members, done)
         return done
 
-    def _read_then_check(self, start: int, out: torch.Tensor, members: list[int], done: Future[None]) -> None:
+    def _read_then_check(self, start: int, box: list[Any], members: list[int], done: Future[None]) -> None:
+        """Read, then hand the checksums to the checker. The buffer travels in `box`, emptied as it goes:
+        a pool's work item holds its arguments until its thread next runs, which would keep a buffer the
+        caller has dropped alive (the placement bench saw a copy outlive its eviction that way)."""
         try:
-            view, t0 = self._read(start, out)
+            view, t0 = self._read(start, box.pop())
         except BaseException as e:
             done.set_exception(e)
             return
-        self._checker.submit(self._check_into, view, start, members, t0, done)
+        box.append(view)
+        del view
+        self._checker.submit(self._check_into, box, start, members, t0, done)
 
     def _check_into(
-        self, view: memoryview, start: int, members: list[int], t0: float, done: Future[None]
+        self, box: list[Any], start: int, members: list[int], t0: float, done: Future[None]
     ) -> None:
+        view = box.pop()
         try:
             self._check(view, start, members)
             self._account(len(view), t0)
         except BaseException as e:
+            view = None
             done.set_exception(e)
         else:
+            view = None
             done.set_result(None)
 
     def _read(self, start: int, out: torch.Tensor) -> tuple[memoryview, float]:
