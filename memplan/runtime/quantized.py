@@ -139,13 +139,19 @@ def _swap(plan: Plan, model: nn.Module, weights: Weights) -> tuple[QuantizedRun,
             "this plan has no bits decision: plan it with the bitwidth pass (passes=['bitwidth'])"
         )
     names = _resolve(plan, model)
-    source = _open(weights)
+    source = _Source(weights) if weights is not None else None
+    slots = _slots(model)
     run, undo = QuantizedRun(), []
     params = dict(model.named_parameters(remove_duplicate=False))
     by_id = {v.id: v for v in plan.tensors}
     for spec in bits.tensors:
         name = names[by_id[spec.value_id].name]
-        float_weight = source(name) if source else params[name]
+        aliases = [n for _, _, n in slots[id(params[name])]]
+        float_weight = source.read(aliases) if source else params[name]
+        if float_weight is None:
+            raise PlanMismatch(f"the weights given hold no tensor {name!r}")
+        if float_weight.device.type == "meta":
+            raise InvalidInput(f"{name} is on the meta device: give its float weights (weights=...)")
         replaced: QuantizedLinear | CastLinear | None = None
         for path, parent, attr, module in _users(model, params[name]):
             replaced = replaced or stored_module(float_weight, spec, getattr(module, "bias", None))
@@ -157,7 +163,7 @@ def _swap(plan: Plan, model: nn.Module, weights: Weights) -> tuple[QuantizedRun,
         run.planned_bytes[name] = spec.stored_bytes(by_id[spec.value_id].shape)
         run.held_bytes[name] = sum(t.numel() * t.element_size() for t in replaced.stored())
     if source:
-        _load_rest(model, source, set(run.planned_bytes))
+        _load_rest(model, source)
     return run, undo
 
 
@@ -197,44 +203,58 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _open(weights: Weights) -> Any:
-    """A function name -> float tensor over `weights` (None without), accepting names with or without the
-    zoo prefix."""
-    if weights is None:
+class _Source:
+    """Float tensors from a mapping or a `safetensors` file (read one at a time), found under any of a
+    tensor's names (a tied weight is saved under one of them), with or without the zoo prefix."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor] | str | os.PathLike[str]) -> None:
+        if isinstance(weights, (str, os.PathLike)):
+            from safetensors import safe_open
+
+            handle = safe_open(os.fspath(weights), framework="pt")
+            self.keys, self.get = set(handle.keys()), handle.get_tensor
+        else:
+            self.keys, self.get = set(weights), weights.__getitem__
+
+    def read(self, names: list[str]) -> torch.Tensor | None:
+        for name in names:
+            for key in (name, name.removeprefix(ZOO_PREFIX), ZOO_PREFIX + name):
+                if key in self.keys:
+                    return self.get(key)
         return None
-    if isinstance(weights, (str, os.PathLike)):
-        from safetensors import safe_open
-
-        handle = safe_open(os.fspath(weights), framework="pt")
-        keys = set(handle.keys())
-        get = handle.get_tensor
-    else:
-        keys, get = set(weights), weights.__getitem__
-
-    def read(name: str) -> torch.Tensor:
-        for key in (name, name.removeprefix(ZOO_PREFIX), ZOO_PREFIX + name):
-            if key in keys:
-                return get(key)
-        raise PlanMismatch(f"the weights given hold no tensor {name!r}")
-
-    read.keys = keys  # type: ignore[attr-defined]
-    return read
 
 
-def _load_rest(model: nn.Module, read: Any, done: set[str]) -> None:
-    """Load every other parameter and buffer from `read`; InvalidInput for ones left on the meta device."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name in done:
+Slot = tuple[nn.Module, str, str]
+"""(module, attribute, full name) of one place a parameter or buffer is held."""
+
+
+def _slots(model: nn.Module) -> dict[int, list[Slot]]:
+    """Every parameter and buffer of `model`, by tensor identity, with every place it is held."""
+    out: dict[int, list[Slot]] = {}
+    for path, module in model.named_modules():
+        held = [*module._parameters.items(), *module._buffers.items()]
+        for attr, t in held:
+            if t is not None:
+                out.setdefault(id(t), []).append((module, attr, f"{path}.{attr}" if path else attr))
+    return out
+
+
+def _load_rest(model: nn.Module, source: _Source) -> None:
+    """Every parameter and buffer `source` holds, into all its places (a model on the meta device gets
+    real tensors); InvalidInput for one left on the meta device."""
+    for slots in _slots(model).values():
+        module, attr, name = slots[0]
+        old = {**module._parameters, **module._buffers}[attr]
+        value = source.read([n for _, _, n in slots])
+        if value is None:
+            if old.device.type == "meta":
+                raise InvalidInput(f"{name} is on the meta device and the weights given do not hold it")
             continue
-        try:
-            value = read(name)
-        except PlanMismatch:
-            if t.device.type == "meta":
-                raise InvalidInput(
-                    f"{name} is on the meta device and the weights given do not hold it"
-                ) from None
-            continue
-        t.data = value.to(t.dtype)
+        new = value.to(old.dtype)
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)  # one object: tied stay tied
+        for m, a, _ in slots:
+            (m._parameters if a in m._parameters else m._buffers)[a] = new
 
 
 @contextmanager
