@@ -25,8 +25,10 @@ The float weights come from the module itself (random init or a checkpoint alrea
 device is materialised without its float weights ever being held all at once. Names may carry the zoo's
 `model.` capture prefix or not. What the live-storage tracker of `applied` counts: the model's state as
 quantized (the converted kernel weights: their fp32 scales make them a little larger than the plan's
-`stored_bytes`, see `QuantizedRun.held_bytes`) and everything the block computes; the float weights put
-aside to give back on exit are not the model's and are not counted.
+`stored_bytes`, see `QuantizedRun.held_bytes`) and everything the block computes, as the eager model
+computes it; the float weights put aside to give back on exit are not the model's and are not counted.
+`memplan run` measures a single-forward plan through its captured graph instead
+(`memplan.runtime.quantized_graph`): the schedule the plan priced.
 """
 
 from __future__ import annotations
