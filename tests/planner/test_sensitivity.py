@@ -110,3 +110,38 @@ def test_plan_measures_sensitivity_and_ties_fused_projections() -> None:
     for group in bits.ties:
         assert len({label[v] for v in group}) == 1, [by_id[v] for v in group]
     assert memplan.verify(plan).ok
+
+
+class TinyLM(nn.Module):
+    """Token ids -> logits, with two Linear layers: what a caller might plan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.up = nn.Linear(16, 64)
+        self.down = nn.Linear(64, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(self.embed(ids))))  # [batch, seq, vocab]
+
+
+def test_a_module_given_is_measured_on_its_example_inputs() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (2, 8))
+    opts = BitwidthOptions(estimator="fisher", size_limit_bytes=3000)
+    plan = memplan.plan(TinyLM(), (ids,), mode="infer", passes=["bitwidth"], options={"bitwidth": opts})
+    bits = plan.decisions.bits
+    assert bits is not None and {plan.tensors[t.value_id].name for t in bits.candidates} == {"up.weight",
+                                                                                              "down.weight"}
+    assert "1 batches of 2x8" in bits.sensitivity and "lm_loss" in bits.sensitivity
+
+
+def test_sensitivity_is_refused_where_it_cannot_be_measured() -> None:
+    from memplan.planner.calibration import with_sensitivity
+    from memplan.planner.models import LoadedModel
+
+    loaded = LoadedModel("x", "x", None, ())
+    with pytest.raises(InvalidInput, match="on language models"):
+        with_sensitivity(BitwidthOptions(), "zoo:resnet50", loaded, 0, torch.float32)
+    with pytest.raises(InvalidInput, match="on zoo models and nn.Modules"):
+        with_sensitivity(BitwidthOptions(), "model.onnx", loaded, 0, torch.float32)

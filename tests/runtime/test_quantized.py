@@ -162,3 +162,15 @@ def test_what_is_not_built_or_does_not_match_is_refused(plan: Plan) -> None:
         quantize_model(plan, other)
     with pytest.raises(InvalidInput, match="on the meta device"):
         quantize_model(plan, ENTRY.build(device="meta"))
+
+
+def test_weights_given_must_hold_what_the_model_lacks(plan: Plan) -> None:
+    with pytest.raises(PlanMismatch, match="hold no tensor"):
+        quantize_model(plan, ENTRY.build(), weights={})
+    float_model = dict(ENTRY.build().named_parameters())
+    only_quantized = {n: float_model[n] for n in float_model if n.endswith(("c_attn.weight", "c_proj.weight",
+                                                                             "c_fc.weight"))}  # fmt: skip
+    with pytest.raises(InvalidInput, match="on the meta device and the weights given do not hold it"):
+        quantize_model(plan, ENTRY.build(device="meta"), weights=only_quantized)
+    with pytest.raises(InvalidInput, match="nothing was measured"):
+        quantize_model(plan, ENTRY.build()).measured()

@@ -52,3 +52,15 @@ def test_memplan_run_measures_the_predicted_peak() -> None:
     overhead = sum(run.held_bytes.values()) - sum(run.planned_bytes.values())  # the kernels' fp32 scales
     assert measured.peak_bytes == comparison.measured_peak_bytes
     assert measured.peak_bytes - comparison.predicted_peak_bytes == pytest.approx(overhead, abs=512)
+
+
+def test_run_refuses_what_it_cannot_run_with_quantized_weights() -> None:
+    from memplan.errors import InvalidInput
+    from memplan.planner.run import run_arena_for_plan, run_generation_plan
+
+    plan = _plan("zoo:gpt2-tiny", 70_000)
+    with pytest.raises(InvalidInput, match="whose ops multiply float weights"):
+        run_arena_for_plan(plan)
+    generation = plan.with_(workload=plan.workload.__class__("infer", 1, 8, "none", 4))
+    with pytest.raises(InvalidInput, match="generation with quantized weights is not built"):
+        run_generation_plan(generation)
