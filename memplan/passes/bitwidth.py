@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from memplan.errors import InfeasibleBudget, InvalidInput
 from memplan.ir.analysis import peaks
@@ -74,7 +75,7 @@ class BitwidthOptions:
     latency_limit_s: float | None = None
     time_limit_s: float = 10.0
     fused: tuple[tuple[str, ...], ...] = FUSED
-    estimator: str = "hutchinson"
+    estimator: Literal["hutchinson", "fisher"] = "hutchinson"
     sensitivity: SensitivityTable | None = None
 
     def resolved_candidates(self) -> tuple[Candidate, ...]:

@@ -21,6 +21,7 @@ need.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -119,7 +120,16 @@ def build_problem(
     return BitsProblem(problem, tuple(values), tuple(specs), table.tensors, groups)
 
 
+ESTIMATORS = ("hutchinson", "fisher", "given")
+"""How a curvature may have been measured (`given`: by the caller, some other way)."""
+
+
 def _weight(by_name: dict[str, Value], t: TensorSensitivity) -> Value:
+    if t.estimator not in ESTIMATORS or not math.isfinite(t.curvature):
+        raise InvalidInput(
+            f"the sensitivity of {t.name}: estimator {t.estimator!r} must be one of {', '.join(ESTIMATORS)} "
+            f"and curvature {t.curvature} a finite number"
+        )
     v = by_name.get(t.name)
     if v is None or v.alias_of is not None or len(v.shape) < 2:
         raise InvalidInput(

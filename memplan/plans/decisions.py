@@ -99,7 +99,7 @@ class Candidate:
         """`fp16`, `int8-ch-sym`, `int4-g128-asym`...: unique among a pass's candidates."""
         if self.scale_layout == "none":
             return self.format
-        where = {"per-tensor": "t", "per-channel": "ch"}.get(self.scale_layout, f"g{self.group_size}")
+        where = {"per-tensor": "t", "per-channel": "ch"}.get(self.scale_layout, f"g{self.group_size or ''}")
         return f"{self.format}-{where}-{'sym' if self.symmetric else 'asym'}"
 
     def for_tensor(self, value_id: int, shape: tuple[int, ...], transposed: bool = False) -> TensorBits:

@@ -5,6 +5,7 @@ survives verify and JSON."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -217,3 +218,15 @@ def test_registered_in_pipeline_order_and_opt_in() -> None:
     assert labels == ["fp16", "int8-ch-sym", "int4-g64-sym", "int4-g64-asym", "int3-g64-sym", "int3-g64-asym",
                       "int2-g64-asym"]  # fmt: skip
     assert len(DEFAULT_CANDIDATES) == len(labels)
+
+
+def test_a_table_from_elsewhere_must_say_how_it_was_measured() -> None:
+    g = linears(["a.weight"])
+    row = TensorSensitivity("a.weight", float("nan"), {c.label: 1.0 for c in SMALL}, estimator="given")
+    with pytest.raises(InvalidInput, match="a finite number"):
+        plan_bits(g, small(SensitivityTable((row,))))
+    guess = TensorSensitivity("a.weight", 1.0, {c.label: 1.0 for c in SMALL}, estimator="guess")
+    with pytest.raises(InvalidInput, match="must be one of hutchinson, fisher, given"):
+        plan_bits(g, small(SensitivityTable((guess,))))
+    given = replace(guess, estimator="given")
+    assert plan_bits(g, small(SensitivityTable((given,)))).decisions.bits.candidates[0].estimator == "given"  # type: ignore[union-attr]
