@@ -2,31 +2,37 @@
 
 Each pass module defines its `PASS` (a `PassSpec`: function, options type with the pass's defaults,
 requirements and guarantees); this module only lists them. The pipeline order is the architecture's:
-schedule, bitwidth, kv_budget, remat_swap, placement, allocate — of which remat_swap, placement and allocate
-are built.
+schedule, bitwidth, kv_budget, remat_swap, placement, allocate — of which bitwidth, remat_swap, placement
+and allocate are built. `bitwidth` changes the model's numbers (it quantizes weights), so it runs only
+when named (`OPT_IN`); the default pipeline is every other built pass.
 """
 
 from __future__ import annotations
 
 from memplan.errors import InvalidInput
-from memplan.passes import allocate, placement, remat_swap
+from memplan.passes import allocate, bitwidth, placement, remat_swap
 from memplan.passes.base import PassSpec
 
-PASSES: dict[str, PassSpec] = {p.name: p for p in (remat_swap.PASS, placement.PASS, allocate.PASS)}
+PASSES: dict[str, PassSpec] = {
+    p.name: p for p in (bitwidth.PASS, remat_swap.PASS, placement.PASS, allocate.PASS)
+}
 """Every built pass, in pipeline order."""
+
+OPT_IN: frozenset[str] = frozenset({"bitwidth"})
+"""Passes that are lossy: left out of the default pipeline, run when named."""
 
 
 def default_pipeline() -> list[PassSpec]:
-    """Passes in pipeline order."""
-    return list(PASSES.values())
+    """The passes that are not opt-in, in pipeline order."""
+    return [p for p in PASSES.values() if p.name not in OPT_IN]
 
 
 def passes_named(names: list[str]) -> list[PassSpec]:
-    """The passes `names` lists (as `--passes remat_swap,allocate` gives them), in the order given."""
+    """The passes `names` lists (as `--passes bitwidth,allocate` gives them), in the order given."""
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise InvalidInput(
             f"unknown pass {', '.join(map(repr, unknown))}; the built passes are {', '.join(PASSES)} "
-            "(schedule, bitwidth and kv_budget are not built yet)"
+            "(schedule and kv_budget are not built yet)"
         )
     return [PASSES[n] for n in names]

@@ -59,8 +59,10 @@ def plan(
     generation of `gen` tokens after a prompt (the shape of `example_inputs`, the input ids, or `batch` x
     `seq` for a zoo model), as `model.generate` runs it. `dtype` (fp32, bf16, fp16) is the parameter dtype of
     zoo models; `passes` names or gives the passes (default: every built pass, in pipeline order), and
-    `options` maps a pass name to its options dataclass. Raises `InfeasibleBudget` (with the lower bound
-    and the tensors forcing it) if no plan the passes make fits.
+    `options` maps a pass name to its options dataclass. The `bitwidth` pass (lossy: only when named) gets
+    the weights' sensitivity measured here on the model (`memplan.planner.calibration`) unless its options
+    carry a table. Raises `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no plan
+    the passes make fits.
     """
     from memplan.planner.models import capture, capture_generation, load_causal_lm, load_model, parse_dtype
 
@@ -79,11 +81,29 @@ def plan(
         loaded = load_causal_lm(model_or_path, example_inputs, batch, seq, dtype=parse_dtype(dtype))
         workload = Workload("infer", loaded.batch, loaded.seq, "none", gen)
         graph = capture_generation(loaded, gen)
-        return run_pipeline(graph, hw, workload, budgets, loaded.source, chosen, options, progress=progress)
-    loaded = load_model(model_or_path, mode, example_inputs, batch, seq, dtype=parse_dtype(dtype))  # type: ignore[arg-type]
-    graph, _ = capture(loaded, mode, optimizer)  # type: ignore[arg-type]
-    workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")  # type: ignore[arg-type]
+    else:
+        loaded = load_model(model_or_path, mode, example_inputs, batch, seq, dtype=parse_dtype(dtype))  # type: ignore[arg-type]
+        graph, _ = capture(loaded, mode, optimizer)  # type: ignore[arg-type]
+        workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")  # type: ignore[arg-type]
+    if mode == "infer" and any(p.name == "bitwidth" for p in chosen):
+        options = _with_sensitivity(options, model_or_path, loaded, gen, parse_dtype(dtype), progress)
     return run_pipeline(graph, hw, workload, budgets, loaded.source, chosen, options, progress=progress)
+
+
+def _with_sensitivity(
+    options: Mapping[str, Any] | None, spec: Any, loaded: Any, gen: int, dtype: Any, progress: Progress | None
+) -> dict[str, Any]:
+    """`options` whose bitwidth entry carries a sensitivity table (measured here unless given)."""
+    from memplan.passes.bitwidth import BitwidthOptions
+    from memplan.planner.calibration import with_sensitivity
+
+    out = dict(options or {})
+    given = out.get("bitwidth") or BitwidthOptions()
+    if isinstance(given, BitwidthOptions) and given.sensitivity is None:
+        if progress:
+            progress(f"measuring sensitivity ({given.estimator})")
+        out["bitwidth"] = with_sensitivity(given, spec, loaded, gen, dtype)
+    return out
 
 
 def _passes(passes: Sequence[PassSpec | str] | None) -> list[PassSpec]:

@@ -5,7 +5,8 @@ hardware), the peak of every tier with its budget, the step and op where it happ
 two lower bounds (`predictions.max_load_bytes`, the live-bytes peak of the schedule with everything on the
 device, and `predictions.working_set_bytes`, the largest single-op working set), the largest tensors live
 at the device peak, the bytes at that peak by role, one row per pass with its solver's status, objective,
-bound and gap, the passes' decision summaries, and the plan's warnings.
+bound and gap, the passes' decision summaries, the format of every weight the bitwidth pass priced (when it
+ran), and the plan's warnings.
 
 Residency is per storage root (views own 0 bytes), so the tensors at a peak are the storages that make it.
 """
@@ -27,6 +28,7 @@ from memplan.plans.decisions import (
     PASS_OF_FIELD,
     AllocateDecision,
     BitsDecision,
+    Candidate,
     KVDecision,
     OrderDecision,
     PlacementDecision,
@@ -91,6 +93,8 @@ class PlanSummary:
     passes: tuple[PassRow, ...]
     decisions: tuple[tuple[str, str], ...]
     warnings: tuple[str, ...]
+    bits: tuple[tuple[str, ...], ...] | None = None
+    """With a bits decision: per quantizable weight, its format, bytes stored and captured, and cost."""
 
 
 def summarize(plan: Plan, top: int = TOP_TENSORS) -> PlanSummary:
@@ -125,7 +129,26 @@ def summarize(plan: Plan, top: int = TOP_TENSORS) -> PlanSummary:
             if getattr(plan.decisions, f.name) is not None
         ),
         warnings=plan.warnings,
+        bits=_bits_rows(plan),
     )
+
+
+def _bits_rows(plan: Plan) -> tuple[tuple[str, ...], ...] | None:
+    """One row per weight the bitwidth pass priced: name, chosen label, stored / captured bytes, cost."""
+    bits = plan.decisions.bits
+    if bits is None:
+        return None
+    by_id = {v.id: v for v in plan.tensors}
+    rows = []
+    for t in bits.candidates:
+        chosen = bits.of(t.value_id)
+        pick = next((c for c in t.candidates if c.bits == chosen), t.candidates[0])
+        v = by_id[t.value_id]
+        size = f"{format_size(pick.stored_bytes)} of {format_size(v.size_bytes)}"
+        b = pick.bits
+        label = Candidate(b.format, b.symmetric, b.scale_layout, b.group_size, b.scale_dtype).label
+        rows.append((v.name, label, size, f"{pick.cost:.3g}", f"{t.curvature:.3g} ({t.estimator})"))
+    return tuple(rows)
 
 
 def _header(plan: Plan) -> tuple[tuple[str, str], ...]:
@@ -287,12 +310,14 @@ TIER_HEADERS = ["tier", "peak", "budget", "of budget", "step", "op at peak", "/m
 TENSOR_HEADERS = ["tensor", "role", "size", "module", "layer"]
 ROLE_HEADERS = ["role", "bytes", "share"]
 PASS_HEADERS = ["pass", "solver", "status", "objective", "bound", "gap", "time", "notes"]
+BITS_HEADERS = ["weight", "format", "stored", "cost (nats)", "curvature"]
 
 
 def _sections(s: PlanSummary) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, headers, rows) of every table, in the order both renderers print them."""
     at = "" if s.device_step is None else f" (step {s.device_step})"
     shown = f"top {len(s.top_tensors)} of {s.live_tensor_count}"
+    bits = [] if s.bits is None else [("Stored formats (bitwidth)", BITS_HEADERS, [list(r) for r in s.bits])]
     return [
         ("Peak per tier", TIER_HEADERS, [_tier_cells(t) for t in s.tiers]),
         (
@@ -303,6 +328,7 @@ def _sections(s: PlanSummary) -> list[tuple[str, list[str], list[list[str]]]]:
         (f"Bytes by role at the device peak{at}", ROLE_HEADERS, _role_cells(s)),
         ("Passes", PASS_HEADERS, [_pass_cells(p) for p in s.passes]),
         ("Decisions", ["pass", "summary"], [[n, d] for n, d in s.decisions]),
+        *bits,
     ]
 
 

@@ -20,6 +20,7 @@ from memplan.plans.plan import Plan, fingerprint
 from memplan.runtime.arena import check_arena_run, describe, run_in_arena
 from memplan.runtime.generation import GenerationMeasurement
 from memplan.runtime.measure import run_inference, run_step
+from memplan.runtime.quantized_graph import run_quantized_inference
 from memplan.runtime.tracker import Measurement
 from memplan.runtime.training import applied
 
@@ -45,8 +46,9 @@ def run_plan(
 ) -> tuple[Measurement, Comparison]:
     """Check the model is the plan's, run the step the plan describes, and compare with its prediction.
 
-    Inference runs the captured graph in the planned schedule; training runs the step (forward, backward,
-    optimizer) from an ordinary eager loop, under `memplan.applied` when the plan moves activations.
+    Inference runs the captured graph in the planned schedule (with quantized weights where the plan has
+    them: `memplan.runtime.quantized_graph`); training runs the step (forward, backward, optimizer) from an
+    ordinary eager loop, under `memplan.applied` when the plan moves activations.
     `emulate` names tiers to back with host memory (`cxl`), said so in every report. Zoo plans rebuild
     their model from `plan.model.source`; any other plan needs `module` and `example_inputs`.
     """
@@ -61,7 +63,9 @@ def run_plan(
         loaded = load_model(module, w.mode, example_inputs, w.batch, w.seq)
     cap = check_fingerprint(plan, loaded)
     assert loaded.module is not None
-    if w.mode == "infer" and cap is not None:
+    if _quantizes(plan) and cap is not None:
+        measured = run_quantized_inference(plan, cap, loaded.module, loaded.example_inputs)
+    elif w.mode == "infer" and cap is not None:
         measured = run_inference(cap, loaded.module, loaded.example_inputs)
     elif plan.decisions.remat is not None:
         with applied(plan, loaded.module, emulate=frozenset(emulate)):
@@ -91,6 +95,10 @@ class GenerationResult:
         )
 
 
+def _quantizes(plan: Plan) -> bool:
+    return plan.decisions.bits is not None and bool(plan.decisions.bits.tensors)
+
+
 def run_generation_plan(plan: Plan, prompt_file: str | None = None) -> GenerationResult:
     """`memplan run` of a generation plan: rebuild the zoo model in memory, generate greedily without and
     with the plan, compare the tokens and the plan's predictions."""
@@ -99,6 +107,11 @@ def run_generation_plan(plan: Plan, prompt_file: str | None = None) -> Generatio
     from memplan.runtime.generation import applied_generation
 
     w = plan.workload
+    if _quantizes(plan):
+        raise InvalidInput(
+            "`memplan run` of a generation with quantized weights is not built (its tokens are not the float "
+            "model's to compare with): run it with memplan.applied(plan, model) around model.generate"
+        )
     if not plan.model.source.startswith("zoo:"):
         raise InvalidInput(f"plan for {plan.model.source!r}: run it with memplan.applied(plan, model)")
     loaded = load_causal_lm(plan.model.source, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
@@ -146,6 +159,11 @@ def run_arena_for_plan(plan: Plan) -> str:
         )
     if w.mode != "infer":
         raise InvalidInput("`--arena` runs inference plans; this one is a training plan")
+    if _quantizes(plan):
+        raise InvalidInput(
+            "`--arena` runs the captured graph, whose ops multiply float weights; a plan with quantized "
+            "weights runs with `memplan run` (no --arena)"
+        )
     loaded = load_model(plan.model.source, w.mode, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
     cap, module = check_fingerprint(plan, loaded), loaded.module
     if cap is None or module is None:

@@ -7,7 +7,8 @@ a pass adds its own and never rewrites another's (`Decisions.with_`).
 
     pass         record               what it says
     schedule     OrderDecision        the op order: a permutation of op ids (step k runs op_ids[k])
-    bitwidth     BitsDecision         per tensor: storage format, bits, group size, scale layout
+    bitwidth     BitsDecision         per tensor: storage format, bits, group size, scale layout; the
+                                      priced candidates it chose from
     kv_budget    KVDecision           per layer (and head): tokens kept and their bits
     remat_swap   RematDecision        per saved activation: keep / swap / recompute / split; blocks
     placement    PlacementDecision    per tensor (or slice): home tier, its device copies (prefetch, evict)
@@ -25,6 +26,8 @@ ScaleLayout = Literal["none", "per-tensor", "per-channel", "per-group"]
 
 FORMAT_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
 """Bits per element of each storage format (the payload; scales and zero points come on top)."""
+DTYPE_FORMAT: dict[str, QuantFormat] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+"""The storage format of each float dtype a tensor can be captured in (a tensor kept as it is)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +40,9 @@ class OrderDecision:
 @dataclass(frozen=True, slots=True)
 class TensorBits:
     """How one tensor is stored: `format` with `group_size` elements per scale (None: one scale per
-    `scale_layout` unit), symmetric (no zero point) or not, scales in `scale_dtype`."""
+    `scale_layout` unit), symmetric (no zero point) or not, scales in `scale_dtype`. Rows are all dims but
+    the last, unless `transposed`: then the last two dims are swapped first (GPT-2's `Conv1D` keeps its
+    weight as [in, out]; it is quantized as the [out, in] matrix a linear layer multiplies by)."""
 
     value_id: int
     format: QuantFormat
@@ -45,13 +50,21 @@ class TensorBits:
     symmetric: bool = True
     scale_layout: ScaleLayout = "none"
     scale_dtype: str = "float16"
+    transposed: bool = False
 
     @property
     def bits(self) -> int:
         return FORMAT_BITS[self.format]
 
+    def quantized_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape whose rows are quantized: `shape`, or its last two dims swapped when `transposed`."""
+        if self.transposed and len(shape) >= 2:
+            return (*shape[:-2], shape[-1], shape[-2])
+        return tuple(shape)
+
     def stored_bytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of the packed payload plus its scales (and zero points when asymmetric)."""
+        shape = self.quantized_shape(shape)
         numel = 1
         for d in shape:
             numel *= d
@@ -70,10 +83,82 @@ class TensorBits:
 
 
 @dataclass(frozen=True, slots=True)
+class Candidate:
+    """A storage format the bitwidth pass may give a tensor, without the tensor. `group_size` is the group
+    wanted; a tensor whose rows it does not divide gets the largest divisor below it (`for_tensor`).
+    `label` names the format across tensors (ties match formats by label)."""
+
+    format: QuantFormat
+    symmetric: bool = True
+    scale_layout: ScaleLayout = "none"
+    group_size: int | None = None
+    scale_dtype: str = "float16"
+
+    @property
+    def label(self) -> str:
+        """`fp16`, `int8-ch-sym`, `int4-g128-asym`...: unique among a pass's candidates."""
+        if self.scale_layout == "none":
+            return self.format
+        where = {"per-tensor": "t", "per-channel": "ch"}.get(self.scale_layout, f"g{self.group_size or ''}")
+        return f"{self.format}-{where}-{'sym' if self.symmetric else 'asym'}"
+
+    def for_tensor(self, value_id: int, shape: tuple[int, ...], transposed: bool = False) -> TensorBits:
+        """This format for one tensor of (stored) `shape`, its group fitted to the quantized rows."""
+        spec = TensorBits(value_id, self.format, None, self.symmetric, self.scale_layout, self.scale_dtype,
+                          transposed)  # fmt: skip
+        if self.scale_layout != "per-group":
+            return spec
+        cols = spec.quantized_shape(shape)[-1]
+        return replace(spec, group_size=largest_divisor(cols, self.group_size or cols))
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (at least 1)."""
+    return next(d for d in range(max(min(n, at_most), 1), 0, -1) if n % d == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateCost:
+    """One candidate format of one tensor, priced: its spec (`bits`), the loss increase it is predicted to
+    cause (`cost`, in nats: the sensitivity, see `memplan.planner.sensitivity`) and its stored bytes."""
+
+    label: str
+    bits: TensorBits
+    cost: float
+    stored_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorCandidates:
+    """The formats one quantizable tensor could take, each priced. `curvature` estimates the mean Hessian
+    diagonal Tr(H)/n of the loss with respect to the tensor (`estimator`: `hutchinson`, or `fisher`, the
+    mean squared gradient); a candidate's cost is `curvature / 2 * ||W - dequantize(quantize(W))||^2`."""
+
+    value_id: int
+    curvature: float
+    estimator: str
+    candidates: tuple[CandidateCost, ...]
+
+    def candidate(self, label: str) -> CandidateCost | None:
+        return next((c for c in self.candidates if c.label == label), None)
+
+
+@dataclass(frozen=True, slots=True)
 class BitsDecision:
-    """The storage format of each tensor the bitwidth pass quantized (tensors not listed keep their dtype)."""
+    """The storage format of each tensor the bitwidth pass quantized (tensors not listed keep their dtype),
+    and what it chose from: every quantizable tensor's priced candidates (its own dtype among them, at cost
+    0), the groups of tensors that must share a format (`ties`, value ids), and how the sensitivity was
+    measured (`sensitivity`, in words). A later pass that trades bits against placement reads
+    `candidates`."""
 
     tensors: tuple[TensorBits, ...]
+    candidates: tuple[TensorCandidates, ...] = ()
+    ties: tuple[tuple[int, ...], ...] = ()
+    sensitivity: str = ""
+
+    def of(self, value_id: int) -> TensorBits | None:
+        """The format chosen for `value_id` (None: it keeps its dtype)."""
+        return next((b for b in self.tensors if b.value_id == value_id), None)
 
 
 @dataclass(frozen=True, slots=True)

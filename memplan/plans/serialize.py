@@ -25,6 +25,7 @@ from memplan.plans.decisions import (
     Arena,
     BitsDecision,
     BlockRemat,
+    CandidateCost,
     Decisions,
     DeviceCopy,
     KVBudget,
@@ -33,6 +34,7 @@ from memplan.plans.decisions import (
     PlacementDecision,
     RematDecision,
     TensorBits,
+    TensorCandidates,
     TensorPlacement,
     TensorRemat,
     TierPacking,
@@ -137,7 +139,7 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
     )
     return Decisions(
         order=OrderDecision(tuple(order["op_ids"])) if order else None,
-        bits=BitsDecision(tuple(TensorBits(**t) for t in bits["tensors"])) if bits else None,
+        bits=_bits(bits) if bits else None,
         kv=KVDecision(tuple(KVBudget(**b) for b in kv["budgets"]), kv["sink_tokens"], kv["recent_tokens"])
         if kv
         else None,
@@ -149,6 +151,19 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
         if alloc
         else None,
     )
+
+
+def _bits(d: dict[str, Any]) -> BitsDecision:
+    candidates = tuple(
+        TensorCandidates(
+            t["value_id"], t["curvature"], t["estimator"],
+            tuple(CandidateCost(c["label"], TensorBits(**c["bits"]), c["cost"], c["stored_bytes"])
+                  for c in t["candidates"]),
+        )
+        for t in d["candidates"]
+    )  # fmt: skip
+    tensors = tuple(TensorBits(**t) for t in d["tensors"])
+    return BitsDecision(tensors, candidates, tuple(tuple(g) for g in d["ties"]), d["sensitivity"])
 
 
 def _placed(t: dict[str, Any]) -> TensorPlacement:

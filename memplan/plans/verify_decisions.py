@@ -1,7 +1,8 @@
 """Consistency of a plan's typed decisions with the plan itself (failure kind `bad-decision`).
 
 - order: a permutation of the op ids in which every op comes after the producers of what it reads;
-- bits: known formats, on storages (not views) that exist, at most one record per tensor;
+- bits: known formats, on storages (not views) that exist, at most one record per tensor; candidates
+  priced for their tensor, the chosen format among them, tied tensors at one format;
 - kv: non-negative token budgets at a supported bit width;
 - remat: every tensor exists, its steps are ordered, its ops exist, the swap tier is a tier of the
   hardware and holds the swapped part; a split swaps between 1 and rows - 1 rows;
@@ -16,8 +17,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
-from memplan.ir.graph import Graph
-from memplan.plans.decisions import FORMAT_BITS, DeviceCopy, RematDecision, TensorRemat
+from memplan.ir.graph import Graph, Value
+from memplan.plans.decisions import (
+    DTYPE_FORMAT,
+    FORMAT_BITS,
+    BitsDecision,
+    DeviceCopy,
+    RematDecision,
+    TensorRemat,
+)
 from memplan.plans.plan import Plan
 
 ViolationKind = Literal[
@@ -96,6 +104,32 @@ def _bits(plan: Plan) -> list[Violation]:
             out.append(_bad(f"bits: unknown format {b.format!r} for value {b.value_id}"))
         if b.group_size is not None and b.group_size <= 0:
             out.append(_bad(f"bits: group size {b.group_size} of value {b.value_id} is not positive"))
+    return out + _candidates(bits, values)
+
+
+def _candidates(bits: BitsDecision, values: dict[int, Value]) -> list[Violation]:
+    """Candidates priced on storages of the plan at their stored bytes; a chosen format among its tensor's
+    candidates; tied tensors at one label."""
+    out = []
+    chosen: dict[int, str] = {}
+    for t in bits.candidates:
+        v = values.get(t.value_id)
+        if v is None or v.alias_of is not None:
+            out.append(_bad(f"bits: candidates for value {t.value_id}, not a storage of the plan"))
+            continue
+        for c in t.candidates:
+            if c.bits.value_id != t.value_id or c.stored_bytes != c.bits.stored_bytes(v.shape):
+                out.append(_bad(f"bits: candidate {c.label} of {v.name} is not priced for it"))
+        picked = bits.of(t.value_id)
+        own = DTYPE_FORMAT.get(v.dtype)
+        match = [c.label for c in t.candidates if (c.bits == picked if picked else c.bits.format == own)]
+        if not match:
+            out.append(_bad(f"bits: the format chosen for {v.name} is none of its candidates"))
+        chosen[t.value_id] = match[0] if match else "?"
+    for group in bits.ties:
+        labels = {chosen.get(vid, "?") for vid in group}
+        if len(labels) > 1:
+            out.append(_bad(f"bits: tied values {list(group)} are stored as {', '.join(sorted(labels))}"))
     return out
 
 

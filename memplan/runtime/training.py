@@ -102,7 +102,9 @@ def applied(
     replan: Callable[[tuple[Any, ...]], Plan] | None = None,
 ) -> Iterator[Any]:
     """Run `model`'s training step under `plan` inside the block (see module docstring); a generation plan
-    runs `model.generate` instead (`memplan.runtime.generation`, yielding its `GenerationRun`).
+    runs `model.generate` instead (`memplan.runtime.generation`, yielding its `GenerationRun`), and a
+    plan whose bitwidth pass quantized weights runs the model with them (`memplan.runtime.quantized`,
+    yielding its `QuantizedRun`; one forward or a generation, without streamed weights).
     `replan(inputs)`,
     if given, makes the plan for a call whose input shapes (or autocast) differ from the planned ones."""
     if mechanism not in MECHANISMS:
@@ -110,17 +112,10 @@ def applied(
             f"memplan.applied: unknown mechanism {mechanism!r}; choose one of "
             f"{', '.join(map(repr, MECHANISMS))}"
         )
-    if plan.workload.mode == "infer" and plan.workload.gen > 0:
-        from memplan.runtime.generation import applied_generation
-
-        with applied_generation(plan, model) as run:
-            yield run  # type: ignore[misc]
+    if plan.workload.mode == "infer":
+        with _applied_inference(plan, model) as run:
+            yield run
         return
-    if plan.workload.mode != "train":
-        raise InvalidInput(
-            "memplan.applied takes a training plan (mode='train') or a generation plan (mode='infer', "
-            "gen=N); this plan is for one inference forward: run it with memplan.run_plan"
-        )
     if mechanism == "torch":
         with applied_torch(plan, model, store, emulate) as info:
             yield info
@@ -173,6 +168,28 @@ def _open_store(
 
         stores[tier] = stack.enter_context(open_tier(plan.hardware, tier, emulate=emulate))
     return stores[tier]
+
+
+@contextmanager
+def _applied_inference(plan: Plan, model: torch.nn.Module) -> Iterator[Any]:
+    """A plan with quantized weights (`memplan.runtime.quantized`), else a generation plan's weights
+    streamed (`memplan.runtime.generation`)."""
+    if plan.decisions.bits is not None and plan.decisions.bits.tensors:
+        from memplan.runtime.quantized import applied_bits
+
+        with applied_bits(plan, model) as quantized:
+            yield quantized
+        return
+    if plan.workload.gen < 1:
+        raise InvalidInput(
+            "memplan.applied takes a training plan (mode='train'), a generation plan (mode='infer', gen=N) "
+            "or a plan with quantized weights (passes=['bitwidth', ...]); this plan is for one inference "
+            "forward: run it with memplan.run_plan"
+        )
+    from memplan.runtime.generation import applied_generation
+
+    with applied_generation(plan, model) as run:
+        yield run
 
 
 @contextmanager

@@ -94,3 +94,11 @@ def test_remat_example_is_a_remat_record() -> None:
     remat = json_blocks(DOC.read_text())[1]
     jsonschema.validate(remat, {"$defs": schema["$defs"], "$ref": "#/$defs/remat"})
     assert {t["decision"] for t in remat["tensors"]} == {"swap", "recompute", "split"}
+
+
+def test_bits_example_is_a_bits_record() -> None:
+    schema = plan_schema()
+    bits = json_blocks(DOC.read_text())[2]
+    jsonschema.validate(bits, {"$defs": schema["$defs"], "$ref": "#/$defs/bits"})
+    chosen = bits["tensors"][0]
+    assert chosen in [c["bits"] for c in bits["candidates"][0]["candidates"]]

@@ -12,7 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("export", help="export a plan (chrome-trace, ...)", description=__doc__)
     p.add_argument("plan", help="a plan file written by `memplan plan`")
     p.add_argument(
-        "--to", required=True, dest="fmt", help="format: chrome-trace, torch-sac, deepspeed or accelerate"
+        "--to",
+        required=True,
+        dest="fmt",
+        help="format: chrome-trace, torch-sac, deepspeed, accelerate, torchao or compressed-tensors",
     )
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.set_defaults(func=run)

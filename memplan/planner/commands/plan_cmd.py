@@ -1,8 +1,10 @@
 """`memplan plan MODEL --mode train|infer --budget SIZE [--budget TIER=SIZE ...] [--hardware NAME|FILE]
-[--batch N] [--seq N] [--passes remat_swap,allocate] -o plan.json`.
+[--batch N] [--seq N] [--passes remat_swap,allocate] [--bits-limit SIZE] [--sensitivity fisher] -o plan.json`.
 
 `--budget 6GiB` bounds the device's peak; `--budget host=32GiB --budget ssd=200GiB` bound other tiers (a
-tier without a budget is held to its capacity).
+tier without a budget is held to its capacity). `--passes bitwidth,allocate` quantizes weights (the
+bitwidth pass runs only when named): by default to what fits the device budget, or to `--bits-limit` bytes
+of quantized weights; `--sensitivity` picks how their sensitivity is measured.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from memplan.errors import InvalidInput
-from memplan.units import format_size
+from memplan.units import format_size, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,6 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--passes",
         help="comma-separated passes to run, in order (default: every built pass that applies: "
         "remat_swap,placement,allocate)",
+    )
+    p.add_argument(
+        "--bits-limit",
+        metavar="SIZE",
+        help="bitwidth: the most bytes the quantizable weights may take (default: what fits the budget)",
+    )
+    p.add_argument(
+        "--sensitivity",
+        choices=["hutchinson", "fisher"],
+        help="bitwidth: Hessian trace by Hutchinson probes (default) or the cheaper mean squared gradient",
     )
     p.add_argument(
         "--hardware",
@@ -65,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from memplan.planner.api import plan
 
     console = Console(stderr=True)
+    passes = args.passes.split(",") if args.passes else None
+    options = bits_options(args, passes)
     with console.status("planning...") as status:
         result = plan(
             args.model,
@@ -76,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             gen=args.gen,
             optimizer=args.optimizer,
             dtype=args.dtype,
-            passes=args.passes.split(",") if args.passes else None,
+            passes=passes,
+            options=options,
             progress=lambda s: status.update(f"planning: {s}"),
         )
     result.save(args.output)
@@ -93,6 +108,20 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(f"[green]fits[/green]: {fits}; wrote {args.output}")
     return 0
+
+
+def bits_options(args: argparse.Namespace, passes: list[str] | None) -> dict[str, object] | None:
+    """The bitwidth pass's options from `--bits-limit` and `--sensitivity` (None when neither is given)."""
+    if args.bits_limit is None and args.sensitivity is None:
+        return None
+    if passes is None or "bitwidth" not in passes:
+        raise InvalidInput(
+            "--bits-limit and --sensitivity set the bitwidth pass: add it, --passes bitwidth,allocate"
+        )
+    from memplan.passes.bitwidth import BitwidthOptions
+
+    limit = parse_size(args.bits_limit) if args.bits_limit is not None else None
+    return {"bitwidth": BitwidthOptions(size_limit_bytes=limit, estimator=args.sensitivity or "hutchinson")}
 
 
 def budgets_of(given: list[str]) -> dict[str, str]:
