@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.harness import markdown, write
 
 HERE = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"harness", "run", "__init__", "train_peers", "corpus_models"}
+NOT_BENCHMARKS = {"harness", "run", "__init__", "train_peers", "corpus_models", "placement_peers"}
 
 
 def available() -> list[str]:
