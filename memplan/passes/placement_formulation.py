@@ -25,7 +25,7 @@ import numpy as np
 from memplan.ir.hardware import Hardware
 from memplan.passes.placement_model import GenerationModel
 from memplan.passes.remat_schedule import compute_share
-from memplan.solvers.milp import MilpProblem, MilpResult, dense_problem, solve_milp
+from memplan.solvers.milp import DenseRows, MilpProblem, MilpResult, dense_problem, solve_milp
 
 GIB = float(1 << 20)
 """Bytes per unit of the byte rows (MiB: HiGHS's 1e-6 feasibility tolerance is then about a byte)."""
@@ -95,17 +95,8 @@ def formulate(
             t_other[(u, f)] = cols.add(f"U{u}.{f}", 0, np.inf, False)
     w = cols.add("W", 0, np.inf, False)
     width = len(cols.names)
-    rows: list[np.ndarray] = []
-    lo: list[float] = []
-    hi: list[float] = []
-
-    def row(coefs: dict[int, float], lower: float, upper: float) -> None:
-        a = np.zeros(width)
-        for i, v in coefs.items():
-            a[i] += v
-        rows.append(a)
-        lo.append(lower)
-        hi.append(upper)
+    dense = DenseRows(width)
+    row = dense.add
 
     share = {r: compute_share(hw, hw.tier(r)) for r in tiers}
     read = {r: 1.0 / hw.tier(r).read_bw for r in tiers}
@@ -183,7 +174,8 @@ def formulate(
         if use:
             row(use, -np.inf, budgets[r] / GIB)
     problem = dense_problem(
-        cost, np.vstack(rows), np.array(lo), np.array(hi), np.array(cols.lower), np.array(cols.upper),
+        cost, dense.matrix(), np.array(dense.lower), np.array(dense.upper), np.array(cols.lower),
+        np.array(cols.upper),
         np.array(cols.integer, dtype=np.int8),
     )  # fmt: skip
     index: dict[str, object] = {"n": n, "k": k, "x": x, "w": w, "tiers": tiers, "kv_tiers": kv_ok}

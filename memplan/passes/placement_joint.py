@@ -25,7 +25,7 @@ from memplan.ir.graph import Graph, Role
 from memplan.ir.hardware import Hardware
 from memplan.passes.remat_schedule import compute_share
 from memplan.plans.decisions import TensorBits
-from memplan.solvers.milp import MilpResult, dense_problem, solve_milp
+from memplan.solvers.milp import DenseRows, MilpResult, dense_problem, solve_milp
 
 MIB = float(1 << 20)
 
@@ -68,17 +68,8 @@ def solve_joint(
     t_col = {(u, k): len(cols) + 2 * i + k for i, u in enumerate(units) for k in (0, 1)}
     w_col = len(cols) + 2 * len(units)
     width = w_col + 1
-    rows: list[np.ndarray] = []
-    lo: list[float] = []
-    hi: list[float] = []
-
-    def row(coefs: dict[int, float], lower: float, upper: float) -> None:
-        a = np.zeros(width)
-        for i, c in coefs.items():
-            a[i] += c
-        rows.append(a)
-        lo.append(lower)
-        hi.append(upper)
+    dense = DenseRows(width)
+    row = dense.add
 
     for v in weights:
         row({index[(v, f, r)]: 1.0 for f in range(len(cands[v])) for r in tiers}, 1.0, 1.0)
@@ -123,7 +114,9 @@ def solve_joint(
     upper[len(cols) :] = np.inf
     integrality = np.zeros(width, dtype=np.int8)
     integrality[: len(cols)] = 1
-    problem = dense_problem(cost, np.vstack(rows), np.array(lo), np.array(hi), lower, upper, integrality)
+    problem = dense_problem(
+        cost, dense.matrix(), np.array(dense.lower), np.array(dense.upper), lower, upper, integrality
+    )
     result = solve_milp(problem, time_limit_s, mip_rel_gap=1e-6)
     if result.x is None:
         return result, None

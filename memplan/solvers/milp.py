@@ -12,7 +12,7 @@ Knows nothing of models or torch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import highspy
 import numpy as np
@@ -48,6 +48,28 @@ class MilpResult:
     gap: float | None
     time_s: float
     time_limit_s: float
+
+
+@dataclass
+class DenseRows:
+    """Constraint rows built one at a time as {column: coefficient} over `width` columns."""
+
+    width: int
+    rows: list[np.ndarray] = field(default_factory=list)
+    lower: list[float] = field(default_factory=list)
+    upper: list[float] = field(default_factory=list)
+
+    def add(self, coefs: dict[int, float], lower: float, upper: float) -> None:
+        """`lower <= sum(coefs[j] * x_j) <= upper` (repeated columns add up)."""
+        a = np.zeros(self.width)
+        for j, v in coefs.items():
+            a[j] += v
+        self.rows.append(a)
+        self.lower.append(lower)
+        self.upper.append(upper)
+
+    def matrix(self) -> np.ndarray:
+        return np.vstack(self.rows) if self.rows else np.zeros((0, self.width))
 
 
 def dense_problem(
