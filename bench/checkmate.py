@@ -21,7 +21,8 @@ import numpy as np
 from bench.harness import Result
 from memplan.ir.frontends.checkmate import from_node_link, graph_to_node_link
 from memplan.planner.commands.remat_cmd import problem_of
-from memplan.solvers.remat_dag import RematProblem, no_remat_peak, solve, working_set_bound
+from memplan.solvers.remat_dag import RematProblem, no_remat_peak, working_set_bound
+from memplan.solvers.remat_solve import solve
 
 FRACTIONS = (0.9, 0.8)
 SOLVERS = ("greedy", "milp", "cpsat")
