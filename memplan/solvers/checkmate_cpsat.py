@@ -29,7 +29,8 @@ model is a restriction: its optimum may be above the true one and its bound is N
 unrestricted problem, and an infeasible model means only "none with C copies" (status timeout). The bound
 reported is the larger of the LP relaxation of the Checkmate MILP (`checkmate_milp.lp_bound`, solved first
 with HiGHS in at most `LP_SHARE` of the time, where the formulation is small enough for that), the
-sum of all costs, and, from the exact model only, CP-SAT's own bound. The objective weights are the costs in
+sum of all costs, and, from the exact model only, CP-SAT's own bound; an infeasible LP relaxation proves
+that no schedule exists (status infeasible, CP-SAT not run). The objective weights are the costs in
 units of `remat_dag.cost_scale`, rounded down (exact where the costs are multiples of the unit), so CP-SAT's
 bound on the weights is a bound on the costs. `copies=None` builds the exact model while it stays small
 (`EXACT_SERVE_LIMIT`) and C = 2 otherwise, raised per node to what the hint needs, so that the hint (a
@@ -293,6 +294,13 @@ def solve_cpsat(
     status: see the module docstring."""
     t0 = time.perf_counter()
     lp = lp_bound(problem, budget, LP_SHARE * time_limit_s)
+    if lp == math.inf:  # the LP relaxation is infeasible, so is every schedule
+        name = "moccasin-cpsat (LP relaxation infeasible)"
+        scale = cost_scale(problem)
+        elapsed = time.perf_counter() - t0
+        return RematResult(
+            "infeasible", None, None, math.fsum(problem.cost), None, elapsed, name, scale.tolerance
+        )
     converted = hint_intervals(problem, hint) if hint is not None else None
     ncopies = copy_counts(problem, copies, converted[0] if converted else None)
     mm = build(problem, budget, ncopies)

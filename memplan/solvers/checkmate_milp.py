@@ -224,16 +224,17 @@ def solve_checkmate(
     budget: int,
     time_limit_s: float,
     mip_rel_gap: float = 0.0,
-    max_columns: int = MAX_COLUMNS,
+    max_columns: int | None = None,
     start: Schedule | None = None,
 ) -> RematResult:
     """Solve the MILP with HiGHS, warm-started from `start` (a schedule, e.g. the greedy one) when it is a
     point of the MILP; the schedule is decoded and checked in bytes against the budget (a schedule that fails
     the check, from numerical tolerance, is reported as no schedule). Above `max_columns` columns the MILP is
-    not attempted: status skipped, the solver name says why."""
+    not attempted (default `MAX_COLUMNS`): status skipped, the solver name says why."""
     t0 = time.perf_counter()
     scale = cost_scale(problem)
     cols = milp_columns(problem)
+    max_columns = MAX_COLUMNS if max_columns is None else max_columns
     if cols > max_columns:
         name = f"checkmate-milp (skipped: {cols} columns > {max_columns})"
         return RematResult("skipped", None, None, _trivial(problem), None, 0.0, name, scale.tolerance)
@@ -289,8 +290,8 @@ def result_of(
 
 def lp_bound(problem: RematProblem, budget: int, time_limit_s: float) -> float | None:
     """The optimum of the MILP's LP relaxation: a lower bound on every schedule's total compute, in the
-    problem's cost units. None where the formulation is too large for `time_limit_s` (`LP_COLUMNS_PER_S`) or
-    HiGHS does not finish in time."""
+    problem's cost units; infinity where the relaxation is infeasible (then no schedule exists). None where
+    the formulation is too large for `time_limit_s` (`LP_COLUMNS_PER_S`) or HiGHS does not finish in time."""
     t0 = time.perf_counter()
     if milp_columns(problem) > LP_COLUMNS_PER_S * time_limit_s:
         return None
@@ -301,6 +302,8 @@ def lp_bound(problem: RematProblem, budget: int, time_limit_s: float) -> float |
     if left <= 0.05:
         return None
     res = solve_milp(relaxed, left, mip_rel_gap=0.0, options=HIGHS_OPTIONS)
+    if res.status == "infeasible":
+        return math.inf
     if res.status != "optimal" or res.objective is None:
         return None
     return max(_trivial(problem), (res.objective - 1e-6) * scale.unit)

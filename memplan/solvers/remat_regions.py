@@ -48,7 +48,11 @@ COPIES = 3
 """Copies per region node in the CP-SAT model (up to two recomputations): a restriction that finds schedules
 fast."""
 MAX_MERGED = 48
-"""Longest region that merging regions without a schedule may build."""
+"""Longest region planned where regions of `MAX_NODES` leave no way round the regions that failed."""
+
+
+Stage = tuple[tuple[int, ...], frozenset[int]]
+"""One stage of a schedule: (compute, keep)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,28 +81,37 @@ def crossing(problem: RematProblem) -> list[frozenset[int]]:
 
 
 def cuts(
-    problem: RematProblem, budget: int, min_nodes: int = MIN_NODES, max_nodes: int = MAX_NODES
-) -> list[int]:
-    """Region boundaries 0 = c_0 < ... < c_m = n, each region min_nodes..max_nodes long (the last may be
-    shorter), by dynamic programming over the cut positions: a cut crossed by w bytes costs w / (budget - w),
-    so cuts far below the budget are preferred, and none at or above it is made."""
+    problem: RematProblem,
+    budget: int,
+    start: int = 0,
+    banned: frozenset[int] = frozenset(),
+    min_nodes: int = MIN_NODES,
+    max_nodes: int = MAX_NODES,
+) -> list[int] | None:
+    """Region boundaries start = c_0 < ... < c_m = n, each region min_nodes..max_nodes long (the last may be
+    shorter), no cut at a `banned` position, by dynamic programming over the cut positions: a cut
+    at c crossed by w bytes costs w / (budget - w - size_c) (stage c holds at least X(c) and c's output), so
+    cuts far below the budget are preferred and none that cannot fit is made. None if no such boundaries."""
     n = problem.n
-    if n <= max_nodes:
-        return [0, n]
     weight = [sum(problem.size[i] for i in xc) for xc in crossing(problem)]
-    price = [w / (budget - w) if w < budget else math.inf for w in weight]
-    best: list[float] = [0.0] + [math.inf] * n
-    prev = [0] * (n + 1)
-    for c in range(1, n + 1):
+    room = [budget - w - (problem.size[c] if c < n else 0) for c, w in enumerate(weight)]
+    price = [w / r if r > 0 else math.inf for w, r in zip(weight, room, strict=True)]
+    price[n] = 0.0
+    best = [math.inf] * (n + 1)
+    best[start] = 0.0
+    prev = [start] * (n + 1)
+    for c in range(start + 1, n + 1):
+        if c in banned:
+            continue
         shortest = 1 if c == n else min_nodes
-        for a in range(max(0, c - max_nodes), c - shortest + 1):
-            w = best[a] + (price[c] if c < n else 0.0)
+        for a in range(max(start, c - max_nodes), c - shortest + 1):
+            w = best[a] + price[c]
             if w < best[c]:
                 best[c], prev[c] = w, a
     if not math.isfinite(best[n]):
-        return [0, n]
+        return None
     out = [n]
-    while out[-1] > 0:
+    while out[-1] > start:
         out.append(prev[out[-1]])
     return out[::-1]
 
@@ -128,9 +141,7 @@ def subproblem(problem: RematProblem, reg: Region) -> tuple[RematProblem, list[i
     return RematProblem(names, tuple(cost), tuple(size), tuple(preds)), orig
 
 
-def solve_region(
-    problem: RematProblem, budget: int, reg: Region, time_limit_s: float
-) -> list[tuple[tuple[int, ...], frozenset[int]]] | None:
+def solve_region(problem: RematProblem, budget: int, reg: Region, time_limit_s: float) -> list[Stage] | None:
     """The region's stages (compute, keep) in original node ids, from CP-SAT with the boundary pinned; None
     if it finds no schedule in time (or none exists)."""
     sub, orig = subproblem(problem, reg)
@@ -152,53 +163,51 @@ def solve_region(
 
 
 def solve_regions(
-    problem: RematProblem,
-    budget: int,
-    time_limit_s: float,
-    min_nodes: int = MIN_NODES,
-    max_nodes: int = MAX_NODES,
+    problem: RematProblem, budget: int, time_limit_s: float, max_nodes: int = MAX_NODES
 ) -> RematResult:
     """The stitched schedule of every region's CP-SAT run (module docstring), each region given the time left
     in proportion to its nodes. A region with no schedule (none exists with its boundary pinned, or none found
-    in time) is merged with the previous one (its entry may be what fails), else the next, up to `MAX_MERGED`
-    nodes; status timeout if that fails too or the time runs out."""
+    in time) bans both its cuts (its entry or its exit may be what fails), and the cuts are planned again from
+    the start of the region before it, with regions of up to `MAX_MERGED` nodes where `max_nodes` leaves no
+    way; status timeout if no cuts are left or the time runs out."""
     t0 = time.perf_counter()
     x = crossing(problem)
-    bounds = cuts(problem, budget, min_nodes, max_nodes)
-    stages: dict[int, list[tuple[tuple[int, ...], frozenset[int]]]] = {}
-    k: int | None = 0
-    while k is not None and k + 1 < len(bounds):
+    banned: set[int] = set()
+    solved: dict[tuple[int, int], list[Stage]] = {}
+    bounds = _plan(problem, budget, 0, banned, max_nodes)
+    k = 0
+    while bounds is not None and k + 1 < len(bounds):
         a, b = bounds[k], bounds[k + 1]
         left = time_limit_s - (time.perf_counter() - t0)
-        part = None
-        if left > 0:
-            limit = max(left * (b - a) / (problem.n - a), 0.05)
-            part = solve_region(problem, budget, region(problem, x, a, b), limit)
-        if part is not None:
-            stages[a] = part
+        if (a, b) not in solved and left > 0:
+            part = solve_region(
+                problem, budget, region(problem, x, a, b), max(left * (b - a) / (problem.n - a), 0.05)
+            )
+            if part is not None:
+                solved[(a, b)] = part
+        if (a, b) in solved:
             k += 1
-        else:
-            k = _merged(bounds, k) if left > 0 else None
-    if k is None:
+            continue
+        banned |= {a, b} - {0, problem.n}
+        k = max(k - 1, 0)
+        rest = _plan(problem, budget, bounds[k], banned, max_nodes) if left > 0 else None
+        bounds = None if rest is None else bounds[:k] + rest
+    if bounds is None:
         scale = cost_scale(problem)
         elapsed = time.perf_counter() - t0
-        return RematResult(
-            "timeout", None, None, math.fsum(problem.cost), None, elapsed, "regions", scale.tolerance
-        )
-    done = [st for a in bounds[:-1] for st in stages[a]]
+        trivial = math.fsum(problem.cost)
+        return RematResult("timeout", None, None, trivial, None, elapsed, "regions", scale.tolerance)
+    done = [st for a, b in zip(bounds, bounds[1:], strict=False) for st in solved[(a, b)]]
     return _stitched(problem, budget, Schedule(tuple(c for c, _ in done), tuple(s for _, s in done)), t0)
 
 
-def _merged(bounds: list[int], k: int) -> int | None:
-    """Drop a cut of failed region k (its start, else its end) within `MAX_MERGED`; the region to solve
-    next, or None if neither cut can go."""
-    if k > 0 and bounds[k + 1] - bounds[k - 1] <= MAX_MERGED:
-        del bounds[k]
-        return k - 1
-    if k + 2 < len(bounds) and bounds[k + 2] - bounds[k] <= MAX_MERGED:
-        del bounds[k + 1]
-        return k
-    return None
+def _plan(
+    problem: RematProblem, budget: int, start: int, banned: set[int], max_nodes: int
+) -> list[int] | None:
+    """`cuts` from `start`; regions up to `MAX_MERGED` long only where those of `max_nodes` leave no way."""
+    frozen = frozenset(banned)
+    plan = cuts(problem, budget, start, frozen, max_nodes=max_nodes)
+    return plan if plan is not None else cuts(problem, budget, start, frozen, max_nodes=MAX_MERGED)
 
 
 def _stitched(problem: RematProblem, budget: int, sched: Schedule, t0: float) -> RematResult:

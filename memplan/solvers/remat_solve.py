@@ -1,8 +1,9 @@
 """The recomputation solvers of `remat_dag`'s stage model run in sequence, each from the best schedule so far:
 
     greedy        always (milliseconds); no bound of its own
-    regions       graphs of more than `REGION_MIN_NODES` nodes, `REGION_SHARE` of the time limit: the order
-                  cut at narrow cuts, each region solved by CP-SAT with its boundary pinned, stitched
+    regions       graphs of more than `REGION_MIN_NODES` nodes, `REGION_SHARE` of the time limit (twice that
+                  where the greedy pass found nothing): the order cut at narrow cuts, each region solved by
+                  CP-SAT with its boundary pinned, stitched
     MILP/CP-SAT   the rest of the time, warm-started (MILP) or hinted (CP-SAT) with the best schedule; auto
                   takes the MILP up to `AUTO_MILP_COLUMNS` columns, CP-SAT above
 
@@ -62,7 +63,8 @@ def solve(
     t0 = time.perf_counter()
     runs = [_greedy(problem, budget, t0)]
     if method == "regions" or (method != "greedy" and problem.n > REGION_MIN_NODES):
-        share = time_limit_s if method == "regions" else REGION_SHARE * time_limit_s
+        share = REGION_SHARE * (1 if runs[0].schedule is not None else 2) * time_limit_s
+        share = time_limit_s if method == "regions" else share
         runs.append(solve_regions(problem, budget, share))
     if method in ("greedy", "regions"):
         return _merge(problem, runs, time.perf_counter() - t0)
