@@ -21,7 +21,8 @@ import numpy as np
 from bench.harness import Result
 from memplan.ir.frontends.checkmate import from_node_link, graph_to_node_link
 from memplan.planner.commands.remat_cmd import problem_of
-from memplan.solvers.remat_dag import RematProblem, no_remat_peak, solve, working_set_bound
+from memplan.solvers.remat_dag import RematProblem, no_remat_peak, working_set_bound
+from memplan.solvers.remat_solve import solve
 
 FRACTIONS = (0.9, 0.8)
 SOLVERS = ("greedy", "milp", "cpsat")
@@ -89,6 +90,22 @@ def unet(depth: int, seed: int = 0) -> RematProblem:
         size.append((1 << 16) >> level)
         cost.append(float(rng.integers(2, 6) * (level + 1)))
     return training_graph(f"unet{depth}", cost, size, preds)
+
+
+def layered(n: int, width: int = 5, seed: int = 0, fan: tuple[int, int] = (1, 3)) -> RematProblem:
+    """A random layered DAG (no backward pass): layers of `width` nodes; each node after the first layer reads
+    `fan` (inclusive range) distinct nodes drawn from the one or two layers before its own; costs uniform in
+    1..99, sizes uniform in 1..63 KiB."""
+    rng = np.random.default_rng(seed)
+    preds: list[tuple[int, ...]] = []
+    for i in range(n):
+        layer = i // width
+        pool = range(max(0, layer - 2) * width, layer * width)
+        k = min(int(rng.integers(fan[0], fan[1] + 1)), len(pool))
+        preds.append(tuple(sorted(int(x) for x in rng.choice(pool, size=k, replace=False))) if k else ())
+    cost = tuple(float(c) for c in rng.integers(1, 100, n))
+    size = tuple(int(s) * 1024 for s in rng.integers(1, 64, n))
+    return RematProblem(tuple(f"layered{n}:n{i}" for i in range(n)), cost, size, tuple(preds))
 
 
 def zoo_train_step(name: str) -> RematProblem:

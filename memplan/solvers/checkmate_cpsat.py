@@ -26,16 +26,21 @@ Exactness and the bound. With C_v = n - v (a copy per stage where v may run) eve
 does not recompute a resident node (recomputing a resident node only adds cost) is a solution of the model,
 so CP-SAT's optimum and its best bound are the stage model's. With fewer copies (Moccasin's usual C = 2) the
 model is a restriction: its optimum may be above the true one and its bound is NOT a lower bound for the
-unrestricted problem, so only the trivial bound (the sum of all costs) is reported, the status is "optimal"
-only where the schedule meets that bound, and an infeasible model means only "none with C copies" (status
-timeout). `copies=None` builds the exact model while it stays small (`EXACT_SERVE_LIMIT`) and C = 2
-otherwise, raised per node to what the hint needs, so that the hint (a schedule, e.g. the best greedy one,
-converted to intervals) is a complete feasible solution: CP-SAT starts from it, and it is kept if CP-SAT
-returns nothing better in time.
+unrestricted problem, and an infeasible model means only "none with C copies" (status timeout). The bound
+reported is the larger of the LP relaxation of the Checkmate MILP (`checkmate_milp.lp_bound`, solved first
+with HiGHS in at most `LP_SHARE` of the time, where the formulation is small enough for that), the
+sum of all costs, and, from the exact model only, CP-SAT's own bound; an infeasible LP relaxation proves
+that no schedule exists (status infeasible, CP-SAT not run). The objective weights are the costs in
+units of `remat_dag.cost_scale`, rounded down (exact where the costs are multiples of the unit), so CP-SAT's
+bound on the weights is a bound on the costs. `copies=None` builds the exact model while it stays small
+(`EXACT_SERVE_LIMIT`) and C = 2 otherwise, raised per node to what the hint needs, so that the hint (a
+schedule: the best one found before, converted to intervals) is a complete feasible solution: CP-SAT starts
+from it, and it is kept if CP-SAT returns nothing better in time. The status is `remat_dag.judge`'s.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -43,7 +48,17 @@ from ortools.sat.python import cp_model
 from ortools.util.python.sorted_interval_list import Domain
 
 from memplan.errors import InternalError
-from memplan.solvers.remat_dag import RematProblem, RematResult, Schedule, Status, check, events
+from memplan.solvers.checkmate_milp import lp_bound
+from memplan.solvers.remat_dag import (
+    RematProblem,
+    RematResult,
+    Schedule,
+    Status,
+    check,
+    cost_scale,
+    events,
+    judge,
+)
 
 DEFAULT_COPIES = 2
 """Copies per node when the exact model is too large (Moccasin's usual setting: one recomputation)."""
@@ -51,6 +66,8 @@ EXACT_SERVE_LIMIT = 10_000
 """Most serve literals z for which `copies=None` builds the exact model (a copy per stage): unet-5 (23 nodes)
 has 8.4k (proven optimal in about 8 s), chain-16 (33 nodes) 17.6k (CP-SAT's presolve alone takes 7 s)."""
 MAX_WORKERS = 2
+LP_SHARE = 0.3
+"""Most of the time limit the LP relaxation's bound may take (a 250-node layered graph: about 12 s)."""
 
 Interval = tuple[int, int]
 """A copy as (start position, end position), both inclusive."""
@@ -77,7 +94,7 @@ class _Model:
     copies: list[list[_Copy]]
     serve: dict[tuple[int, int, int], list[tuple[int, cp_model.IntVar]]]
     exact_weights: bool
-    """The objective weights are the costs themselves (else scaled and rounded)."""
+    """The objective weights are the costs in cost units exactly (else rounded down)."""
     exact_copies: bool
     """Every node has a copy per stage it may run in: the model is the stage model (module docstring)."""
 
@@ -136,21 +153,19 @@ def copy_counts(problem: RematProblem, copies: int | None, hint: list[list[Inter
 
 
 def _weights(problem: RematProblem) -> tuple[list[int], bool]:
-    """Integer objective weights: the costs themselves if integral, else scaled to about 1e9 in all."""
-    total = float(sum(problem.cost))
-    if all(float(c).is_integer() for c in problem.cost) and total * problem.n < 2**53:
-        return [int(c) for c in problem.cost], True
-    scale = 1e9 / total if total > 0 else 1.0
-    return [round(c * scale) for c in problem.cost], False
+    """Integer objective weights: the costs in cost units, rounded down; exact where the unit divides them."""
+    scale = cost_scale(problem)
+    return [math.floor(c / scale.unit) for c in problem.cost], scale.exact
 
 
-def build(problem: RematProblem, budget: int, ncopies: list[int]) -> _Model:
-    """The CP-SAT model of the module docstring for `ncopies[v]` copies of each node v."""
+def build(problem: RematProblem, budget: int, ncopies: list[int], stop: int | None = None) -> _Model:
+    """The CP-SAT model of the module docstring for `ncopies[v]` copies of each node v; optional copies run
+    only in stages before `stop` (default: every stage; `ncopies[v] <= stop - v` where v has copies)."""
     n = problem.n
     users = problem.users()
     m = cp_model.CpModel()
     last = [(n - 1) * n + users[v][-1] if users[v] else v * n + v for v in range(n)]
-    copies = [_copies(m, n, v, ncopies[v], last[v]) for v in range(n)]
+    copies = [_copies(m, n, v, ncopies[v], last[v], n if stop is None else stop) for v in range(n)]
     serve: dict[tuple[int, int, int], list[tuple[int, cp_model.IntVar]]] = {}
     for v, ps in enumerate(problem.preds):
         for u in sorted(set(ps)):
@@ -173,13 +188,15 @@ def build(problem: RematProblem, budget: int, ncopies: list[int]) -> _Model:
     return _Model(m, copies, serve, exact_w, ncopies == exact_counts(problem))
 
 
-def _copies(m: cp_model.CpModel, n: int, v: int, count: int, last: int) -> list[_Copy]:
-    """Node v's copies: copy 0 at v's own stage, then optional ones, ordered, each ending before the next
-    one's stage; an absent copy sits at its lowest position (no symmetric twins)."""
+def _copies(m: cp_model.CpModel, n: int, v: int, count: int, last: int, stop: int) -> list[_Copy]:
+    """Node v's copies: copy 0 at v's own stage, then optional ones in stages before `stop`, ordered, each
+    ending before the next one's stage; an absent copy sits at its lowest position (no symmetric twins)."""
     first = v * n + v
     row = [_Copy(v, 0, 1, first, m.new_int_var(first, max(first, last), f"e{v}_0"), None)]
     for c in range(1, count):
-        stages = range(v + c, n)
+        stages = range(v + c, stop)
+        if not stages:
+            raise InternalError(f"checkmate_cpsat: node {v} has {count} copies, only stages before {stop}")
         lo = stages[0] * n + v
         a = m.new_bool_var(f"a{v}_{c}")
         s = m.new_int_var_from_domain(Domain.from_values([t * n + v for t in stages]), f"s{v}_{c}")
@@ -248,6 +265,22 @@ def decode(problem: RematProblem, mm: _Model, solver: cp_model.CpSolver) -> Sche
     return Schedule(tuple(tuple(sorted(c)) for c in compute), tuple(frozenset(k) for k in keep))
 
 
+def schedule_with(
+    problem: RematProblem, budget: int, ncopies: list[int], stop: int, time_limit_s: float
+) -> Schedule | None:
+    """CP-SAT's best schedule in `time_limit_s` seconds on the model with `ncopies[v]` copies of each node v,
+    optional copies only in stages before `stop` (a restriction, for `remat_regions`); None if it finds none
+    or the decoded schedule fails the checker in bytes."""
+    mm = build(problem, budget, ncopies, stop)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit_s, 0.05)
+    solver.parameters.num_workers = MAX_WORKERS
+    if solver.solve(mm.model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    sched = decode(problem, mm, solver)
+    return sched if check(problem, events(problem, sched), budget).ok else None
+
+
 def solve_cpsat(
     problem: RematProblem,
     budget: int,
@@ -256,9 +289,18 @@ def solve_cpsat(
     hint: Schedule | None = None,
     workers: int = MAX_WORKERS,
 ) -> RematResult:
-    """Solve the CP-SAT model within `time_limit_s` seconds (building included), warm-started from `hint`;
-    the decoded schedule is checked in bytes and reported only if valid. Bound: see the module docstring."""
+    """Solve the CP-SAT model within `time_limit_s` seconds (building and the LP bound included),
+    warm-started from `hint`; the decoded schedule is checked in bytes and reported only if valid. Bound and
+    status: see the module docstring."""
     t0 = time.perf_counter()
+    lp = lp_bound(problem, budget, LP_SHARE * time_limit_s)
+    if lp == math.inf:  # the LP relaxation is infeasible, so is every schedule
+        name = "moccasin-cpsat (LP relaxation infeasible)"
+        scale = cost_scale(problem)
+        elapsed = time.perf_counter() - t0
+        return RematResult(
+            "infeasible", None, None, math.fsum(problem.cost), None, elapsed, name, scale.tolerance
+        )
     converted = hint_intervals(problem, hint) if hint is not None else None
     ncopies = copy_counts(problem, copies, converted[0] if converted else None)
     mm = build(problem, budget, ncopies)
@@ -270,7 +312,7 @@ def solve_cpsat(
     code = solver.solve(mm.model)
     if code == cp_model.MODEL_INVALID:
         raise InternalError(f"checkmate_cpsat: invalid model: {mm.model.validate()}")
-    res = _result(problem, budget, mm, solver, code, time.perf_counter() - t0)
+    res = _result(problem, budget, mm, solver, code, lp, time.perf_counter() - t0)
     worse = res.objective is None or (hint is not None and hint.cost(problem) < res.objective)
     if hint is not None and res.status != "infeasible" and worse:
         return _fallback(problem, budget, hint, res)
@@ -283,9 +325,10 @@ def _fallback(problem: RematProblem, budget: int, hint: Schedule, res: RematResu
     report = check(problem, events(problem, hint), budget)
     if not report.ok:
         return res
-    gap = max(report.cost - res.bound, 0.0) / report.cost if report.cost > 0 else 0.0
-    status: Status = "optimal" if gap <= 1e-12 else "feasible"
-    return RematResult(status, hint, report.cost, res.bound, gap, res.time_s, f"{res.solver}, hint kept")
+    obj = hint.cost(problem)
+    status, gap = judge(obj, res.bound, cost_scale(problem))
+    name = f"{res.solver}, hint kept"
+    return RematResult(status, hint, obj, res.bound, gap, res.time_s, name, res.tolerance)
 
 
 def _result(
@@ -294,29 +337,33 @@ def _result(
     mm: _Model,
     solver: cp_model.CpSolver,
     code: cp_model.CpSolverStatus,
+    lp: float | None,
     elapsed: float,
 ) -> RematResult:
-    """The solve as a `RematResult`: the CP-SAT bound only from the exact model with exact weights, the
-    status optimal only if CP-SAT proved it there and the checked schedule costs what CP-SAT says."""
-    trivial = float(sum(problem.cost))
-    exact = mm.exact_copies and mm.exact_weights
+    """The solve as a `RematResult`: the bound of the module docstring, the checked schedule's own cost, the
+    status `remat_dag.judge`'s."""
+    scale = cost_scale(problem)
+    trivial = math.fsum(problem.cost)
     name = "moccasin-cpsat " + (
         "(all copies)" if mm.exact_copies else f"(<= {max(len(r) for r in mm.copies)} copies)"
     )
-    bound = trivial
-    if exact and code in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        bound = trivial + max(0.0, float(solver.best_objective_bound))
+    bound = max(trivial, lp or 0.0)
+    if lp is not None:
+        name += ", LP bound"
+    if mm.exact_copies and code in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.INFEASIBLE):
+        own = trivial + max(0.0, float(solver.best_objective_bound)) * scale.unit
+        bound = max(bound, scale.round_bound(own) if mm.exact_weights else own)
+    tol = scale.tolerance
     if code == cp_model.INFEASIBLE:
         status: Status = "infeasible" if mm.exact_copies else "timeout"  # restricted: none with these copies
-        return RematResult(status, None, None, bound, None, elapsed, name)
+        return RematResult(status, None, None, bound, None, elapsed, name, tol)
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return RematResult("timeout", None, None, bound, None, elapsed, name)
+        return RematResult("timeout", None, None, bound, None, elapsed, name, tol)
     sched = decode(problem, mm, solver)
-    report = check(problem, events(problem, sched), budget)
-    if not report.ok:  # cannot happen by construction (module docstring); never report such a schedule
-        return RematResult("timeout", None, None, bound, None, elapsed, f"{name}, decoded schedule failed")
-    obj = report.cost
-    said = trivial + float(solver.objective_value)
-    gap = max(obj - bound, 0.0) / obj if obj > 0 else 0.0
-    proven = (exact and code == cp_model.OPTIMAL and abs(obj - said) <= 1e-9 * max(1.0, obj)) or gap <= 1e-12
-    return RematResult("optimal" if proven else "feasible", sched, obj, bound, gap, elapsed, name)
+    if not check(problem, events(problem, sched), budget).ok:  # cannot happen by construction (docstring)
+        return RematResult(
+            "timeout", None, None, bound, None, elapsed, f"{name}, decoded schedule failed", tol
+        )
+    obj = sched.cost(problem)
+    status, gap = judge(obj, bound, scale)
+    return RematResult(status, sched, obj, bound, gap, elapsed, name, tol)

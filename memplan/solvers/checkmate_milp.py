@@ -16,25 +16,49 @@ Constraints:
     F[t,i,k] = R[t,k] * (1 - S[t+1,i]) * prod_{j reads i, k < j <= t} (1 - R[t,j]),  linearised with the
                hazard count h = (1 - R[t,k]) + S[t+1,i] + sum_j R[t,j] as  1 - F <= h  and  kappa (1 - F) >= h
 
-with m_i = size_i / budget, minimising sum_t sum_i cost_i R[t,i] (costs divided by their sum for the solver's
-numerics, multiplied back in the result). F is exactly the eager free of the stage model, so U is the
-checker's resident bytes except for checkpoints a stage neither uses nor keeps, which U still counts (a
-schedule never needs them, so the optimum is the same). U's upper bound is (budget + 1/2) / budget, so that
-integer byte sums equal to the budget pass HiGHS's tolerances; the decoded schedule is checked in bytes.
+with m_i = size_i / budget, minimising sum_t sum_i (cost_i / unit) R[t,i], with `unit` the cost resolution of
+`remat_dag.cost_scale` (the costs' gcd, or their sum / 1e8): HiGHS runs with a relative gap of 0, an absolute
+gap of half a unit and feasibility tolerances of 1e-9, so neither its gap nor its tolerances can hide a
+difference of one unit (dividing by the sum of costs, as before, let a 1e-6 absolute gap swallow 1e7 of a 1e13
+objective). The reported objective is the decoded schedule's cost summed from the original costs; the
+status is judged by `remat_dag.judge`, never taken from HiGHS.
+
+F is exactly the eager free of the stage model, so U is the checker's resident bytes except for checkpoints a
+stage neither uses nor keeps, which U still counts (a schedule never needs them, so the optimum is the same).
+U's upper bound is (budget + 1/2) / budget, so that integer byte sums equal to the budget pass HiGHS's
+tolerances; the decoded schedule is checked in bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 
 import numpy as np
 
 from memplan.solvers.milp import MilpProblem, MilpResult, solve_milp
-from memplan.solvers.remat_dag import RematProblem, RematResult, Schedule, Status, check, events
+from memplan.solvers.remat_dag import (
+    CostScale,
+    RematProblem,
+    RematResult,
+    Schedule,
+    check,
+    cost_scale,
+    events,
+    judge,
+)
 
 MAX_COLUMNS = 150_000
 """Above this many columns HiGHS overruns its time limit (measured: 300k columns, a 50 s limit, 304 s), so the
 MILP is not attempted; gpt2-tiny's training step (188 nodes) has 94k."""
+LP_COLUMNS_PER_S = 15_000
+"""`lp_bound` is tried only where its time limit allows building and solving this many columns a second (a
+250-node layered graph's 187k columns: about 12 s)."""
+HIGHS_OPTIONS = {"primal_feasibility_tolerance": 1e-9, "mip_feasibility_tolerance": 1e-9}
+"""Tight enough that a fractional R or a violated row shifts the objective by far less than a cost unit."""
+ABS_GAP_UNITS = 0.5
+"""HiGHS's absolute gap, in cost units: below one unit, so HiGHS stops only where no better total exists."""
 
 
 class _Index:
@@ -77,18 +101,20 @@ class _Index:
         self.hi.append(hi)
 
 
-def formulate(problem: RematProblem, budget: int) -> tuple[MilpProblem, _Index]:
-    """The MILP in matrix form (see module docstring)."""
+def formulate(
+    problem: RematProblem, budget: int, scale: CostScale | None = None
+) -> tuple[MilpProblem, _Index]:
+    """The MILP in matrix form (module docstring), its costs in units of `scale` (default: the problem's)."""
     ix = _Index(problem)
     m = [s / budget for s in problem.size]
     users = problem.users()
     for t in range(problem.n):
         _stage_rows(problem, ix, t, m, users)
     c = np.zeros(ix.cols)
-    total = sum(problem.cost) or 1.0
+    unit = (scale or cost_scale(problem)).unit
     for t in range(ix.n):
         for i in range(t + 1):
-            c[ix.r(t, i)] = problem.cost[i] / total
+            c[ix.r(t, i)] = problem.cost[i] / unit
     lower, upper = np.zeros(ix.cols), np.ones(ix.cols)
     for t in range(ix.n):
         lower[ix.r(t, t)] = 1.0
@@ -197,45 +223,91 @@ def solve_checkmate(
     problem: RematProblem,
     budget: int,
     time_limit_s: float,
-    mip_rel_gap: float = 1e-4,
-    max_columns: int = MAX_COLUMNS,
+    mip_rel_gap: float = 0.0,
+    max_columns: int | None = None,
     start: Schedule | None = None,
 ) -> RematResult:
     """Solve the MILP with HiGHS, warm-started from `start` (a schedule, e.g. the greedy one) when it is a
     point of the MILP; the schedule is decoded and checked in bytes against the budget (a schedule that fails
     the check, from numerical tolerance, is reported as no schedule). Above `max_columns` columns the MILP is
-    not attempted (status timeout, the solver name says why)."""
+    not attempted (default `MAX_COLUMNS`): status skipped, the solver name says why."""
     t0 = time.perf_counter()
+    scale = cost_scale(problem)
     cols = milp_columns(problem)
+    max_columns = MAX_COLUMNS if max_columns is None else max_columns
     if cols > max_columns:
-        return RematResult(
-            "timeout",
-            None,
-            None,
-            float(sum(problem.cost)),
-            None,
-            time.perf_counter() - t0,
-            f"checkmate-milp (skipped: {cols} columns > {max_columns})",
-        )
-    milp, ix = formulate(problem, budget)
+        name = f"checkmate-milp (skipped: {cols} columns > {max_columns})"
+        return RematResult("skipped", None, None, _trivial(problem), None, 0.0, name, scale.tolerance)
+    milp, ix = formulate(problem, budget, scale)
     x0 = start_vector(problem, budget, milp, ix, start) if start is not None else None
     left = max(time_limit_s - (time.perf_counter() - t0), 0.5)
-    res = solve_milp(milp, left, mip_rel_gap=mip_rel_gap, start=x0)
-    return _result(problem, budget, ix, res, time.perf_counter() - t0)
+    res = run_highs(milp, left, mip_rel_gap, x0)
+    sched = decoded(problem, budget, ix, res)
+    return result_of(problem, scale, res, sched, time.perf_counter() - t0, "checkmate-milp")
 
 
-def _result(problem: RematProblem, budget: int, ix: _Index, res: MilpResult, elapsed: float) -> RematResult:
-    total = sum(problem.cost) or 1.0
-    bound = max(float(sum(problem.cost)), (res.bound or 0.0) * total)
-    if res.status == "infeasible":
-        return RematResult("infeasible", None, None, bound, None, elapsed, "checkmate-milp")
+def run_highs(
+    milp: MilpProblem, time_limit_s: float, mip_rel_gap: float, x0: np.ndarray | None
+) -> MilpResult:
+    """HiGHS on the formulation, with the gap and tolerances of the module docstring."""
+    return solve_milp(
+        milp,
+        time_limit_s,
+        mip_rel_gap=mip_rel_gap,
+        start=x0,
+        mip_abs_gap=ABS_GAP_UNITS,
+        options=HIGHS_OPTIONS,
+    )
+
+
+def decoded(problem: RematProblem, budget: int, ix: _Index, res: MilpResult) -> Schedule | None:
+    """HiGHS's incumbent as a schedule, if it has one and it passes the checker in bytes."""
     if res.x is None:
-        return RematResult("timeout", None, None, bound, None, elapsed, "checkmate-milp")
+        return None
     sched = decode(problem, ix, res.x)
-    report = check(problem, events(problem, sched), budget)
-    if not report.ok:
-        return RematResult("timeout", None, None, bound, None, elapsed, "checkmate-milp")
-    obj = report.cost
-    gap = max(obj - bound, 0.0) / obj if obj > 0 else 0.0
-    status: Status = "optimal" if res.status == "optimal" else "feasible"
-    return RematResult(status, sched, obj, bound, gap, elapsed, "checkmate-milp")
+    return sched if check(problem, events(problem, sched), budget).ok else None
+
+
+def result_of(
+    problem: RematProblem,
+    scale: CostScale,
+    res: MilpResult,
+    sched: Schedule | None,
+    elapsed: float,
+    name: str,
+) -> RematResult:
+    """A HiGHS run as a `RematResult`: its dual bound (in units, rounded up to the grid where exact) and the
+    checked schedule's own cost, judged by `remat_dag.judge`."""
+    bound = max(_trivial(problem), scale.round_bound((res.bound or 0.0) * scale.unit))
+    if res.status == "infeasible":
+        return RematResult("infeasible", None, None, bound, None, elapsed, name, scale.tolerance)
+    if sched is None:
+        return RematResult("timeout", None, None, bound, None, elapsed, name, scale.tolerance)
+    obj = sched.cost(problem)
+    status, gap = judge(obj, bound, scale)
+    return RematResult(status, sched, obj, bound, gap, elapsed, name, scale.tolerance)
+
+
+def lp_bound(problem: RematProblem, budget: int, time_limit_s: float) -> float | None:
+    """The optimum of the MILP's LP relaxation: a lower bound on every schedule's total compute, in the
+    problem's cost units; infinity where the relaxation is infeasible (then no schedule exists). None where
+    the formulation is too large for `time_limit_s` (`LP_COLUMNS_PER_S`) or HiGHS does not finish in time."""
+    t0 = time.perf_counter()
+    if milp_columns(problem) > LP_COLUMNS_PER_S * time_limit_s:
+        return None
+    scale = cost_scale(problem)
+    milp, _ = formulate(problem, budget, scale)
+    relaxed = dataclasses.replace(milp, integrality=np.zeros_like(milp.integrality))
+    left = time_limit_s - (time.perf_counter() - t0)
+    if left <= 0.05:
+        return None
+    res = solve_milp(relaxed, left, mip_rel_gap=0.0, options=HIGHS_OPTIONS)
+    if res.status == "infeasible":
+        return math.inf
+    if res.status != "optimal" or res.objective is None:
+        return None
+    return max(_trivial(problem), (res.objective - 1e-6) * scale.unit)
+
+
+def _trivial(problem: RematProblem) -> float:
+    return math.fsum(problem.cost)

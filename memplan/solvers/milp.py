@@ -12,6 +12,7 @@ Knows nothing of models or torch.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import highspy
@@ -91,10 +92,12 @@ def solve_milp(
     threads: int = 1,
     start: np.ndarray | None = None,
     mip_abs_gap: float | None = None,
+    options: Mapping[str, float] | None = None,
 ) -> MilpResult:
     """Solve with HiGHS within `time_limit_s` seconds; never hangs, always reports what it found. `start`, a
     feasible point (every column), is handed to HiGHS as its first incumbent (a warm start). `mip_abs_gap`
-    replaces HiGHS's absolute gap (1e-6 by default, which swallows objectives that small)."""
+    replaces HiGHS's absolute gap (1e-6 by default, which swallows objectives that small). `options`: further
+    HiGHS options by name (e.g. `primal_feasibility_tolerance`), set last."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(time_limit_s))
@@ -102,6 +105,8 @@ def solve_milp(
     h.setOptionValue("threads", int(threads))
     if mip_abs_gap is not None:
         h.setOptionValue("mip_abs_gap", float(mip_abs_gap))
+    for key, value in (options or {}).items():
+        h.setOptionValue(key, value)
     lp = highspy.HighsLp()
     n, m = len(problem.c), len(problem.row_lower)
     lp.num_col_, lp.num_row_ = n, m

@@ -17,26 +17,34 @@ keep it. Every node is computed at least once (in its own stage), so the total c
 of all costs: a bound that holds for any schedule. No plan of any kind fits a budget below the largest
 working set of one node (its output plus its inputs): `working_set_bound`.
 
-Three solvers share the model: `greedy_schedule` below (a linear pass that evicts by a DTR-like score,
-Kirisame et al., ICLR 2021, and recomputes what it needs on demand: always fast, often feasible, no bound),
-`checkmate_milp.solve_checkmate` (the exact MILP over HiGHS, with a time limit, its dual bound and gap) and
-`checkmate_cpsat.solve_cpsat` (Moccasin's interval model over CP-SAT: far fewer variables, so it improves
-schedules of graphs with hundreds of nodes where the MILP finds none; exact with a bound on small graphs
-only). `solve` runs the greedy pass, then warm-starts the MILP or CP-SAT from it (`auto`: the MILP up to
-`AUTO_MILP_COLUMNS` columns, CP-SAT above) and keeps the better schedule with the better bound.
+Costs and statuses. Totals are summed from the problem's own costs, never read back from a solver.
+`cost_scale` fixes the objective's resolution (the costs' exact gcd, or their sum / `MAX_UNITS`), and `judge`
+calls a schedule optimal only where its total is within half a unit of a proven bound; every result carries
+that tolerance.
+
+Solvers of the model: `greedy_schedule` below (a linear pass that evicts by a DTR-like score, Kirisame et
+al., ICLR 2021, and recomputes what it needs on demand: fast, no bound, and it fails on graphs where evicting
+one node forces long recompute chains), `remat_regions.solve_regions` (the order cut into regions at narrow
+cuts, each solved by CP-SAT with its boundary pinned, stitched), `checkmate_milp.solve_checkmate` (the exact
+MILP over HiGHS, with its dual bound) and `checkmate_cpsat.solve_cpsat` (Moccasin's interval model over
+CP-SAT, with the LP relaxation's bound). `remat_solve.solve` runs them in that order, each starting from the
+best schedule so far.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 from memplan.errors import InternalError, InvalidInput
 
-Status = Literal["optimal", "feasible", "infeasible", "timeout"]
-Method = Literal["auto", "milp", "cpsat", "greedy"]
+Status = Literal["optimal", "feasible", "infeasible", "timeout", "skipped"]
+"""optimal: objective - bound <= the result's `tolerance` (in cost units); feasible: a schedule with a larger
+gap; infeasible: proven that none exists; timeout: the solver ran and found no schedule; skipped: the solver
+was not run (the graph is too large for it; the solver name says why)."""
 Event = tuple[Literal["compute", "free"], int]
 
 
@@ -80,7 +88,7 @@ class Schedule:
     keep: tuple[frozenset[int], ...]
 
     def cost(self, problem: RematProblem) -> float:
-        return float(sum(problem.cost[i] for stage in self.compute for i in stage))
+        return math.fsum(problem.cost[i] for stage in self.compute for i in stage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +106,10 @@ class CheckReport:
 
 @dataclass(frozen=True, slots=True)
 class RematResult:
-    """A solve: `schedule` is None without a feasible one. `bound` is a lower bound on the optimal total
-    compute (never below the sum of costs); `gap` is (objective - bound) / objective."""
+    """A solve: `schedule` is None without a feasible one; `objective` is its total compute, summed from the
+    problem's own costs. `bound` is a proven lower bound on the optimal total compute (never below the sum of
+    costs); `gap` is (objective - bound) / objective; the status is optimal only where objective - bound <=
+    `tolerance` (cost units: half of `CostScale.unit`)."""
 
     status: Status
     schedule: Schedule | None
@@ -108,6 +118,57 @@ class RematResult:
     gap: float | None
     time_s: float
     solver: str
+    tolerance: float = 0.0
+
+
+MAX_UNITS = 1e8
+"""Most cost units in the sum of all costs (`cost_scale`). The MILP works in these units with HiGHS's
+feasibility tolerances at 1e-9 (`checkmate_milp`), so a unit stays well above what they can shift the
+objective or the bound by."""
+
+
+@dataclass(frozen=True, slots=True)
+class CostScale:
+    """The objective's resolution, `unit` in the problem's cost units. `exact`: every cost is an integer
+    multiple of `unit` (their exact gcd), so every schedule's total is too, and a bound less than one unit
+    below an objective proves it optimal. Otherwise `unit` is the sum of costs / `MAX_UNITS` and "optimal"
+    means within `tolerance` of the bound."""
+
+    unit: float
+    exact: bool
+
+    @property
+    def tolerance(self) -> float:
+        """Largest objective - bound still reported optimal, in cost units."""
+        return 0.5 * self.unit
+
+    def round_bound(self, bound: float) -> float:
+        """A proven bound raised to the next multiple of the unit where every total is one (`exact`)."""
+        if not self.exact:
+            return bound
+        return math.ceil(bound / self.unit - 1e-6) * self.unit
+
+
+def cost_scale(problem: RematProblem) -> CostScale:
+    """The exact gcd of the nonzero costs (floats are dyadic rationals) while the sum of costs is at most
+    `MAX_UNITS` of it, else the sum / `MAX_UNITS`."""
+    costs = [Fraction(c) for c in problem.cost if c > 0]
+    if not costs:
+        return CostScale(1.0, True)
+    total = sum(costs)
+    den = math.lcm(*(c.denominator for c in costs))
+    gcd = Fraction(math.gcd(*(int(c * den) for c in costs)), den)
+    unit = float(gcd)
+    if total / gcd <= MAX_UNITS and all((c / unit).is_integer() for c in problem.cost):
+        return CostScale(unit, True)
+    return CostScale(float(total) / MAX_UNITS, False)
+
+
+def judge(objective: float, bound: float, scale: CostScale) -> tuple[Status, float]:
+    """Status and gap of a schedule costing `objective` against a proven `bound`: optimal only within
+    `scale.tolerance` (cost units), then the gap is 0; else feasible with (objective - bound) / objective."""
+    gap = max(objective - bound, 0.0) / objective if objective > 0 else 0.0
+    return ("optimal" if objective - bound <= scale.tolerance else "feasible"), gap
 
 
 def working_set_bound(problem: RematProblem) -> int:
@@ -273,81 +334,3 @@ def best_greedy(problem: RematProblem, budget: int) -> Schedule | None:
     """The cheapest schedule among the greedy passes of every eviction order."""
     found = [s for s in (greedy_schedule(problem, budget, name) for name in SCORES) if s is not None]
     return min(found, key=lambda s: s.cost(problem), default=None)
-
-
-AUTO_MILP_COLUMNS = 20_000
-"""`auto` runs the MILP up to this many columns (chain-32's 65 nodes have 11.7k: proven optimal in seconds)
-and CP-SAT above (gpt2-tiny's 188 nodes have 94k: HiGHS finds nothing better than its start in 50 s)."""
-
-
-def solve(
-    problem: RematProblem,
-    budget: int,
-    time_limit_s: float = 60.0,
-    method: Method = "auto",
-    mip_rel_gap: float = 1e-4,
-) -> RematResult:
-    """Best schedule within `budget` bytes: the greedy pass, then in the time left the Checkmate MILP (milp),
-    CP-SAT (cpsat) or the one `AUTO_MILP_COLUMNS` picks (auto), warm-started from the greedy schedule; auto
-    keeps the better objective of the two, with the better bound."""
-    from memplan.solvers.checkmate_cpsat import solve_cpsat
-    from memplan.solvers.checkmate_milp import milp_columns, solve_checkmate
-
-    check_budget(problem, budget)
-    t0 = time.perf_counter()
-    trivial = float(sum(problem.cost))
-    greedy = _greedy_result(problem, budget, trivial, t0)
-    if method == "greedy":
-        return greedy
-    if method == "auto":
-        method = "milp" if milp_columns(problem) <= AUTO_MILP_COLUMNS else "cpsat"
-        base: RematResult | None = greedy
-    else:
-        base = None
-    left = max(time_limit_s - (time.perf_counter() - t0), 1.0)
-    if method == "milp":
-        other = solve_checkmate(problem, budget, left, mip_rel_gap, start=greedy.schedule)
-    elif method == "cpsat":
-        other = solve_cpsat(problem, budget, left, hint=greedy.schedule)
-    else:
-        raise InternalError(f"solve: unknown method {method!r}")
-    return _merge(base, other, method, trivial, time.perf_counter() - t0)
-
-
-def _greedy_result(problem: RematProblem, budget: int, trivial: float, t0: float) -> RematResult:
-    sched = best_greedy(problem, budget)
-    elapsed = time.perf_counter() - t0
-    if sched is None:
-        return RematResult("timeout", None, None, trivial, None, elapsed, "greedy")
-    obj = sched.cost(problem)
-    status: Status = "optimal" if obj <= trivial else "feasible"
-    return RematResult(status, sched, obj, trivial, _gap(obj, trivial), elapsed, "greedy")
-
-
-def _merge(
-    greedy: RematResult | None, exact: RematResult, label: str, trivial: float, elapsed: float
-) -> RematResult:
-    """The better schedule of the greedy pass (if given) and the MILP / CP-SAT run, with the better bound."""
-    bound = max(trivial, exact.bound)
-    if exact.status == "infeasible":
-        return RematResult("infeasible", None, None, bound, None, elapsed, exact.solver)
-    pick = exact
-    if (
-        greedy is not None
-        and greedy.objective is not None
-        and (exact.objective is None or greedy.objective < exact.objective)
-    ):
-        pick = greedy
-    if pick.objective is None:
-        return RematResult("timeout", None, None, bound, None, elapsed, exact.solver)
-    gap = _gap(pick.objective, bound)
-    proven = exact.status == "optimal" or (gap is not None and gap <= 1e-9)
-    status: Status = "optimal" if proven else "feasible"
-    solver = pick.solver if greedy is None else f"{pick.solver} (greedy + {label})"
-    return RematResult(status, pick.schedule, pick.objective, bound, gap, elapsed, solver)
-
-
-def _gap(objective: float, bound: float) -> float | None:
-    if objective <= 0:
-        return 0.0 if bound <= objective else None
-    return max(objective - bound, 0.0) / objective

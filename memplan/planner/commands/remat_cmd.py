@@ -2,11 +2,14 @@
 
 Reads a networkx node-link JSON DAG (each node with a compute `cost`/`cpu`/`runtime` and an output
 `size`/`mem`/`ram` in bytes; see `memplan.ir.frontends.checkmate`), sets the budget to the fraction of the
-no-recompute peak (or to `--budget` bytes), and solves with the greedy pass, then the Checkmate MILP
-(HiGHS) on small graphs or Moccasin's CP-SAT model on large ones, warm-started from the greedy schedule
-(`--method` picks one). Prints a table: nodes, edges, peak, budget, status, total compute, lower bound, gap,
-overhead over computing every node once, time. Exit codes: 0 a schedule was found, 3 proven infeasible,
-4 none found in the time limit.
+no-recompute peak (or to `--budget` bytes), and solves with the greedy pass, the region decomposition
+(graphs of more than 48 nodes), then the Checkmate MILP (HiGHS) on small graphs or Moccasin's CP-SAT model
+on large ones, started from the best schedule so far (`--method` picks one; see
+`memplan.solvers.remat_solve`). Prints a table: nodes, edges, peak, budget, solver, status, total compute,
+lower bound, gap, overhead over computing every node once, time. Status optimal means the total is within
+the printed tolerance (half a cost unit) of a proven lower bound; feasible, a schedule with the gap shown;
+skipped, the MILP was not run (graph too large). Exit codes: 0 a schedule was found, 3 proven infeasible,
+4 none found in the time limit, 5 none found and the MILP asked for was skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
     from memplan.solvers.remat_dag import RematProblem, RematResult
 
 
-EXIT_INFEASIBLE, EXIT_TIMEOUT = 3, 4
+EXIT_INFEASIBLE, EXIT_TIMEOUT, EXIT_SKIPPED = 3, 4, 5
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for the solvers (default 60)")
     p.add_argument(
         "--method",
-        choices=("auto", "milp", "cpsat", "greedy"),
+        choices=("auto", "milp", "cpsat", "greedy", "regions"),
         default="auto",
-        help="auto: greedy, then the MILP (small graphs) or CP-SAT (large ones), keep the better (default)",
+        help="auto: greedy, regions, then the MILP (small graphs) or CP-SAT (large ones); keep the best "
+        "(default)",
     )
     p.set_defaults(func=run)
 
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from memplan.ir.frontends.checkmate import load_node_link
-    from memplan.solvers.remat_dag import solve
+    from memplan.solvers.remat_solve import solve
 
     if args.timeout <= 0:
         raise InvalidInput(f"--timeout {args.timeout}: must be a positive number of seconds")
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     Console(highlight=False).print(render(dag.name, problem, budget, result))
     if result.schedule is not None:
         return 0
-    return EXIT_INFEASIBLE if result.status == "infeasible" else EXIT_TIMEOUT
+    return {"infeasible": EXIT_INFEASIBLE, "skipped": EXIT_SKIPPED}.get(result.status, EXIT_TIMEOUT)
 
 
 def render(name: str, problem: RematProblem, budget: int, result: RematResult) -> Table:
@@ -109,6 +113,7 @@ def render(name: str, problem: RematProblem, budget: int, result: RematResult) -
         ("budget (bytes)", str(budget)),
         ("solver", result.solver),
         ("status", result.status),
+        ("optimal within (cost units)", f"{result.tolerance:.6g}"),
         ("total compute", "-" if obj is None else f"{obj:.6g}"),
         ("lower bound", f"{result.bound:.6g}"),
         ("gap", "-" if result.gap is None else f"{result.gap:.2%}"),
