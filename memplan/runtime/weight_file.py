@@ -215,7 +215,8 @@ def _write_all(
         with pool.take() as bounce:
             for vid in sorted(tensors, key=lambda v: offsets[v]):
                 name, t = tensors[vid]
-                data = memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()).cast("B")
+                # a copy: `.numpy()` marks a storage non-resizable, and this one is the model's parameter
+                data = memoryview(t.detach().reshape(-1).view(torch.uint8).clone().numpy()).cast("B")
                 off = offsets[vid]
                 if off % ALIGN:
                     raise TierIOError(f"weight {name!r} at offset {off}, not a multiple of {ALIGN}")
