@@ -222,5 +222,5 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 PASS = PassSpec(
     NAME, run, BitwidthOptions, before=frozenset({"bits", "remat", "placement", "allocate"}),
-    modes=frozenset({"infer"}),
+    modes=frozenset({"infer", "generate"}),
 )  # fmt: skip
