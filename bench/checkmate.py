@@ -154,10 +154,10 @@ def run(quick: bool) -> Result:
         "all stages included; HiGHS overruns it by up to 12 s on gpt2-tiny's 94k columns). Every row's "
         "schedule is replayed by the checker in bytes; objective = its total compute summed from the "
         "graph's own costs. bound = the best proven lower bound of the stages run (never below the sum of "
-        "all costs: every node is computed at least once); gap = (objective - bound) / objective; status optimal only "
-        "where objective - bound <= tolerance (half a cost unit: the costs' gcd, or their sum / 1e8), "
-        "feasible otherwise; timeout = it ran and found no schedule; skipped = the MILP was not run (more "
-        "than 150,000 columns), the row shows the start it would have had.",
+        "all costs: every node is computed at least once); gap = (objective - bound) / objective; status "
+        "optimal only where objective - bound <= tolerance (half a cost unit: the costs' gcd, or their sum "
+        "/ 1e8), feasible otherwise; timeout = it ran and found no schedule; skipped = the MILP was not run "
+        "(more than 150,000 columns; `memplan remat --method milp` would still return its start).",
         "greedy = the best of four eviction orders (DTR-like, cost per byte, Belady, largest first), no "
         "bound of its own. It finds no schedule on the layered graphs: evicting one node there forces "
         "recompute chains whose working sets do not fit.",

@@ -66,8 +66,8 @@ def test_exact_model_matches_the_milp_optimum(name: str, fraction: float) -> Non
 
 
 def test_exact_model_proves_infeasibility() -> None:
-    """unet2 at its working-set bound: no node alone is over it, and still no schedule (the MILP agrees; CP-SAT
-    takes 9-14 s on two shared cores, stopping once proven)."""
+    """unet2 at its working-set bound: no node alone is over it, and still no schedule (the MILP agrees;
+    CP-SAT takes 9-14 s on two shared cores, stopping once proven)."""
     p = unet(2)
     budget = working_set_bound(p)
     assert solve_checkmate(p, budget, 10.0).status == "infeasible"
