@@ -284,6 +284,7 @@ def result_of(
     if sched is None:
         return RematResult("timeout", None, None, bound, None, elapsed, name, scale.tolerance)
     obj = sched.cost(problem)
+    bound = min(bound, obj)  # a schedule's cost is an upper bound: a dual bound above it is float rounding
     status, gap = judge(obj, bound, scale)
     return RematResult(status, sched, obj, bound, gap, elapsed, name, scale.tolerance)
 
