@@ -326,9 +326,10 @@ def _fallback(problem: RematProblem, budget: int, hint: Schedule, res: RematResu
     if not report.ok:
         return res
     obj = hint.cost(problem)
-    status, gap = judge(obj, res.bound, cost_scale(problem))
+    bound = min(res.bound, obj)
+    status, gap = judge(obj, bound, cost_scale(problem))
     name = f"{res.solver}, hint kept"
-    return RematResult(status, hint, obj, res.bound, gap, res.time_s, name, res.tolerance)
+    return RematResult(status, hint, obj, bound, gap, res.time_s, name, res.tolerance)
 
 
 def _result(
@@ -365,5 +366,6 @@ def _result(
             "timeout", None, None, bound, None, elapsed, f"{name}, decoded schedule failed", tol
         )
     obj = sched.cost(problem)
+    bound = min(bound, obj)  # a schedule's cost is an upper bound: a dual bound above it is float rounding
     status, gap = judge(obj, bound, scale)
     return RematResult(status, sched, obj, bound, gap, elapsed, name, tol)

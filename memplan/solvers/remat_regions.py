@@ -1,27 +1,32 @@
 """Region decomposition of pure recomputation (the stage model of `remat_dag`) for DAGs too long for one
-Checkmate MILP: split the topological order at narrow cuts, solve each region exactly with the MILP under the
-budget, its boundary tensors pinned, and stitch the region schedules into one.
+exact model: split the topological order at narrow cuts, solve each region under the budget with its boundary
+tensors pinned, and stitch the region schedules into one.
 
 Cuts. A cut at position c (between nodes c-1 and c) is crossed by X(c), the nodes before c that a node at or
-after c reads. Regions of `min_nodes`..`max_nodes` nodes end at the cut with the fewest crossing bytes:
+after c reads:
 
     nodes      0 1 2 3 | 4 5 6 7 8 | 9 ...
     regions    [  A    ) [   B     ) [  C
     X(4)       what A hands to B and later regions (resident when B starts, pinned: B never recomputes it)
 
+`cuts` places them by dynamic programming over the positions: regions of `MIN_NODES`..`MAX_NODES` nodes, a cut
+priced by its crossing bytes against the room left at it, so cuts far below the budget win.
+
 Region [a, b) becomes a `RematProblem` of its own: the externals E (the nodes before a that the region reads)
 as its first nodes, with no inputs and no cost; then the region's nodes; then, if X(b) is not empty, a sink
 (cost 0, size 0) reading the handover X(b) minus the pass-through P (the nodes of X(a) the region does not
-read, resident throughout, their bytes taken off the budget). MILP bounds pin the boundary: no stage after the
-externals' own recomputes an external, and the sink's stage recomputes nothing, so the handover is resident
-when the region ends.
+read, resident throughout, their bytes taken off the budget). It is solved by CP-SAT on Moccasin's model
+(`checkmate_cpsat.schedule_with`, `COPIES` copies per region node: a restriction that finds schedules in a
+fraction of a second where HiGHS takes seconds for its first one) with the boundary pinned: an external has
+one copy (never recomputed) and no copy starts in the sink's stage, so the handover is resident when the
+region ends. A region with no schedule bans its two cuts and the rest is planned again (`solve_regions`).
 
 Why the stitched schedule is valid. Region k starts with exactly X(a) = E | P resident, the handover of
 region k-1, which fit the budget in that region's sink stage; within the region, the subproblem's memory is
 the full schedule's memory minus the constant P. Each region schedule keeps what the next one starts with, so
 the keep sets chain. Every stitched schedule is still replayed by `remat_dag.check` before it is returned.
 The decomposition only restricts the problem (nothing is recomputed across a cut), so its objective is an
-upper bound; its bound is the trivial one (the sum of costs), or better where the caller has one.
+upper bound and it proves no lower one: its bound is the sum of costs.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from memplan.solvers.remat_dag import (
 
 MIN_NODES = 4
 MAX_NODES = 24
-"""Region lengths at the start: such a region's MILP is solved in a fraction of a second."""
+"""Region lengths planned first: CP-SAT solves such a region in a fraction of a second."""
 COPIES = 3
 """Copies per region node in the CP-SAT model (up to two recomputations): a restriction that finds schedules
 fast."""

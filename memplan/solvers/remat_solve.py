@@ -110,6 +110,7 @@ def _merge(problem: RematProblem, runs: list[RematResult], elapsed: float) -> Re
     if pick.objective is None:
         status: Status = "skipped" if last.status == "skipped" else "timeout"
         return RematResult(status, None, None, bound, None, elapsed, label, scale.tolerance)
+    bound = min(bound, pick.objective)  # a checked schedule's cost bounds the optimum from above
     status, gap = judge(pick.objective, bound, scale)
     if last.status == "skipped":
         status = "skipped"
