@@ -161,24 +161,50 @@ class BitsDecision:
         return next((b for b in self.tensors if b.value_id == value_id), None)
 
 
+KV_BITS = (8, 4, 2)
+"""The bit widths a KV budget may store tokens at (None: the cache's own dtype)."""
+
+KV_SCALE_BYTES = 2
+"""A quantized KV group's scale and its zero point are each one fp16."""
+
+
 @dataclass(frozen=True, slots=True)
 class KVBudget:
-    """The KV cache of one layer (or one head of it, `head` not None): tokens kept, at `bits` per element."""
+    """The KV cache of one layer (or of one key/value head of it, `head` not None): at most `tokens` tokens
+    per sequence at every step of the generation (sinks and the recent window included), stored at `bits`
+    (None: the cache's own dtype; 8, 4 or 2: asymmetric, per token in groups of `KVDecision.group_size`
+    elements along the head dimension, an fp16 scale and zero point per group)."""
 
     layer: int
     tokens: int
-    bits: int = 16
+    bits: int | None = None
     head: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class KVDecision:
-    """Per-layer (and per-head) KV budgets; the first `sink_tokens` and last `recent_tokens` are always
-    kept."""
+    """Per-layer (and per-head) KV budgets. The first `sink_tokens` and the last `recent_tokens` tokens are
+    never evicted; the prefill scores every token by the attention the last `window` prompt tokens pay
+    it (SnapKV's observation window). A layer without a budget keeps its whole cache."""
 
     budgets: tuple[KVBudget, ...]
     sink_tokens: int = 0
     recent_tokens: int = 0
+    window: int = 8
+    group_size: int = 32
+
+    def of(self, layer: int, head: int | None = None) -> KVBudget | None:
+        """The budget of `layer` (of its `head` when budgets are per head)."""
+        return next((b for b in self.budgets if b.layer == layer and b.head == head), None)
+
+
+def kv_token_bytes(head_dim: int, bits: int | None, dtype_bytes: int, group_size: int) -> int:
+    """Bytes one token's key and value take in one key/value head, stored at `bits` (see `KVBudget`)."""
+    if bits is None:
+        return 2 * head_dim * dtype_bytes
+    if bits not in KV_BITS or head_dim * bits % 8 or head_dim % group_size:
+        raise ValueError(f"kv: {bits} bits in groups of {group_size} does not pack a head of {head_dim}")
+    return 2 * (head_dim * bits // 8 + head_dim // group_size * 2 * KV_SCALE_BYTES)
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,9 +140,7 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
     return Decisions(
         order=OrderDecision(tuple(order["op_ids"])) if order else None,
         bits=_bits(bits) if bits else None,
-        kv=KVDecision(tuple(KVBudget(**b) for b in kv["budgets"]), kv["sink_tokens"], kv["recent_tokens"])
-        if kv
-        else None,
+        kv=_kv(kv) if kv else None,
         remat=_remat(remat) if remat else None,
         placement=PlacementDecision(tuple(_placed(t) for t in placement["tensors"])) if placement else None,
         allocate=AllocateDecision(
@@ -151,6 +149,11 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
         if alloc
         else None,
     )
+
+
+def _kv(d: dict[str, Any]) -> KVDecision:
+    budgets = tuple(KVBudget(**b) for b in d["budgets"])
+    return KVDecision(budgets, d["sink_tokens"], d["recent_tokens"], d["window"], d["group_size"])
 
 
 def _bits(d: dict[str, Any]) -> BitsDecision:

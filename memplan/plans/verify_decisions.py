@@ -21,6 +21,7 @@ from memplan.ir.graph import Graph, Value
 from memplan.plans.decisions import (
     DTYPE_FORMAT,
     FORMAT_BITS,
+    KV_BITS,
     BitsDecision,
     DeviceCopy,
     RematDecision,
@@ -140,7 +141,7 @@ def _kv(plan: Plan) -> list[Violation]:
     return [
         _bad(f"kv: layer {k.layer} head {k.head}: {k.tokens} tokens at {k.bits} bits")
         for k in kv.budgets
-        if k.tokens < 0 or k.bits not in (2, 3, 4, 8, 16, 32)
+        if k.tokens < 0 or (k.bits is not None and k.bits not in KV_BITS)
     ]
 
 

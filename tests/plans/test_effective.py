@@ -105,7 +105,7 @@ def test_stored_bytes_by_layout() -> None:
         (Decisions(order=OrderDecision((0, 1, 2))), "not a permutation"),
         (Decisions(order=OrderDecision((1, 0, 2, 3))), "reads a first written at step 1"),
         (Decisions(bits=BitsDecision((TensorBits(9, "int8"),))), "value 9 is not a storage"),
-        (Decisions(kv=KVDecision((KVBudget(0, -1),))), "layer 0 head None: -1 tokens"),
+        (Decisions(kv=KVDecision((KVBudget(0, -1),))), "layer 0 head None: -1 tokens at None bits"),
         (Decisions(placement=PlacementDecision((TensorPlacement(1, "cxl"),))), "which the hardware lacks"),
         (Decisions(placement=PlacementDecision((TensorPlacement(1, "ssd"),))), "has no residency there"),
     ],
@@ -160,7 +160,7 @@ RECORDS = st.builds(
         lambda fs: BitsDecision(tuple(TensorBits(i, f, 32) for i, f in enumerate(fs)))
     ),
     kv=st.none()
-    | st.integers(0, 4096).map(lambda t: KVDecision((KVBudget(0, t, 4), KVBudget(1, t, 16, 0)), 4, 32)),
+    | st.integers(0, 4096).map(lambda t: KVDecision((KVBudget(0, t, 4), KVBudget(1, t, None, 0)), 4, 32)),
     remat=st.none() | st.integers(1, 8).map(_remat),
     placement=st.none()
     | st.just(PlacementDecision((TensorPlacement(1, "ssd", 0, 128, (DeviceCopy(1, 3),)),))),
