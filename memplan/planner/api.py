@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import InvalidInput
@@ -51,6 +52,7 @@ def plan(
     passes: Sequence[PassSpec | str] | None = None,
     options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    kv_budget: str | int | float | None = None,
 ) -> Plan:
     """Capture the model's step, run the passes and return a plan that fits `budget` on every tier.
 
@@ -61,8 +63,10 @@ def plan(
     zoo models; `passes` names or gives the passes (default: every built pass, in pipeline order), and
     `options` maps a pass name to its options dataclass. The `bitwidth` pass (lossy: only when named) gets
     the weights' sensitivity measured here on the model (`memplan.planner.calibration`) unless its options
-    carry a table. Raises `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no plan
-    the passes make fits.
+    carry a table. `kv_budget` (a generation's KV cache: `"2GiB"`, `"20%"`, `"96 tokens"`) runs the
+    `kv_budget` pass, with the attention statistics measured here (`memplan.planner.kv_calibration`) unless
+    its options carry them. Raises `InfeasibleBudget` (with the lower bound and the tensors forcing it) if no
+    plan the passes make fits.
     """
     from memplan.planner.models import capture, capture_generation, load_causal_lm, load_model, parse_dtype
 
@@ -87,6 +91,8 @@ def plan(
         workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")  # type: ignore[arg-type]
     if mode == "infer" and any(p.name == "bitwidth" for p in chosen):
         options = _with_sensitivity(options, model_or_path, loaded, gen, parse_dtype(dtype), progress)
+    if any(p.name == "kv_budget" for p in chosen):
+        options = _with_kv(options, kv_budget, model_or_path, loaded, gen, parse_dtype(dtype), progress)
     return run_pipeline(graph, hw, workload, budgets, loaded.source, chosen, options, progress=progress)
 
 
@@ -103,6 +109,31 @@ def _with_sensitivity(
         if progress:
             progress(f"measuring sensitivity ({given.estimator})")
         out["bitwidth"] = with_sensitivity(given, spec, loaded, gen, dtype)
+    return out
+
+
+def _with_kv(
+    options: Mapping[str, Any] | None, budget: str | int | float | None, spec: Any, loaded: Any, gen: int,
+    dtype: Any, progress: Progress | None,
+) -> dict[str, Any]:  # fmt: skip
+    """`options` whose kv_budget entry carries the budget, the model's KV geometry and, where its method
+    needs them, the attention statistics (measured here unless given)."""
+    from memplan.passes.kv_budget import KVBudgetOptions
+    from memplan.planner.kv_calibration import with_kv_calibration
+
+    out = dict(options or {})
+    given = out.get("kv_budget") or KVBudgetOptions()
+    if budget is not None:
+        if given.budget is not None and given.budget != budget:
+            raise InvalidInput("the KV budget is given twice (kv_budget= and the kv_budget pass's options)")
+        given = replace(given, budget=budget)
+    if given.budget is None:
+        return out
+    if not gen:
+        raise InvalidInput("a KV budget plans a generation's cache: plan with mode='infer' and gen=N")
+    if progress and given.calibration is None and given.method in ("memplan", "prefixkv", "zigzagkv"):
+        progress("measuring attention statistics")
+    out["kv_budget"] = with_kv_calibration(given, spec, loaded, dtype)
     return out
 
 

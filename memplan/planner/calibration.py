@@ -44,12 +44,12 @@ def with_sensitivity(
 ) -> BitwidthOptions:
     """`options` with the sensitivity measured on the plan's model (see the module docstring)."""
     settings = SensitivitySettings(estimator=options.estimator)
-    model, batches = _model_and_batches(spec, loaded, gen, dtype, settings)
+    model, batches = model_and_batches(spec, loaded, gen, dtype, settings)
     table: SensitivityTable = measure_sensitivity(model, batches, options.resolved_candidates(), settings)
     return replace(options, sensitivity=table)
 
 
-def _model_and_batches(
+def model_and_batches(
     spec: str | nn.Module, loaded: LoadedModel, gen: int, dtype: torch.dtype, s: SensitivitySettings
 ) -> tuple[nn.Module, Sequence[Any]]:
     if isinstance(spec, nn.Module):

@@ -179,19 +179,75 @@ class KVBudget:
     tokens: int
     bits: int | None = None
     head: int | None = None
+    size_bytes: int = 0
+    """What the budget holds for the whole batch: tokens x `kv_token_bytes` x batch (x the layer's key/value
+    heads when `head` is None)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVHeadStats:
+    """What calibration saw in one key/value head (`head` None: a layer's heads together), averaged over the
+    calibration sequences. `mass[i]`: the share of the observation window's attention that the top
+    `ratios[i]` of the prompt's tokens (by that attention) receive, PrefixKV's cumulative priority curve;
+    `entropy`: the window queries' mean attention entropy (nats); `sink_mass` / `recent_mass`: the share
+    paid to the first sink / last recent tokens; `errors[i][j]`: the relative squared error of the attention
+    output of the tokens after the prompt when the cache keeps `ratios[i]` of the prompt (by the runtime's
+    rule) at `bits[j]`."""
+
+    layer: int
+    head: int | None
+    mass: tuple[float, ...]
+    entropy: float
+    sink_mass: float
+    recent_mass: float
+    errors: tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KVCalibration:
+    """Attention statistics of a model on calibration text (see `KVHeadStats`), with the model's cache
+    geometry: `layers`, key/value heads per layer, head dim and the cache dtype's bytes."""
+
+    ratios: tuple[float, ...]
+    bits: tuple[int | None, ...]
+    heads: tuple[KVHeadStats, ...]
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    prompt: int
+    """Tokens of each calibration prompt; the errors are measured on the `follow` tokens after it."""
+    follow: int
+    samples: int
+
+    def of(self, layer: int, head: int | None = None) -> KVHeadStats:
+        """The statistics of `layer` (of its key/value `head`; None: the layer's heads together)."""
+        return next(h for h in self.heads if h.layer == layer and h.head == head)
 
 
 @dataclass(frozen=True, slots=True)
 class KVDecision:
     """Per-layer (and per-head) KV budgets. The first `sink_tokens` and the last `recent_tokens` tokens are
     never evicted; the prefill scores every token by the attention the last `window` prompt tokens pay
-    it (SnapKV's observation window). A layer without a budget keeps its whole cache."""
+    it (SnapKV's observation window). A layer without a budget keeps its whole cache. `method` says how the
+    budgets were allocated; `context` is the tokens per sequence (prompt + generated) they were planned
+    for and `budget_bytes` the KV byte budget asked (whole batch; 0: none); `calibration` what they were
+    chosen from."""
 
     budgets: tuple[KVBudget, ...]
     sink_tokens: int = 0
     recent_tokens: int = 0
     window: int = 8
     group_size: int = 32
+    method: str = ""
+    context: int = 0
+    budget_bytes: int = 0
+    calibration: KVCalibration | None = None
+
+    @property
+    def planned_bytes(self) -> int:
+        """The bytes the budgets hold (whole batch)."""
+        return sum(b.size_bytes for b in self.budgets)
 
     def of(self, layer: int, head: int | None = None) -> KVBudget | None:
         """The budget of `layer` (of its `head` when budgets are per head)."""

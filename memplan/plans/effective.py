@@ -2,21 +2,23 @@
 
 `effective_graph(plan)` is the one place where decisions change what the analyses see: ops in the order of
 the `schedule` pass (`OrderDecision`, else as captured), each storage's bytes as the `bitwidth` pass stores
-it (`BitsDecision`, else as captured). Lifetimes, timelines, peaks, bounds, `verify_plan` and the runtime
-all read this graph, so a schedule step is a position in it, not an op id. `home_tiers(plan)` says where
-each storage lives (`PlacementDecision`, else the device); `baseline_residency` is the residency of a plan
-in which nothing is moved beyond what placement says; `predictions_for` prices any residency.
+it (`BitsDecision`, else as captured), each layer's KV cache at its budgets' bytes (`KVDecision`).
+Lifetimes, timelines, peaks, bounds, `verify_plan` and the runtime all read this graph, so a schedule step
+is a position in it, not an op id. `home_tiers(plan)` says where each storage lives (`PlacementDecision`,
+else the device); `baseline_residency` is the residency of a plan in which nothing is moved beyond what
+placement says; `predictions_for` prices any residency.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 
 from memplan.errors import InternalError
 from memplan.ir.analysis import Interval, lifetimes, peaks, working_set_bound
 from memplan.ir.cost import op_time_s
-from memplan.ir.graph import Graph
+from memplan.ir.graph import Graph, Role
 from memplan.ir.hardware import Hardware
 from memplan.plans.decisions import Decisions
 from memplan.plans.plan import Event, Plan, Predictions
@@ -28,8 +30,9 @@ def effective_graph(plan: Plan) -> Graph:
 
 
 def apply_decisions_to_graph(graph: Graph, decisions: Decisions) -> Graph:
-    """`graph` with the ops in `decisions.order` and the sizes of `decisions.bits`."""
-    if decisions.order is None and decisions.bits is None:
+    """`graph` with the ops in `decisions.order`, the sizes of `decisions.bits` and each layer's KV cache at
+    the bytes of its `decisions.kv` budgets."""
+    if decisions.order is None and decisions.bits is None and decisions.kv is None:
         return graph
     ops = graph.ops
     if decisions.order is not None:
@@ -43,6 +46,16 @@ def apply_decisions_to_graph(graph: Graph, decisions: Decisions) -> Graph:
         values = tuple(
             replace(v, size_bytes=stored[v.id].stored_bytes(v.shape))
             if v.id in stored and v.alias_of is None
+            else v
+            for v in values
+        )
+    if decisions.kv is not None:
+        kv_bytes: dict[int, int] = defaultdict(int)
+        for b in decisions.kv.budgets:
+            kv_bytes[b.layer] += b.size_bytes
+        values = tuple(
+            replace(v, size_bytes=kv_bytes[v.layer])
+            if v.role == Role.KV_CACHE and v.layer in kv_bytes and v.alias_of is None
             else v
             for v in values
         )

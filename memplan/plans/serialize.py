@@ -29,7 +29,9 @@ from memplan.plans.decisions import (
     Decisions,
     DeviceCopy,
     KVBudget,
+    KVCalibration,
     KVDecision,
+    KVHeadStats,
     OrderDecision,
     PlacementDecision,
     RematDecision,
@@ -153,7 +155,22 @@ def decisions_from_dict(d: dict[str, Any]) -> Decisions:
 
 def _kv(d: dict[str, Any]) -> KVDecision:
     budgets = tuple(KVBudget(**b) for b in d["budgets"])
-    return KVDecision(budgets, d["sink_tokens"], d["recent_tokens"], d["window"], d["group_size"])
+    cal = d["calibration"]
+    calibration = (
+        KVCalibration(
+            tuple(cal["ratios"]), tuple(cal["bits"]),
+            tuple(KVHeadStats(h["layer"], h["head"], tuple(h["mass"]), h["entropy"], h["sink_mass"],
+                              h["recent_mass"], tuple(tuple(r) for r in h["errors"])) for h in cal["heads"]),
+            cal["layers"], cal["kv_heads"], cal["head_dim"], cal["dtype_bytes"], cal["prompt"], cal["follow"],
+            cal["samples"],
+        )
+        if cal
+        else None
+    )  # fmt: skip
+    return KVDecision(
+        budgets, d["sink_tokens"], d["recent_tokens"], d["window"], d["group_size"], d["method"],
+        d["context"], d["budget_bytes"], calibration,
+    )  # fmt: skip
 
 
 def _bits(d: dict[str, Any]) -> BitsDecision:

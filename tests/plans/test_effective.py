@@ -24,7 +24,9 @@ from memplan.plans.decisions import (
     Decisions,
     DeviceCopy,
     KVBudget,
+    KVCalibration,
     KVDecision,
+    KVHeadStats,
     OrderDecision,
     PlacementDecision,
     RematDecision,
@@ -152,6 +154,15 @@ def _remat(n: int) -> RematDecision:
     return RematDecision("ssd", tensors, (BlockRemat(0, 2, (0, 1), (0, 1), (4,), (4,)),))
 
 
+def _calibration() -> KVCalibration:
+    heads = tuple(
+        KVHeadStats(layer, head, (0.5, 1.0), 1.5, 0.1, 0.2, ((0.01, 0.02), (0.0, 0.001)))
+        for layer in range(2)
+        for head in (None, 0)
+    )
+    return KVCalibration((0.5, 1.0), (None, 4), heads, 2, 1, 64, 4, 48, 16, 3)
+
+
 RECORDS = st.builds(
     Decisions,
     order=st.none() | st.just(OrderDecision((0, 1, 2, 3))),
@@ -160,7 +171,12 @@ RECORDS = st.builds(
         lambda fs: BitsDecision(tuple(TensorBits(i, f, 32) for i, f in enumerate(fs)))
     ),
     kv=st.none()
-    | st.integers(0, 4096).map(lambda t: KVDecision((KVBudget(0, t, 4), KVBudget(1, t, None, 0)), 4, 32)),
+    | st.integers(0, 4096).map(
+        lambda t: KVDecision(
+            (KVBudget(0, t, 4, None, 80 * t), KVBudget(1, t, None, 0, 512 * t)), 4, 32, 8, 32, "memplan", t,
+            600 * t, _calibration(),
+        )
+    ),
     remat=st.none() | st.integers(1, 8).map(_remat),
     placement=st.none()
     | st.just(PlacementDecision((TensorPlacement(1, "ssd", 0, 128, (DeviceCopy(1, 3),)),))),
