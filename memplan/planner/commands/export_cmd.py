@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--to",
         required=True,
         dest="fmt",
-        help="format: chrome-trace, torch-sac, deepspeed, accelerate, torchao or compressed-tensors",
+        help="format: chrome-trace, torch-sac, deepspeed, accelerate, torchao, compressed-tensors, prefixkv "
+        "or kvpress",
     )
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.set_defaults(func=run)

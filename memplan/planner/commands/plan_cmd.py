@@ -1,10 +1,13 @@
 """`memplan plan MODEL --mode train|infer --budget SIZE [--budget TIER=SIZE ...] [--hardware NAME|FILE]
-[--batch N] [--seq N] [--passes remat_swap,allocate] [--bits-limit SIZE] [--sensitivity fisher] -o plan.json`.
+[--batch N] [--seq N] [--passes remat_swap,allocate] [--bits-limit SIZE] [--sensitivity fisher]
+[--gen N --kv-budget 20%] -o plan.json`.
 
 `--budget 6GiB` bounds the device's peak; `--budget host=32GiB --budget ssd=200GiB` bound other tiers (a
 tier without a budget is held to its capacity). `--passes bitwidth,allocate` quantizes weights (the
 bitwidth pass runs only when named): by default to what fits the device budget, or to `--bits-limit` bytes
-of quantized weights; `--sensitivity` picks how their sensitivity is measured.
+of quantized weights; `--sensitivity` picks how their sensitivity is measured. `--kv-budget` bounds a
+generation's KV cache (the kv_budget pass; `--kv-method`, `--kv-bits`, `--kv-per-head`, `--kv-sink`,
+`--kv-recent` shape it).
 """
 
 from __future__ import annotations
@@ -45,6 +48,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="bitwidth: Hessian trace by Hutchinson probes (default) or the cheaper mean squared gradient",
     )
     p.add_argument(
+        "--kv-budget",
+        metavar="BUDGET",
+        help="a generation's KV cache: bytes (2GiB), a share of the full cache (20%%) or tokens per layer "
+        "(96 tokens); runs the kv_budget pass",
+    )
+    p.add_argument(
+        "--kv-method",
+        choices=["memplan", "uniform", "pyramidkv", "prefixkv", "zigzagkv"],
+        help="how the KV budget is shared among layers (default memplan: tokens and bits per layer, an ILP)",
+    )
+    p.add_argument(
+        "--kv-bits",
+        metavar="LIST",
+        help="bit widths the memplan method may store KV tokens at, e.g. full,8,4 (default full,8,4,2)",
+    )
+    p.add_argument("--kv-per-head", action="store_true", help="KV budgets per key/value head (memplan)")
+    p.add_argument("--kv-sink", type=int, help="KV tokens at the start never evicted (default 4)")
+    p.add_argument("--kv-recent", type=int, help="latest KV tokens never evicted (default 16)")
+    p.add_argument(
         "--hardware",
         default="cpu",
         help="preset name (cpu, t4-16gb, a100-40gb, a100-80gb, h100-80gb) or a hardware JSON file",
@@ -78,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     passes = args.passes.split(",") if args.passes else None
-    options = bits_options(args, passes)
+    options = {**(bits_options(args, passes) or {}), **kv_options(args)} or None
     with console.status("planning...") as status:
         result = plan(
             args.model,
@@ -93,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             passes=passes,
             options=options,
             progress=lambda s: status.update(f"planning: {s}"),
+            kv_budget=args.kv_budget,
         )
     result.save(args.output)
     for report in result.passes[1:]:
@@ -122,6 +145,30 @@ def bits_options(args: argparse.Namespace, passes: list[str] | None) -> dict[str
 
     limit = parse_size(args.bits_limit) if args.bits_limit is not None else None
     return {"bitwidth": BitwidthOptions(size_limit_bytes=limit, estimator=args.sensitivity or "hutchinson")}
+
+
+def kv_options(args: argparse.Namespace) -> dict[str, object]:
+    """The kv_budget pass's options from the --kv-* flags (empty when none is given)."""
+    given = {"method": args.kv_method, "sink_tokens": args.kv_sink, "recent_tokens": args.kv_recent}
+    changes: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    if args.kv_bits is not None:
+        changes["bits"] = tuple(None if b.strip() == "full" else _int(b) for b in args.kv_bits.split(","))
+    if args.kv_per_head:
+        changes["per_head"] = True
+    if not changes:
+        return {}
+    if args.kv_budget is None:
+        raise InvalidInput("the --kv-* flags set the kv_budget pass: give its budget too, --kv-budget 20%")
+    from memplan.passes.kv_budget import KVBudgetOptions
+
+    return {"kv_budget": KVBudgetOptions(**changes)}  # type: ignore[arg-type]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInput(f"--kv-bits {text!r}: give bit widths (8, 4, 2) or full, with commas") from None
 
 
 def budgets_of(given: list[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from memplan.planner.exporters.accelerate import accelerate_config
 from memplan.planner.exporters.chrome_trace import chrome_trace
 from memplan.planner.exporters.compressed_tensors import compressed_tensors_config
 from memplan.planner.exporters.deepspeed import deepspeed_config
+from memplan.planner.exporters.kv import kvpress_config, prefixkv_config
 from memplan.planner.exporters.torch_sac import torch_sac
 from memplan.planner.exporters.torchao import torchao_config
 from memplan.plans.plan import Plan
@@ -24,6 +25,8 @@ EXPORTERS: dict[str, Exporter] = {
     "chrome-trace": chrome_trace,
     "compressed-tensors": compressed_tensors_config,
     "deepspeed": deepspeed_config,
+    "kvpress": kvpress_config,
+    "prefixkv": prefixkv_config,
     "torch-sac": torch_sac,
     "torchao": torchao_config,
 }
@@ -36,6 +39,8 @@ __all__ = [
     "chrome_trace",
     "compressed_tensors_config",
     "deepspeed_config",
+    "kvpress_config",
+    "prefixkv_config",
     "torch_sac",
     "torchao_config",
 ]
