@@ -178,13 +178,11 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: KVBudgetOptions |
 
 
 def _check(opts: KVBudgetOptions) -> None:
-    if opts.method not in METHODS:
-        raise InvalidInput(f"unknown KV budget method {opts.method!r}; use one of {', '.join(METHODS)}")
+    check_options(opts)
     if opts.geometry is None:
         raise InvalidInput(
             "the kv_budget pass needs the model's KV geometry (layers, heads, head dim): plan with "
-            "memplan.plan, "
-            "or give KVBudgetOptions(geometry=...)"
+            "memplan.plan, or give KVBudgetOptions(geometry=...)"
         )
     if opts.method in ("memplan", "prefixkv", "zigzagkv") and opts.calibration is None:
         raise InvalidInput(
@@ -192,6 +190,14 @@ def _check(opts: KVBudgetOptions) -> None:
             "memplan.plan (it measures them), or give KVBudgetOptions(calibration=...) from "
             "memplan.planner.kv_calibration.calibrate_kv"
         )
+
+
+def check_options(opts: KVBudgetOptions) -> None:
+    """Refuse malformed options (InvalidInput) before anything is measured for them."""
+    if opts.budget is not None:
+        parse_kv_budget(opts.budget)
+    if opts.method not in METHODS:
+        raise InvalidInput(f"unknown KV budget method {opts.method!r}; use one of {', '.join(METHODS)}")
     if opts.per_head and opts.method != "memplan":
         raise InvalidInput(f"per-head KV budgets are planned by the memplan method only, not {opts.method}")
     for b in opts.bits:

@@ -91,6 +91,8 @@ def plan(
         workload = Workload(mode, loaded.batch, loaded.seq, optimizer if mode == "train" else "none")  # type: ignore[arg-type]
     if mode == "infer" and any(p.name == "bitwidth" for p in chosen):
         options = _with_sensitivity(options, model_or_path, loaded, gen, parse_dtype(dtype), progress)
+    if kv_budget is not None and not any(p.name == "kv_budget" for p in chosen):
+        raise InvalidInput("a KV budget is given but the passes leave out kv_budget: add it to the passes")
     if any(p.name == "kv_budget" for p in chosen):
         options = _with_kv(options, kv_budget, model_or_path, loaded, gen, parse_dtype(dtype), progress)
     return run_pipeline(graph, hw, workload, budgets, loaded.source, chosen, options, progress=progress)
@@ -118,7 +120,7 @@ def _with_kv(
 ) -> dict[str, Any]:  # fmt: skip
     """`options` whose kv_budget entry carries the budget, the model's KV geometry and, where its method
     needs them, the attention statistics (measured here unless given)."""
-    from memplan.passes.kv_budget import KVBudgetOptions
+    from memplan.passes.kv_budget import KVBudgetOptions, check_options
     from memplan.planner.kv_calibration import with_kv_calibration
 
     out = dict(options or {})
@@ -131,6 +133,7 @@ def _with_kv(
         return out
     if not gen:
         raise InvalidInput("a KV budget plans a generation's cache: plan with mode='infer' and gen=N")
+    check_options(given)
     if progress and given.calibration is None and given.method in ("memplan", "prefixkv", "zigzagkv"):
         progress("measuring attention statistics")
     out["kv_budget"] = with_kv_calibration(given, spec, loaded, dtype)
