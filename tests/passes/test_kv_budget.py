@@ -238,3 +238,14 @@ def test_apportion_sums_to_the_total_within_bounds(weights: list[float], share: 
 def test_apportion_refuses_an_impossible_total() -> None:
     with pytest.raises(InvalidInput):
         apportion([1.0, 1.0], 100.0, 0.0, 10.0)
+
+
+def test_placement_and_allocate_see_the_compressed_cache() -> None:
+    full = memplan.plan("zoo:gpt2-tiny", mode="infer", batch=BATCH, seq=PROMPT, gen=GEN)
+    small = _plan("25%", method="uniform")
+    assert [p.name for p in small.passes] == [p.name for p in full.passes]
+    cut = sum(v.size_bytes for v in full.graph().values if v.role == Role.KV_CACHE) - sum(
+        b.size_bytes for b in small.decisions.kv.budgets  # type: ignore[union-attr]
+    )
+    assert cut > 0
+    assert small.predictions.peak_bytes["device"] <= full.predictions.peak_bytes["device"] - cut // 2
