@@ -27,6 +27,7 @@ import torch
 from memplan.errors import InvalidInput
 from memplan.kernels.cpu_native import NativeKind, NativeWeight, native_kind, native_linear, prepare
 from memplan.kernels.quantize import QuantizedWeight, dequantize
+from memplan.plans.decisions import DEQUANT_BLOCK_BYTES
 
 LinearPath = Literal["reference", "native", "native-bf16", "triton"]
 PATHS: tuple[LinearPath, ...] = ("reference", "native", "native-bf16", "triton")
@@ -59,8 +60,21 @@ class PreparedLinear:
 
 
 def reference_linear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
-    """The reference: `x @ dequantize(q).T` in fp32, returned in x's dtype (x is [..., K])."""
-    return (x.float() @ dequantize(q).T).to(x.dtype)
+    """The reference: `x @ dequantize(q).T` in fp32, returned in x's dtype (x is [..., K]); a large 2-D
+    weight is dequantized by blocks of output rows (`DEQUANT_BLOCK_BYTES`), each block's columns of the
+    result computed as they would be at once."""
+    rows, cols = q.shape[0], q.shape[-1]
+    step = max(1, DEQUANT_BLOCK_BYTES // (4 * cols))
+    if len(q.shape) != 2 or step >= rows:
+        return (x.float() @ dequantize(q).T).to(x.dtype)
+    xf = x.float()
+    out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32, device=x.device)
+    for r in range(0, rows, step):
+        end = min(r + step, rows)
+        zeros = None if q.zeros is None else q.zeros[r:end]
+        block = QuantizedWeight(q.payload[r:end], q.scales[r:end], zeros, (end - r, cols), q.spec)
+        out[..., r:end] = xf @ dequantize(block).T
+    return out.to(x.dtype)
 
 
 def linear_error(y: torch.Tensor, x: torch.Tensor, q: QuantizedWeight) -> float:

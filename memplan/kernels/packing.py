@@ -59,6 +59,12 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     check_packed(packed, bits, cols)
     *lead, width = packed.shape
     units = width // nbytes
+    if nbytes == 1:  # 8, 4, 2 bits: whole codes in each byte, shifted in uint8 (one byte per code at most)
+        if values == 1:
+            return packed[..., :cols].clone()
+        shifts8 = torch.arange(values, dtype=torch.uint8, device=packed.device) * bits
+        codes8 = (packed.unsqueeze(-1) >> shifts8) & ((1 << bits) - 1)
+        return codes8.reshape(*lead, units * values)[..., :cols]
     byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=packed.device) * 8
     word = (packed.view(*lead, units, nbytes).to(torch.int32) << byte_shifts).sum(-1, dtype=torch.int32)
     shifts = torch.arange(values, dtype=torch.int32, device=packed.device) * bits

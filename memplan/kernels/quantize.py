@@ -105,8 +105,8 @@ def _stored_scale(scale: torch.Tensor, scheme: QuantScheme, spec: TensorBits) ->
 def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The tensor `q` stands for, `(u - zero) * scale` computed in fp32, in its original shape."""
     s = q.scheme
-    u = q.codes().float().view(s.rows, s.groups, s.group_size)
-    w = (u - q.zero_points().unsqueeze(-1)) * q.scales.float().unsqueeze(-1)
+    w = q.codes().view(s.rows, s.groups, s.group_size).float()
+    w.sub_(q.zero_points().unsqueeze(-1)).mul_(q.scales.float().unsqueeze(-1))  # in place: one fp32 copy
     return w.reshape(q.shape).to(dtype)
 
 

@@ -27,10 +27,15 @@ from memplan.ir.hardware import Hardware
 from memplan.passes.base import PassOutput, PassSpec
 from memplan.passes.placement_formulation import Choice, least_device_bytes, solve
 from memplan.passes.placement_joint import Candidate, solve_joint
-from memplan.passes.placement_model import GenerationModel, is_generation, read_model, spread
+from memplan.passes.placement_model import GenerationModel, fixed_bytes, is_generation, read_model, spread
 from memplan.passes.remat_schedule import compute_share
 from memplan.plans.decisions import BitsDecision, Decisions, DeviceCopy, PlacementDecision, TensorPlacement
-from memplan.plans.effective import baseline_residency, generation_times, predictions_for
+from memplan.plans.effective import (
+    apply_decisions_to_graph,
+    baseline_residency,
+    generation_times,
+    predictions_for,
+)
 from memplan.plans.plan import Event, PassReport, Plan, SolverReport
 from memplan.solvers.milp import MilpResult
 from memplan.units import format_size
@@ -105,8 +110,9 @@ def _run_joint(
     assert opts.bits_candidates is not None
     kv = sum(graph.value(v).size_bytes for v in model.kv_values.values())
     candidates = {v: list(c) for v, c in opts.bits_candidates.items()}
+    fixed = fixed_bytes(_worst_workspaces(graph, candidates))
     result, choice = solve_joint(
-        graph, hardware, dict(plan.budget_bytes), model.fixed_bytes + kv, candidates, opts.sensitivity_limit,
+        graph, hardware, dict(plan.budget_bytes), fixed + kv, candidates, opts.sensitivity_limit,
         plan.workload.gen, opts.time_limit_s,
     )  # fmt: skip
     if choice is None:
@@ -123,6 +129,18 @@ def _run_joint(
     decisions = plan.decisions.with_(bits=bits)
     note = f"joint bits: {len(bits.tensors)} tensors quantized, total sensitivity {choice.sensitivity:.6g}"
     return _finish(graph, hardware, plan, opts, choice.tier, result, t0, decisions, (note,))
+
+
+def _worst_workspaces(graph: Graph, candidates: dict[int, list[Candidate]]) -> Graph:
+    """`graph` with every unit call's workspace grown by the most any candidate format of its weights adds
+    (the reference path's dequantize transient): the joint MILP prices it before the formats are chosen."""
+    worst = []
+    for v, cands in candidates.items():
+        shape = graph.value(v).shape
+        quantized = [c.bits for c in cands if c.bits is not None]
+        if quantized:
+            worst.append(max(quantized, key=lambda b: b.dequant_workspace_bytes(shape)))
+    return apply_decisions_to_graph(graph, Decisions(bits=BitsDecision(tuple(worst))))
 
 
 def _budgets_text(plan: Plan) -> str:

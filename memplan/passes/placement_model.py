@@ -140,7 +140,7 @@ def read_model(graph: Graph, hw: Hardware, gen: int, prompt: int) -> GenerationM
         elif op.module_path in other_of:
             sequence.append(("other", other_of[op.module_path]))
     return GenerationModel(
-        tuple(classes), others, layer_values, kv_values, _fixed_bytes(graph), max(gen, 1),
+        tuple(classes), others, layer_values, kv_values, fixed_bytes(graph), max(gen, 1),
         prompt + max(gen - 2, 0) / 2, tuple(sequence),
     )  # fmt: skip
 
@@ -164,7 +164,7 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _fixed_bytes(graph: Graph) -> int:
+def fixed_bytes(graph: Graph) -> int:
     """Peak over the schedule of the device bytes placement leaves where they are (all but parameters and
     KV caches)."""
     moved = {Role.PARAMETER, Role.KV_CACHE}

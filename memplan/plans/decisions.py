@@ -37,6 +37,14 @@ class OrderDecision:
     op_ids: tuple[int, ...]
 
 
+DEQUANT_BLOCK_BYTES = 1 << 20
+"""The reference path dequantizes a 2-D integer weight a block of rows at a time, each block at most this
+many fp32 bytes (`memplan.kernels.linear.reference_linear`), so its transient stays small."""
+DEQUANT_BYTES_PER_ELEMENT = 15
+"""Transient bytes per element of a block while it is dequantized (measured at 12.4-14.0 over the formats,
+tests/kernels/test_linear.py checks the bound)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TensorBits:
     """How one tensor is stored: `format` with `group_size` elements per scale (None: one scale per
@@ -61,6 +69,20 @@ class TensorBits:
         if self.transposed and len(shape) >= 2:
             return (*shape[:-2], shape[-1], shape[-2])
         return tuple(shape)
+
+    def dequant_workspace_bytes(self, shape: tuple[int, ...]) -> int:
+        """The most transient bytes one multiply by the stored weight allocates on the reference path: an
+        fp16/bf16 weight cast whole to fp32; an integer one dequantized by blocks of rows of at most
+        `DEQUANT_BLOCK_BYTES` as fp32, `DEQUANT_BYTES_PER_ELEMENT` each (unpacked codes, int32 shifts,
+        the fp32 block)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        if self.format in ("fp16", "bf16", "fp32"):
+            return 4 * numel
+        cols = shape[-1] if shape else 1
+        rows_per_block = max(1, DEQUANT_BLOCK_BYTES // (4 * cols))
+        return DEQUANT_BYTES_PER_ELEMENT * min(numel, rows_per_block * cols)
 
     def stored_bytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of the packed payload plus its scales (and zero points when asymmetric)."""

@@ -20,7 +20,7 @@ from memplan.ir.analysis import Interval, lifetimes, peaks, working_set_bound
 from memplan.ir.cost import op_time_s
 from memplan.ir.graph import Graph, Role
 from memplan.ir.hardware import Hardware
-from memplan.plans.decisions import Decisions
+from memplan.plans.decisions import Decisions, TensorBits
 from memplan.plans.plan import Event, Plan, Predictions
 
 
@@ -43,9 +43,12 @@ def apply_decisions_to_graph(graph: Graph, decisions: Decisions) -> Graph:
     values = graph.values
     if decisions.bits is not None:
         stored = {b.value_id: b for b in decisions.bits.tensors}
+        extra = _dequant_workspaces(graph, stored)
         values = tuple(
             replace(v, size_bytes=stored[v.id].stored_bytes(v.shape))
             if v.id in stored and v.alias_of is None
+            else replace(v, size_bytes=v.size_bytes + extra[v.id])
+            if v.id in extra
             else v
             for v in values
         )
@@ -60,6 +63,22 @@ def apply_decisions_to_graph(graph: Graph, decisions: Decisions) -> Graph:
             for v in values
         )
     return Graph(graph.name, values, ops, graph.outputs, graph.warnings)
+
+
+def _dequant_workspaces(graph: Graph, stored: dict[int, TensorBits]) -> dict[int, int]:
+    """Workspace value id -> the bytes a unit call's quantized weights add to it (a generation's graph,
+    one op per unit call): the largest transient of a multiply by one of them (`dequant_workspace_bytes`),
+    since the unit multiplies by them one after another."""
+    out: dict[int, int] = {}
+    for op in graph.ops:
+        if not op.target.startswith("unit:"):
+            continue
+        sizes = [stored[v].dequant_workspace_bytes(graph.value(v).shape) for v in op.inputs if v in stored]
+        extra = max(sizes, default=0)
+        work = next((v for v in op.outputs if graph.value(v).role == Role.WORKSPACE), None)
+        if extra and work is not None:
+            out[work] = extra
+    return out
 
 
 def home_tiers(plan: Plan) -> dict[int, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -91,6 +91,41 @@ class _Copy:
     store: TierStore | None = None
 
 
+@dataclass
+class _Holder:
+    """Where one weight lives in the model: the tensors that hold it (its parameter's data, or a quantized
+    module's codes, scales and zero points) and how to put others in their place (empty ones release it)."""
+
+    get: Callable[[], list[torch.Tensor]]
+    put: Callable[[list[torch.Tensor]], None]
+
+
+def _param_holder(p: torch.nn.Parameter) -> _Holder:
+    def put(parts: list[torch.Tensor]) -> None:
+        p.data = parts[0]
+
+    return _Holder(lambda: [p.data], put)
+
+
+def _blob(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The bytes of `parts`, one after another, as a new uint8 tensor (what a tier stores)."""
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in parts])
+
+
+def _split(data: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of uint8 `data` shaped as `like`, laid out as `_blob` wrote them."""
+    out, at = [], 0
+    for t in like:
+        n = t.numel() * t.element_size()
+        out.append(data[at : at + n].view(t.dtype).view(t.shape))
+        at += n
+    return out
+
+
+def _empties(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty(0, dtype=t.dtype) for t in like]
+
+
 class GenerationRun:
     """The state of one `applied` block; see the module docstring."""
 
@@ -98,12 +133,6 @@ class GenerationRun:
         self.plan = plan
         self.model = model
         self.graph = plan.graph()
-        if plan.decisions.bits is not None and plan.decisions.bits.tensors:
-            raise InvalidInput(
-                f"this plan stores {len(plan.decisions.bits.tensors)} weights quantized; the generation "
-                "runtime streams weights as the model holds them and does not run quantized weights yet: "
-                "plan without bits to run it"
-            )
         placement = plan.decisions.placement
         placed = {p.value_id: p for p in placement.tensors} if placement else {}
         kv: dict[int, tuple[int, str]] = {}
@@ -118,6 +147,7 @@ class GenerationRun:
         w = plan.workload
         self.kv = KVOffload(kv, (w.seq or 0) + w.gen - 1) if kv else None
         self.params = _params_by_value(plan, model)
+        self.holders = {v: _param_holder(p) for v, p in self.params.items()}
         on = {p.device.type for p in self.params.values()}
         if on != {"cpu"}:
             raise InvalidInput(
@@ -134,7 +164,7 @@ class GenerationRun:
                 self.issue[c.prefetch_step].append((vid, c.evict_step))
                 self.drop[c.evict_step].append(vid)
         self.live: dict[int, _Copy] = {}
-        self.originals: dict[int, torch.Tensor] = {}
+        self.originals: dict[int, list[torch.Tensor]] = {}
         self.file: WeightFile | None = None
         self.stores: dict[str, TierStore] = {}
         self.handles: dict[int, Handle] = {}
@@ -145,6 +175,12 @@ class GenerationRun:
         self._hooks: list[Any] = []
 
     # -- set-up and tear-down -------------------------------------------------------------------------
+    def hold_quantized(self, modules: dict[int, Any]) -> None:
+        """Weights the plan stores quantized are held by these modules (value id -> a module with `parts`
+        and `hold`, `memplan.runtime.quantized`): those are what is placed and streamed."""
+        for v, m in modules.items():
+            self.holders[v] = _Holder(m.parts, m.hold)
+
     def place(self) -> None:
         """Write every off-device weight to its tier and release its device storage."""
         by_tier: dict[str, list[int]] = defaultdict(list)
@@ -156,7 +192,7 @@ class GenerationRun:
             missing = [v for v in by_tier["ssd"] if v not in offsets]
             if missing:
                 raise InvalidInput("the plan has no SSD offsets: run the allocate pass after placement")
-            tensors = {v: (self.graph.value(v).name, self.params[v].detach()) for v in by_tier["ssd"]}
+            tensors = {v: (self.graph.value(v).name, _blob(self.holders[v].get())) for v in by_tier["ssd"]}
             size = round_up(max(offsets[v] + self.graph.value(v).size_bytes for v in by_tier["ssd"]))
             self.file = WeightFile.create(self._ssd_dir or hw.tier("ssd").path, tensors, offsets, size)
             self.measured.backends["ssd"] = self.file.description
@@ -165,18 +201,17 @@ class GenerationRun:
                 continue
             store = self.stores.setdefault(tier, open_tier(hw, tier, emulate=frozenset(hw.emulated)))
             for v in vids:
-                self.handles[v] = store.put(self.graph.value(v).name, self.params[v].detach())
+                self.handles[v] = store.put(self.graph.value(v).name, _blob(self.holders[v].get()))
             store.flush()
             self.measured.backends[tier] = store.stats().backend
         for v in self.placed:
-            p = self.params[v]
-            self.originals[v] = p.data
-            p.data = torch.empty(0, dtype=p.dtype)
+            self.originals[v] = self.holders[v].get()
+            self.holders[v].put(_empties(self.originals[v]))
 
     def restore(self) -> None:
         """Give the model its weights back and empty the tiers."""
         for v, original in self.originals.items():
-            self.params[v].data = original
+            self.holders[v].put(original)
         self.originals.clear()
         self.live.clear()
         if self.kv is not None:
@@ -254,7 +289,7 @@ class GenerationRun:
                         self.kv.store(vid)
             for vid in self.drop.get(s, ()):
                 if vid in self.placed:
-                    self.params[vid].data = torch.empty(0, dtype=self.params[vid].dtype)
+                    self.holders[vid].put(_empties(self.originals[vid]))
                     self.live.pop(vid, None)
             self.step += 1
 
@@ -276,7 +311,8 @@ class GenerationRun:
         for v in issued:
             if self.placed[v].tier != "ssd":
                 store = self.stores[self.placed[v].tier]
-                out = torch.empty(self.originals[v].shape, dtype=self.originals[v].dtype)
+                size = sum(t.numel() * t.element_size() for t in self.originals[v])
+                out = torch.empty(size, dtype=torch.uint8)
                 store.prefetch(self.handles[v], out=out)
                 self.live[v] = _Copy(out, None, self.handles[v], store)
         for run in [r for vids in by_evict.values() for r in _runs(self.file, vids)] if self.file else ():
@@ -286,12 +322,7 @@ class GenerationRun:
             future = self.file.read_into(start, buf, [v for v, _ in run])
             for v, off in run:
                 n = self.file.stored[v].nbytes
-                view = (
-                    buf[off - start : off - start + n]
-                    .view(self.originals[v].dtype)
-                    .view(self.originals[v].shape)
-                )
-                self.live[v] = _Copy(view, future)
+                self.live[v] = _Copy(buf[off - start : off - start + n], future)
 
     def _bind(self, vid: int) -> None:
         copy = self.live.get(vid)
@@ -307,7 +338,7 @@ class GenerationRun:
             copy.store = None
         self.measured.io_wait_s += time.perf_counter() - t0
         assert copy.tensor is not None
-        self.params[vid].data = copy.tensor
+        self.holders[vid].put(_split(copy.tensor, self.originals[vid]))
 
     def finish(self) -> GenerationMeasurement:
         m = self.measured
@@ -381,23 +412,31 @@ def applied_generation(
     docstring. Yields the run, whose `finish()` (after the block) gives the measurement."""
     if plan.workload.gen < 1:
         raise InvalidInput("this plan is not for a generation (gen 0): plan with gen=N")
+    from memplan.runtime.quantized import model_state, swap_modules
+
     run = GenerationRun(plan, model, ssd_dir)
     was_training = model.training
     model.eval()
     stack = ExitStack()
+    undo: list[tuple[Any, ...]] = []
     try:
+        bits = plan.decisions.bits
+        if bits is not None and bits.tensors:
+            quantized, undo = swap_modules(plan, model, None, frozenset(run.placed))
+            run.hold_quantized(quantized.by_value)
         with torch.no_grad():
             run.place()
         run.hook()
         stack.enter_context(_checked_generate(model, plan.workload.gen))
-        resident = [p for v, p in run.params.items() if v not in run.placed]
         with run.tracker:
-            run.tracker.track([*resident, *model.buffers()])
+            run.tracker.track(model_state(model))
             yield run
     finally:
         stack.close()
         run.unhook()
         run.restore()
+        for parent, attr, module in reversed(undo):
+            setattr(parent, attr, module)
         model.train(was_training)
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -76,6 +76,19 @@ class QuantizedLinear(nn.Module):
         held = [q.payload, q.scales] + ([] if q.zeros is None else [q.zeros])
         return [t for t in held if t.numel()] + ([native.weight, native.scales] if native else [])
 
+    def parts(self) -> list[torch.Tensor]:
+        """The stored form (codes, scales, zero points when asymmetric): `TensorBits.stored_bytes` in all;
+        a module made for streaming (`native=False`) holds only these."""
+        q = self.prepared.q
+        return [q.payload, q.scales] + ([] if q.zeros is None else [q.zeros])
+
+    def hold(self, parts: list[torch.Tensor]) -> None:
+        """Hold `parts` (shaped as `parts()`) as the stored form; empty tensors release it."""
+        q = self.prepared.q
+        zeros = parts[2] if q.zeros is not None else None
+        self.prepared = PreparedLinear(replace(q, payload=parts[0], scales=parts[1], zeros=zeros), None,
+                                       "reference")  # fmt: skip
+
 
 class CastLinear(nn.Module):
     """`y = x @ W.T + b` for a weight stored in fp16 or bf16 ([out, in]), cast to x's dtype per call."""
@@ -92,16 +105,23 @@ class CastLinear(nn.Module):
     def stored(self) -> list[torch.Tensor]:
         return [self.weight]
 
+    def parts(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def hold(self, parts: list[torch.Tensor]) -> None:
+        self.weight = parts[0]
+
 
 def stored_module(
-    weight: torch.Tensor, spec: TensorBits, bias: nn.Parameter | None
+    weight: torch.Tensor, spec: TensorBits, bias: nn.Parameter | None, native: bool = True
 ) -> QuantizedLinear | CastLinear:
-    """The module that stores `weight` (as the model holds it) in `spec`'s format."""
+    """The module that stores `weight` (as the model holds it) in `spec`'s format; `native` False keeps
+    the stored form even where a PyTorch CPU kernel would take the weight (a weight that is streamed)."""
     matrix = weight.detach().T if spec.transposed else weight.detach()  # [out, in]
     if spec.format in CAST_DTYPES:
         return CastLinear(matrix.to(CAST_DTYPES[spec.format]).contiguous(), bias)
     q = quantize(matrix, spec)
-    prepared = prepare_linear(q)
+    prepared = prepare_linear(q) if native else PreparedLinear(q, None, "reference")
     if prepared.native is not None:  # keep the kernel's layout only
         empty = torch.empty(0, dtype=torch.uint8)
         bare = QuantizedWeight(empty, empty.to(q.scales.dtype), None, q.shape, q.spec)
@@ -115,6 +135,8 @@ class QuantizedRun:
     the bytes its module holds; under `applied`, the tracker of the block."""
 
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    by_value: dict[int, QuantizedLinear | CastLinear] = field(default_factory=dict)
+    """The plan's value id of each weight -> the module that stores it."""
     planned_bytes: dict[str, int] = field(default_factory=dict)
     held_bytes: dict[str, int] = field(default_factory=dict)
     tracker: LiveStorageTracker | None = None
@@ -129,12 +151,15 @@ class QuantizedRun:
 def quantize_model(plan: Plan, model: nn.Module, weights: Weights = None) -> QuantizedRun:
     """Store the weights of `model` as `plan.decisions.bits` says, in place and for good (see the module
     docstring); with `weights`, also load every other parameter the mapping or file holds."""
-    run, _ = _swap(plan, model, weights)
+    run, _ = swap_modules(plan, model, weights)
     return run
 
 
-def _swap(plan: Plan, model: nn.Module, weights: Weights) -> tuple[QuantizedRun, list[tuple[Any, ...]]]:
-    """Replace the modules; returns the run and (parent, attribute, original module) for each."""
+def swap_modules(
+    plan: Plan, model: nn.Module, weights: Weights, streamed: frozenset[int] = frozenset()
+) -> tuple[QuantizedRun, list[tuple[Any, ...]]]:
+    """Replace the modules (those of the `streamed` value ids keep the stored form only); returns the run
+    and (parent, attribute, original module) for each."""
     bits = plan.decisions.bits
     if bits is None:
         raise InvalidInput(
@@ -156,12 +181,14 @@ def _swap(plan: Plan, model: nn.Module, weights: Weights) -> tuple[QuantizedRun,
             raise InvalidInput(f"{name} is on the meta device: give its float weights (weights=...)")
         replaced: QuantizedLinear | CastLinear | None = None
         for path, parent, attr, module in _users(model, params[name]):
-            replaced = replaced or stored_module(float_weight, spec, getattr(module, "bias", None))
+            bias = getattr(module, "bias", None)
+            replaced = replaced or stored_module(float_weight, spec, bias, spec.value_id not in streamed)
             undo.append((parent, attr, module))
             setattr(parent, attr, replaced)
             run.modules[path] = replaced
         if replaced is None:
             raise PlanMismatch(f"{name}: no nn.Linear or Conv1D of the model multiplies by it")
+        run.by_value[spec.value_id] = replaced
         run.planned_bytes[name] = spec.stored_bytes(by_id[spec.value_id].shape)
         run.held_bytes[name] = sum(t.numel() * t.element_size() for t in replaced.stored())
     if source:
@@ -266,17 +293,16 @@ def applied_bits(plan: Plan, model: nn.Module, weights: Weights = None) -> Itera
     placement = plan.decisions.placement
     if placement is not None and placement.tensors:
         raise InvalidInput(
-            "this plan both quantizes weights (bitwidth) and streams them between tiers (placement): the "
-            "generation runtime streams float parameters, and running the two together is not built yet; "
-            "plan with one of the two passes"
+            "this single-forward plan streams weights between tiers (placement); streaming runs in a "
+            "generation only (memplan.runtime.generation): plan with gen=N, or without placement"
         )
     was_training = model.training
     model.eval()
-    run, undo = _swap(plan, model, weights)
+    run, undo = swap_modules(plan, model, weights)
     run.tracker = LiveStorageTracker(record_timeline=False)
     try:
         with torch.no_grad(), run.tracker:
-            run.tracker.track(_state(model))
+            run.tracker.track(model_state(model))
             yield run
     finally:
         for parent, attr, module in reversed(undo):
@@ -284,7 +310,7 @@ def applied_bits(plan: Plan, model: nn.Module, weights: Weights = None) -> Itera
         model.train(was_training)
 
 
-def _state(model: nn.Module) -> list[torch.Tensor]:
+def model_state(model: nn.Module) -> list[torch.Tensor]:
     """Every tensor the (quantized) model holds: parameters, buffers, stored weights."""
     held = [*model.parameters(), *model.buffers()]
     for m in model.modules():

@@ -172,9 +172,9 @@ def _open_store(
 
 @contextmanager
 def _applied_inference(plan: Plan, model: torch.nn.Module) -> Iterator[Any]:
-    """A plan with quantized weights (`memplan.runtime.quantized`), else a generation plan's weights
-    streamed (`memplan.runtime.generation`)."""
-    if plan.decisions.bits is not None and plan.decisions.bits.tensors:
+    """A generation plan: its weights (quantized or not) placed and streamed (`memplan.runtime.generation`);
+    a single-forward plan with quantized weights: `memplan.runtime.quantized`."""
+    if plan.workload.gen < 1 and plan.decisions.bits is not None and plan.decisions.bits.tensors:
         from memplan.runtime.quantized import applied_bits
 
         with applied_bits(plan, model) as quantized:

@@ -16,7 +16,7 @@ from memplan.kernels.linear import (
     reference_linear,
 )
 from memplan.kernels.quantize import dequantize, quantize
-from memplan.plans.decisions import TensorBits
+from memplan.plans.decisions import DEQUANT_BLOCK_BYTES, TensorBits
 
 CPU = torch.device("cpu")
 INT8 = TensorBits(0, "int8", None, True, "per-channel")
@@ -67,3 +67,33 @@ def test_bad_paths() -> None:
     with pytest.raises(InvalidInput, match=r"prepare_linear\(q, 'native'\)"):
         linear(torch.zeros(1, 64), PreparedLinear(q, None, "native"))
     assert prepare_linear(weight(INT3)).native is None
+
+
+def test_reference_dequantizes_a_large_weight_by_row_blocks() -> None:
+    from memplan.kernels import linear as linear_module
+
+    spec = TensorBits(0, "int4", 128, False, "per-group")
+    q = quantize(torch.randn(1536, 1024, generator=torch.Generator().manual_seed(1)), spec)
+    x = torch.randn(3, 1024)
+    assert 4 * 1536 * 1024 > DEQUANT_BLOCK_BYTES, "the weight is cut into blocks"
+    whole = x @ dequantize(q).T
+    got = linear_module.reference_linear(x, q)
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-5 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int3", "int2", "fp16"])
+@pytest.mark.parametrize("shape", [(256, 64), (1536, 1024)])
+def test_reference_transient_is_within_what_the_plan_prices(fmt: str, shape: tuple[int, int]) -> None:
+    from memplan.runtime.quantized import stored_module
+    from memplan.runtime.tracker import LiveStorageTracker
+
+    spec = TensorBits(0, fmt, None, fmt == "int8", "per-channel") if fmt in ("int8", "fp16") else TensorBits(
+        0, fmt, 32, False, "per-group"
+    )
+    module = stored_module(torch.randn(*shape), spec, None, native=False)
+    x = torch.randn(2, shape[1])
+    tracker = LiveStorageTracker(record_timeline=False)
+    with torch.no_grad(), tracker:
+        y = module(x)
+    output = y.numel() * 4
+    assert tracker.result.peak_bytes - output <= spec.dequant_workspace_bytes(shape)

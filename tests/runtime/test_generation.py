@@ -206,3 +206,35 @@ def test_weights_read_together_but_dropped_apart_do_not_outlive_their_copy() -> 
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     cmp = plan.compare(run.finish())
     assert cmp.within_budget, cmp.describe()
+
+
+def test_quantized_weights_stream_from_the_ssd_within_budget() -> None:
+    from memplan.passes.bitwidth import BitwidthOptions
+    from memplan.plans.decisions import Candidate
+    from memplan.runtime.quantized import quantize_model
+
+    model, ids = _model("gpt2-tiny"), _ids()
+    int4 = (Candidate("int4", False, "per-group", 32),)
+    opts = {"bitwidth": BitwidthOptions(estimator="fisher", candidates=int4, size_limit_bytes=64_000)}
+    passes = ["bitwidth", "placement", "allocate"]
+    plan = _tight(model, ids, passes=passes, options=opts)
+    bits, placed = plan.decisions.bits, plan.decisions.placement
+    assert bits is not None and bits.tensors and placed is not None
+    quantized = {b.value_id for b in bits.tensors}
+    streamed = {p.value_id for p in placed.tensors} & quantized
+    assert streamed, "some quantized weights live on the SSD tier"
+    sizes = {v.id: v.size_bytes for v in plan.graph().values}
+    reference = _model("gpt2-tiny")
+    quantize_model(plan, reference)
+    expect = _generate(reference, ids)
+    with memplan.applied(plan, model) as run:
+        assert run.file is not None
+        assert all(run.file.stored[v].nbytes == sizes[v] for v in streamed), "the stored form, not floats"
+        got = _generate(model, ids)
+    m = run.finish()
+    assert torch.equal(got.sequences, expect.sequences)  # type: ignore[attr-defined]
+    for a, b in zip(expect.scores, got.scores, strict=True):  # type: ignore[attr-defined]
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(a.abs().max()))
+    cmp = plan.compare(m)
+    assert cmp.within_budget, cmp.describe()
+    assert type(model.lm_head).__name__ == "Linear", "the float modules are back"

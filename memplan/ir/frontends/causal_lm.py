@@ -423,11 +423,11 @@ def generation_graph(profile: GenerationProfile, gen: int) -> Graph:
                     f"act.{f}.{k}", nxt_carried, "bytes", (nxt_carried,), Role.ACTIVATION, u.path, u.layer
                 )
             grown = (u.kv_prompt_bytes if f == 0 else u.kv_token_bytes) if u.layer is not None else 0
-            transient = c.peak_extra_bytes - values[out].size_bytes - grown
-            if transient > 0:
-                outputs.append(
-                    add(f"work.{f}.{k}", transient, "bytes", (transient,), Role.WORKSPACE, u.path, u.layer)
-                )
+            transient = max(c.peak_extra_bytes - values[out].size_bytes - grown, 0)
+            # every call has its workspace value (maybe empty): quantized weights add theirs to it
+            outputs.append(
+                add(f"work.{f}.{k}", transient, "bytes", (transient,), Role.WORKSPACE, u.path, u.layer)
+            )
             outputs.insert(0, out)
             op_name = f"{'prefill' if f == 0 else f'decode{f}'}:{u.path}"
             ops.append(
