@@ -12,6 +12,6 @@ modules that define Triton kernels import triton (through `triton_env`).
     triton_env      triton set up for this machine (TRITON_INTERPRET=1 without a GPU)            yes
     pack_triton     Triton pack / unpack kernels                                                  yes
     dequant_matmul  Triton `x @ dequantize(W).T` kernel                                           yes
-
-The kv_budget pass's KV quantize/dequantize kernels are not built yet.
+    kv_quant        KV token vectors at 8/4/2 bits (KVBudget.bits): reference, error bound        no
+    kv_quant_triton Triton quantize+pack and unpack+dequantize of KV token vectors                yes
 """
