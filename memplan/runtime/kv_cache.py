@@ -82,7 +82,8 @@ class KVMeasurement:
     """Sum over budgets of tokens * kv_token_bytes * batch (x kv heads for a per-layer budget), at the
     batch and dtype the caches ran with."""
     full_kv_bytes: int = 0
-    """What the heads without a budget held at the end (the cache's dtype, every token seen)."""
+    """The most the heads without a budget held at once (the cache's dtype, every token seen); the
+    tracker's peak includes them, and the copy a growing cache makes (old and new storage) at each step."""
     index_bytes: int = 0
     """Bookkeeping of the kept tokens (fp32 score, int64 position each), the most held at once."""
     kept_tokens: dict[int, tuple[int, ...]] = field(default_factory=dict)
@@ -595,6 +596,8 @@ class KVRun:
         self.measured.seen_tokens = layer.seen
         index = sum(g.index_bytes() for lay in self._layers for g in lay.groups)
         self.measured.index_bytes = max(self.measured.index_bytes, index)
+        full = sum(g.kv_bytes() for lay in self._layers for g in lay.groups if g.tokens is None)
+        self.measured.full_kv_bytes = max(self.measured.full_kv_bytes, full)
         if layer.layer == self.kv.layers - 1:
             self.measured.forwards += 1
 
@@ -621,7 +624,6 @@ class KVRun:
         m.planned_kv_bytes = (
             planned_bytes(self.decision, self.kv, m.batch, self._dtype_bytes) if m.batch else 0
         )
-        m.full_kv_bytes = sum(g.kv_bytes() for lay in self._layers for g in lay.groups if g.tokens is None)
         m.wall_s = time.perf_counter() - self._t0
         return m
 
