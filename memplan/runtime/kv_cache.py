@@ -210,7 +210,6 @@ class _Pending:
     values: torch.Tensor
     width: int
     """Slots of past tokens in the keys returned (the most any head holds; fewer: padding, masked)."""
-    started: float
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -231,6 +230,7 @@ class CompressedLayer(CacheLayerMixin):
         """Per sequence, its first position that is not left padding (from the prefill's mask)."""
         self.batch = 0
         self.dtype: torch.dtype = torch.float32
+        self.device = torch.device("cpu")
 
     # -- transformers' layer interface ---------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -283,7 +283,7 @@ class CompressedLayer(CacheLayerMixin):
                 idx = torch.tensor(g.heads, device=self.device)
                 past_k[:, idx, : g.count] = k
                 past_v[:, idx, : g.count] = v
-        self.pending = _Pending(key_states, value_states, width, t0)
+        self.pending = _Pending(key_states, value_states, width)
         self.run.pending[self.layer] = self
         keys = torch.cat([past_k, key_states], dim=-2)
         values = torch.cat([past_v, value_states], dim=-2)
