@@ -69,8 +69,8 @@ def original_implementation(module: nn.Module, name: str) -> AttentionFn:
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if fn is None:
             raise InvalidInput(
-                f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}: memplan "
-                "hooks attention of models that dispatch it through transformers' AttentionInterface"
+                f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}: "
+                "memplan hooks attention of models that dispatch it through transformers' AttentionInterface"
             )
         return fn  # type: ignore[no-any-return]
     return ALL_ATTENTION_FUNCTIONS[name]  # type: ignore[no-any-return]
@@ -84,10 +84,11 @@ def _dispatch(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The function registered under `memplan_<original>`: the module's model's wrappers around the original."""
+    """The function registered as `memplan_<original>`: the module's model's wrappers around the original."""
     state = _BY_MODULE.get(id(module))
     if state is None:  # a model left on the name without a context (e.g. a copy made inside one)
-        name = module.config._attn_implementation.removeprefix(PREFIX) if hasattr(module, "config") else "eager"
+        config = getattr(module, "config", None)
+        name = config._attn_implementation.removeprefix(PREFIX) if config is not None else "eager"
         return original_implementation(module, name)(module, query, key, value, attention_mask, **kwargs)
     fn: AttentionFn = original_implementation(module, state.original)
     for wrapper in reversed(state.wrappers):

@@ -10,6 +10,7 @@ from memplan.errors import InvalidInput
 from memplan.kernels import kv_quant as kq
 from memplan.kernels.packing import unpack
 from memplan.plans.decisions import kv_token_bytes
+from tests.kernels.test_triton_env import run
 
 FORMATS = [(8, 16), (8, 64), (4, 16), (4, 32), (2, 16), (2, 64)]
 
@@ -150,3 +151,20 @@ def test_triton_refuses_layouts_it_does_not_take() -> None:
     x = torch.randn(2, 48)
     q = kq.quantize_kv(x, 8, 12)
     assert q.codes.shape == (2, 48) and bool(((x - kq.dequantize_kv(q)).abs() <= kq.error_bound(q)).all())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter set-up is for machines without a GPU")
+def test_kernels_run_when_triton_was_imported_first() -> None:
+    """The group reductions pass tl.min / tl.max's combine functions, which the interpreter recognises and
+    never calls, so the kernels work even when triton's library functions were not decorated for it."""
+    out = run(
+        "import triton, torch\n"
+        "from memplan.kernels.kv_quant import quantize_reference\n"
+        "from memplan.kernels.kv_quant_triton import quantize_triton, dequantize_triton\n"
+        "x = torch.randn(9, 32)\n"
+        "q = quantize_triton(x, 4, 16)\n"
+        "assert torch.equal(q.codes, quantize_reference(x, 4, 16).codes)\n"
+        "print(dequantize_triton(q).shape)\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch.Size([9, 32])"
