@@ -64,6 +64,7 @@ class GenerationMeasured(Protocol):
     bytes_read: dict[str, int]
     io_wait_s: float
     tier_peak_bytes: dict[str, int]
+    kv_peak_bytes: int | None
 
     @property
     def decode_per_token_s(self) -> float: ...
@@ -91,12 +92,16 @@ class GenerationComparison:
     io_exposed_s: float
     tier_peaks: dict[str, tuple[int, int, int]]
     """Other tiers: (predicted, measured, budget) peak bytes."""
+    kv: tuple[int, int, int] | None = None
+    """With KV budgets: (planned, measured, budget) KV cache bytes (measured: the compressed cache's
+    storages at their most)."""
 
     @property
     def within_budget(self) -> bool:
-        """The device and every other tier held their budgets."""
+        """The device, every other tier and the KV budget held."""
         others = all(m <= b for _, m, b in self.tier_peaks.values())
-        return self.measured_peak_bytes <= self.budget_bytes and others
+        kv = self.kv is None or self.kv[1] <= self.kv[2]
+        return self.measured_peak_bytes <= self.budget_bytes and others and kv
 
     def tok_s(self, which: str, measured: bool) -> float:
         """Tokens per second of the prefill or of decoding (one token per sequence per forward)."""
@@ -119,6 +124,12 @@ class GenerationComparison:
             f" {t} peak: predicted {format_size(p)}, measured {format_size(m)} (budget {format_size(b)})."
             for t, (p, m, b) in sorted(self.tier_peaks.items())
         )
+        if self.kv is not None:
+            planned, held, budget = self.kv
+            tier_text += (
+                f" KV cache: planned {format_size(planned)}, measured {format_size(held)} (budget "
+                f"{format_size(budget)})."
+            )
         return (
             f"device peak: predicted {format_size(self.predicted_peak_bytes)}, measured "
             f"{format_size(self.measured_peak_bytes)} ({err:+.2%}); {verdict} the budget of "
@@ -159,4 +170,7 @@ def compare_generation(plan: Plan, measured: GenerationMeasured) -> GenerationCo
             t: (plan.predictions.peak_bytes.get(t, 0), m, plan.budget_bytes.get(t, 0))
             for t, m in measured.tier_peak_bytes.items()
         },
+        kv=(plan.decisions.kv.planned_bytes, measured.kv_peak_bytes, plan.decisions.kv.budget_bytes)
+        if plan.decisions.kv is not None and measured.kv_peak_bytes is not None
+        else None,
     )

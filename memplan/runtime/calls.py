@@ -121,3 +121,19 @@ class Turns:
                 "accumulation does"
             )
         self.open = False
+
+
+@contextmanager
+def patched_method(obj: Any, name: str, fn: Any) -> Iterator[None]:
+    """`obj.name` is `fn` inside the block; on exit it is what it was (an instance attribute another
+    context set stays, so patches nest)."""
+    had = name in vars(obj)
+    previous = vars(obj).get(name)
+    setattr(obj, name, fn)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)

@@ -33,6 +33,7 @@ import torch
 from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.graph import Role
 from memplan.plans.plan import Plan
+from memplan.runtime.calls import patched_method
 from memplan.runtime.kv_offload import KVOffload
 from memplan.runtime.tiers.api import Handle, TierStore
 from memplan.runtime.tiers.direct_io import ALIGN, round_up
@@ -62,6 +63,10 @@ class GenerationMeasurement:
     """Peak bytes each tier other than the device held (the SSD tier: its weight file)."""
     wall_s: float = 0.0
     backends: dict[str, str] = field(default_factory=dict)
+    kv_peak_bytes: int | None = None
+    """With the plan's KV budgets: the most bytes the compressed caches' storages held (`kv_cache`)."""
+    kv: Any = None
+    """With KV budgets: the compressed cache's own measurement (`kv_cache.KVMeasurement`)."""
 
     @property
     def decode_per_token_s(self) -> float:
@@ -173,6 +178,8 @@ class GenerationRun:
         self._ssd_dir = ssd_dir
         self._forward_t0 = 0.0
         self._hooks: list[Any] = []
+        self.kv_run: Any = None
+        """The compressed KV cache's run when the plan has KV budgets (`kv_cache.applied_kv`)."""
 
     # -- set-up and tear-down -------------------------------------------------------------------------
     def hold_quantized(self, modules: dict[int, Any]) -> None:
@@ -342,6 +349,9 @@ class GenerationRun:
 
     def finish(self) -> GenerationMeasurement:
         m = self.measured
+        if self.kv_run is not None:
+            m.kv = self.kv_run.finish()
+            m.kv_peak_bytes = m.kv.peak_kv_bytes
         m.peak_bytes = self.tracker.result.peak_bytes
         m.wall_s = self.tracker.result.wall_s
         if self.file is not None:
@@ -428,6 +438,17 @@ def applied_generation(
             run.place()
         run.hook()
         stack.enter_context(_checked_generate(model, plan.workload.gen))
+        kv = plan.decisions.kv
+        if kv is not None and kv.budgets:
+            from memplan.runtime.kv_cache import applied_kv
+
+            if run.kv is not None:
+                raise InvalidInput(
+                    "this plan both budgets the KV cache (kv_budget) and moves it off the device "
+                    "(placement): the compressed cache stays on the device; plan with "
+                    "PlacementOptions(kv_tiers=())"
+                )
+            run.kv_run = stack.enter_context(applied_kv(kv, model))
         with run.tracker:
             run.tracker.track(model_state(model))
             yield run
@@ -457,8 +478,5 @@ def _checked_generate(model: torch.nn.Module, gen: int) -> Iterator[None]:
             )
         return original(*args, **kwargs)
 
-    model.generate = generate  # type: ignore[method-assign]
-    try:
+    with patched_method(model, "generate", generate):
         yield
-    finally:
-        del model.generate

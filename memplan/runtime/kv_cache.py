@@ -57,6 +57,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from memplan.errors import InvalidInput, PlanMismatch, internal_assert
 from memplan.kernels.kv_quant import QuantizedKV, check_kv_format, dequantize_kv, quantize_kv
 from memplan.plans.decisions import KV_BITS, KVBudget, KVDecision, kv_token_bytes
+from memplan.runtime.calls import patched_method
 from memplan.runtime.kv_attention import AttentionFn, attention_probs, resolved_scaling, wrapped_attention
 from memplan.runtime.tracker import LiveStorageTracker
 
@@ -673,8 +674,5 @@ def _generate_with_cache(model: nn.Module, run: KVRun) -> Iterator[None]:
             kwargs["past_key_values"] = run.new_cache()
         return original(*args, **kwargs)
 
-    model.generate = generate  # type: ignore[method-assign]
-    try:
+    with patched_method(model, "generate", generate):
         yield
-    finally:
-        del model.generate

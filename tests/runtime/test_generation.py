@@ -238,3 +238,23 @@ def test_quantized_weights_stream_from_the_ssd_within_budget() -> None:
     cmp = plan.compare(m)
     assert cmp.within_budget, cmp.describe()
     assert type(model.lm_head).__name__ == "Linear", "the float modules are back"
+
+
+def test_kv_budgets_run_under_memplan_applied_with_placement() -> None:
+    from memplan.passes.kv_budget import KVBudgetOptions
+
+    model, ids = _model("gpt2-tiny"), _ids()
+    opts = {"kv_budget": KVBudgetOptions(method="uniform", sink_tokens=2, recent_tokens=4)}
+    plan = _tight(model, ids, kv_budget="40%", options=opts)
+    kv, placed = plan.decisions.kv, plan.decisions.placement
+    assert kv is not None and placed is not None and placed.tensors
+    assert all(b.tokens < ids.shape[1] + GEN for b in kv.budgets)
+    with memplan.applied(plan, model) as run:
+        tokens = model.generate(ids, max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
+    m = run.finish()
+    assert tokens.shape == (2, ids.shape[1] + GEN)
+    assert m.kv is not None and m.kv.evicted_tokens > 0
+    assert m.kv_peak_bytes == kv.planned_bytes <= kv.budget_bytes
+    cmp = plan.compare(m)
+    assert cmp.kv == (kv.planned_bytes, kv.planned_bytes, kv.budget_bytes)
+    assert cmp.within_budget, cmp.describe()
