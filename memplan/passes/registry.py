@@ -2,19 +2,19 @@
 
 Each pass module defines its `PASS` (a `PassSpec`: function, options type with the pass's defaults,
 requirements and guarantees); this module only lists them. The pipeline order is the architecture's:
-schedule, bitwidth, kv_budget, remat_swap, placement, allocate — of which bitwidth, remat_swap, placement
-and allocate are built. `bitwidth` changes the model's numbers (it quantizes weights), so it runs only
+schedule, bitwidth, kv_budget, remat_swap, placement, allocate — of which all but kv_budget are built.
+`bitwidth` changes the model's numbers (it quantizes weights), so it runs only
 when named (`OPT_IN`); the default pipeline is every other built pass.
 """
 
 from __future__ import annotations
 
 from memplan.errors import InvalidInput
-from memplan.passes import allocate, bitwidth, placement, remat_swap
+from memplan.passes import allocate, bitwidth, placement, remat_swap, schedule
 from memplan.passes.base import PassSpec
 
 PASSES: dict[str, PassSpec] = {
-    p.name: p for p in (bitwidth.PASS, remat_swap.PASS, placement.PASS, allocate.PASS)
+    p.name: p for p in (schedule.PASS, bitwidth.PASS, remat_swap.PASS, placement.PASS, allocate.PASS)
 }
 """Every built pass, in pipeline order."""
 
@@ -33,6 +33,6 @@ def passes_named(names: list[str]) -> list[PassSpec]:
     if unknown:
         raise InvalidInput(
             f"unknown pass {', '.join(map(repr, unknown))}; the built passes are {', '.join(PASSES)} "
-            "(schedule and kv_budget are not built yet)"
+            "(kv_budget is not built yet)"
         )
     return [PASSES[n] for n in names]

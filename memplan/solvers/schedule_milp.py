@@ -25,6 +25,7 @@ the absolute gap is half a unit and the relative gap zero, so "optimal" is optim
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,9 +113,12 @@ def integral(bound: float | None, exact: bool) -> float | None:
     return float(math.ceil(bound - 1e-6))
 
 
-def _solve(m: Model, time_limit_s: float, start: list[float] | None) -> MilpResult:
+def _solve(m: Model, time_limit_s: float, start: list[float] | None, began: float) -> MilpResult:
+    """Solve within what is left of `time_limit_s` since `began` (building the model counts)."""
     x0 = np.array(start) if start is not None else None
-    return solve_milp(m.problem(), time_limit_s, mip_rel_gap=0.0, start=x0, mip_abs_gap=0.5)
+    problem = m.problem()
+    left = max(time_limit_s - (time.perf_counter() - began), 0.05)
+    return solve_milp(problem, left, mip_rel_gap=0.0, start=x0, mip_abs_gap=0.5)
 
 
 # -- replacement for a fixed order -------------------------------------------------------------------------
@@ -135,6 +139,7 @@ def solve_replacement(
 ) -> ReplacementResult:
     """The least non-compulsory traffic for `order` under `capacity` (see the module docstring); `start`,
     a feasible replacement of the same order (Belady's), is the first incumbent."""
+    began = time.perf_counter()
     unit = unit_of(p.sizes)
     steps = use_steps(p, order)
     writes = [set() for _ in range(p.n_tensors)]  # type: list[set[int]]
@@ -174,7 +179,7 @@ def solve_replacement(
         if sum(p.sizes[t] for t, _ in span) > room:
             m.row({j: p.sizes[t] / unit for t, j in span}, upper=room / unit)
     x0 = _replacement_start(m, gap, links, start, steps) if start is not None else None
-    res = _solve(m, time_limit_s, x0)
+    res = _solve(m, time_limit_s, x0, began)
     kept = {g: res.x[j] > 0.5 for g, j in gap.items()} if res.x is not None else {}
     for t, s in enumerate(steps):  # adjacent uses stay
         for i in range(len(s) - 1):
@@ -207,29 +212,39 @@ def _replacement_start(
     return x
 
 
-# -- order: windows and prefix sums ------------------------------------------------------------------------
+# -- order: windows and cumulative columns ----------------------------------------------------------------
 @dataclass
 class OrderVars:
-    """x[v][q] columns of the ops' positions, within windows."""
+    """X[v][q] = 1 when op v has run by step q (monotone in q), for q in its window but the last (where it
+    is 1); x[v][q] = X[v][q] - X[v][q - 1] is op v running at step q."""
 
     ops: list[int]
     local: dict[int, int]
     window: dict[int, tuple[int, int]]
-    x: dict[int, dict[int, int]]
+    cum: dict[int, dict[int, int]]
 
     def prefix(self, v: int, q: int) -> tuple[dict[int, float], float]:
-        """X_v(q) = sum of x[v][r] for r <= q, as (coefficients, constant)."""
+        """X_v(q) as (coefficients, constant)."""
         lo, hi = self.window[v]
         if q < lo:
             return {}, 0.0
         if q >= hi:
             return {}, 1.0
-        return {self.x[v][r]: 1.0 for r in range(lo, q + 1)}, 0.0
+        return {self.cum[v][q]: 1.0}, 0.0
+
+    def at(self, v: int, q: int) -> tuple[dict[int, float], float]:
+        """x_v(q) = X_v(q) - X_v(q - 1) as (coefficients, constant)."""
+        c1, k1 = self.prefix(v, q)
+        c0, k0 = self.prefix(v, q - 1)
+        row = dict(c1)
+        for j, a in c0.items():
+            row[j] = row.get(j, 0.0) - a
+        return row, k1 - k0
 
 
 def order_vars(m: Model, p: ScheduleProblem, ops: list[int]) -> OrderVars:
-    """Position columns for `ops` (the region), one per op and step of its window, with assignment and
-    precedence rows."""
+    """Cumulative position columns for `ops` (the region), within windows, with the counting rows (q + 1
+    ops have run by step q) and the precedence rows (X_b(q) <= X_a(q - 1) for an edge a -> b)."""
     local = {v: i for i, v in enumerate(ops)}
     n = len(ops)
     preds = {v: {u for u in p.preds[v] if u in local} for v in ops}
@@ -253,32 +268,55 @@ def order_vars(m: Model, p: ScheduleProblem, ops: list[int]) -> OrderVars:
     for v in ops:
         s = p.segment(v)
         window[v] = (max(len(anc[v]), seg_lo[s]), min(n - 1 - desc_count[v], seg_lo[s] + seg_n[s] - 1))
-    x = {v: {q: m.var() for q in range(window[v][0], window[v][1] + 1)} for v in ops}
-    ov = OrderVars(ops, local, window, x)
+    cum = {v: {q: m.var() for q in range(window[v][0], window[v][1])} for v in ops}
+    ov = OrderVars(ops, local, window, cum)
     for v in ops:
-        m.row({j: 1.0 for j in x[v].values()}, 1.0, 1.0)
+        qs = sorted(cum[v])
+        for q0, q1 in zip(qs, qs[1:], strict=False):
+            m.row({cum[v][q1]: 1.0, cum[v][q0]: -1.0}, lower=0.0)
     for q in range(n):
-        cols = {x[v][q]: 1.0 for v in ops if q in x[v]}
-        m.row(cols, 1.0, 1.0)
+        row: dict[int, float] = {}
+        const = 0.0
+        for v in ops:
+            c, k = ov.prefix(v, q)
+            row.update(c)
+            const += k
+        if row:
+            m.row(row, q + 1 - const, q + 1 - const)
     for v in ops:
         for u in preds[v]:
             lo, hi = window[v]
-            for q in range(lo, hi):  # X_v(q) <= X_u(q - 1)
+            for q in range(lo, hi):
                 cv, kv = ov.prefix(v, q)
                 cu, ku = ov.prefix(u, q - 1)
-                if not cv:
-                    continue
                 row = dict(cv)
-                for j, a in cu.items():
-                    row[j] = row.get(j, 0.0) - a
-                m.row(row, upper=ku - kv)
+                _prefix_row(row, cu, -1.0)
+                if row:
+                    m.row(row, upper=ku - kv)
     return ov
 
 
 def _order_start(m: Model, ov: OrderVars, order: list[int], x0: list[float]) -> None:
     for q, v in enumerate(order):
-        if q in ov.x[v]:
-            x0[ov.x[v][q]] = 1.0
+        for r, j in ov.cum[v].items():
+            x0[j] = 1.0 if r >= q else 0.0
+
+
+def order_columns(p: ScheduleProblem, ops: list[int]) -> int:
+    """How many position columns `order_vars` would make (the caller's size check before building)."""
+    local = set(ops)
+    anc: dict[int, set[int]] = {}
+    for v in ops:
+        a: set[int] = set()
+        for u in p.preds[v]:
+            if u in local:
+                a |= anc[u] | {u}
+        anc[v] = a
+    desc = dict.fromkeys(ops, 0)
+    for v in ops:
+        for u in anc[v]:
+            desc[u] += 1
+    return sum(max(len(ops) - 1 - desc[v] - len(anc[v]), 0) for v in ops)
 
 
 def _prefix_row(row: dict[int, float], coefs: dict[int, float], sign: float) -> None:
@@ -304,6 +342,7 @@ def solve_region_order(
 ) -> OrderResult:
     """The order of `ops` with the lowest peak of the live bytes of the tensors they use (tensors in
     `live_before` live from the region's start, in `live_after` to its end); `start` is an incumbent."""
+    began = time.perf_counter()
     unit = unit_of(p.sizes)
     m = Model.empty()
     ov = order_vars(m, p, ops)
@@ -352,7 +391,7 @@ def solve_region_order(
     x0 = [0.0] * len(m.cost)
     _order_start(m, ov, start, x0)
     _fill_continuous(m, x0)
-    res = _solve(m, time_limit_s, x0)
+    res = _solve(m, time_limit_s, x0, began)
     order = list(start)
     if res.x is not None:
         order = _decode_order(ov, res.x)
@@ -362,8 +401,8 @@ def solve_region_order(
 def _decode_order(ov: OrderVars, x: np.ndarray) -> list[int]:
     at = {}
     for v in ov.ops:
-        q = max(ov.x[v], key=lambda r: x[ov.x[v][r]])
-        at[v] = q
+        hi = ov.window[v][1]
+        at[v] = min((q for q, j in ov.cum[v].items() if x[j] > 0.5), default=hi)
     return sorted(ov.ops, key=lambda v: (at[v], ov.local[v]))
 
 
@@ -409,6 +448,7 @@ def solve_joint(
     start: Replacement,
 ) -> JointResult:
     """Order and replacement under `capacity` minimising the non-compulsory traffic (module docstring)."""
+    began = time.perf_counter()
     unit = unit_of(p.sizes)
     ops = list(range(p.n_ops))
     n = len(ops)
@@ -438,8 +478,11 @@ def solve_joint(
         for q, j in r.items():
             cap_rows[q][j] = size
         for v in us:
-            for q, xj in ov.x[v].items():
-                m.row({r[q]: 1.0, xj: -1.0}, lower=0.0)  # r >= x
+            for q in range(ov.window[v][0], ov.window[v][1] + 1):
+                cx, kx = ov.at(v, q)  # r >= x
+                row = {r[q]: 1.0}
+                _prefix_row(row, cx, -1.0)
+                m.row(row, lower=kx)
         produced = prod[t] is not None
         if produced:
             for q, j in r.items():
@@ -452,11 +495,14 @@ def solve_joint(
             lj = m.var(cost=size, integer=False)
             ld[q] = lj
             row = {lj: 1.0, j: -1.0}
+            rhs = 0.0
             if q - 1 in r:
                 row[r[q - 1]] = 1.0
-            if produced and q in ov.x[prod[t]]:
-                row[ov.x[prod[t]][q]] = 1.0
-            m.row(row, lower=0.0)
+            if produced:
+                cx, kx = ov.at(prod[t], q)
+                _prefix_row(row, cx, 1.0)
+                rhs -= kx
+            m.row(row, lower=rhs)
         loads.append(ld)
         if not produced:
             offset += size
@@ -477,7 +523,7 @@ def solve_joint(
     for q in range(n):
         m.row(cap_rows[q], upper=capacity / unit)
     x0 = _joint_start(m, ov, start_order, start, r_cols, loads, stores, deads, p, users)
-    res = _solve(m, time_limit_s, x0)
+    res = _solve(m, time_limit_s, x0, began)
     order = _decode_order(ov, res.x) if res.x is not None else list(start_order)
     return JointResult(order, res, unit, len(m.cost), offset)
 

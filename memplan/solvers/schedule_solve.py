@@ -31,6 +31,7 @@ from memplan.solvers.schedule_heuristics import (
 from memplan.solvers.schedule_milp import (
     exact_unit,
     integral,
+    order_columns,
     solve_joint,
     solve_region_order,
     solve_replacement,
@@ -62,6 +63,8 @@ class ScheduleOptions:
     """The exact replacement ILP is skipped for orders with more gaps between uses than this."""
     exact: bool = True
     """False: heuristics only (list schedules, Belady)."""
+    max_columns: int = 20_000
+    """A region whose order ILP would have more position columns keeps its best list schedule."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ def _lowest_peak(
         order, pk = best_list_order(p, reg)
         crossing = _crossing(p, reg, model)
         status_opt = False
-        if opts.exact and len(reg.ops) > 1 and time.perf_counter() < deadline:
+        small = order_columns(p, list(reg.ops)) <= opts.max_columns
+        if opts.exact and small and len(reg.ops) > 1 and time.perf_counter() < deadline:
             share = max((deadline - time.perf_counter()) / max(distinct - solved, 1), 0.05)
             res = solve_region_order(p, list(reg.ops), reg.live_before, reg.live_after, share, order)
             solved += 1
