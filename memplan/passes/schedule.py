@@ -41,7 +41,7 @@ class ScheduleOptions:
     replace: bool | None = None
     capacity_bytes: int | None = None
     tier: str | None = None
-    time_limit_s: float = 5.0
+    time_limit_s: float = 2.0
     exact: bool = True
     exact_ops: int = 300
     region_ops: int = 80
