@@ -65,8 +65,8 @@ def test_verify_catches_a_read_of_an_evicted_tensor(infer):
     _, _, plan, _ = infer
     # drop one reload: the device interval it began is gone, so the op there reads a tensor not resident
     load = next(e for e in plan.events if e.kind == "swap_in" and e.step > 0)
-    kept = tuple(iv for iv in plan.residency
-                 if not (iv.value_id == load.value_id and iv.tier == "device" and iv.start == load.step))  # fmt: skip
+    begun = (load.value_id, "device", load.step)
+    kept = tuple(iv for iv in plan.residency if (iv.value_id, iv.tier, iv.start) != begun)
     found = verify_plan(plan.with_(residency=kept)).violations
     assert any(v.kind == "use-before-def" for v in found)
 
@@ -88,8 +88,8 @@ def test_training_step_under_reorder_and_replacement_gives_equal_gradients():
 def _fork_graph() -> Graph:
     """x -> big1 -> small1, x -> big2 -> small2, add(small1, small2): captured with both bigs live."""
     v = [Value(0, "x", 64, "float32", (16,), Role.INPUT)]
-    v += [Value(i, n, s, "float32", (s // 4,), Role.ACTIVATION)
-          for i, n, s in [(1, "big1", 4096), (2, "big2", 4096), (3, "s1", 64), (4, "s2", 64), (5, "y", 64)]]  # fmt: skip
+    made = [(1, "big1", 4096), (2, "big2", 4096), (3, "s1", 64), (4, "s2", 64), (5, "y", 64)]
+    v += [Value(i, n, s, "float32", (s // 4,), Role.ACTIVATION) for i, n, s in made]
     ops = [Op(0, "b1", "aten.relu.default", (0,), (1,)), Op(1, "b2", "aten.relu.default", (0,), (2,)),
            Op(2, "r1", "aten.sum.default", (1,), (3,)), Op(3, "r2", "aten.sum.default", (2,), (4,)),
            Op(4, "add", "aten.add.Tensor", (3, 4), (5,))]  # fmt: skip
@@ -107,12 +107,15 @@ def test_order_lowers_the_peak_and_is_kept_only_when_lower():
 
 
 def test_in_place_updates_keep_their_readers_in_order():
-    v = [Value(0, "x", 64, "float32", (16,), Role.INPUT), Value(1, "a", 64, "float32", (16,), Role.ACTIVATION),
+    v = [Value(0, "x", 64, "float32", (16,), Role.INPUT),
+         Value(1, "a", 64, "float32", (16,), Role.ACTIVATION),
          Value(2, "r", 64, "float32", (16,), Role.ACTIVATION),
          Value(3, "a2", 0, "float32", (16,), Role.ACTIVATION, alias_of=1),
          Value(4, "s", 64, "float32", (16,), Role.ACTIVATION)]  # fmt: skip
-    ops = [Op(0, "mk", "aten.relu.default", (0,), (1,)), Op(1, "rd", "aten.neg.default", (1,), (2,)),
-           Op(2, "upd", "aten.add_.Tensor", (1,), (3,)), Op(3, "rd2", "aten.neg.default", (3,), (4,))]  # fmt: skip
+    ops = [Op(0, "mk", "aten.relu.default", (0,), (1,)),
+           Op(1, "rd", "aten.neg.default", (1,), (2,)),
+           Op(2, "upd", "aten.add_.Tensor", (1,), (3,)),
+           Op(3, "rd2", "aten.neg.default", (3,), (4,))]  # fmt: skip
     p, _ = build_problem(Graph("inplace", tuple(v), tuple(ops), (2, 4)), "infer")
     assert 1 in p.preds[2]  # the read of `a` before its in-place update stays before it
 

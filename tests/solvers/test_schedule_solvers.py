@@ -40,7 +40,9 @@ def problems(draw: st.DrawFn, max_ops: int = 6) -> ScheduleProblem:
         writes.append((t,))
         preds.append(tuple(sorted({made_by[i] for i in ins if i in made_by})))
         made_by[t] = v
-    return ScheduleProblem(tuple(sizes), tuple(uses), tuple(writes), tuple(preds), tuple(initial), tuple(keep))
+    return ScheduleProblem(
+        tuple(sizes), tuple(uses), tuple(writes), tuple(preds), tuple(initial), tuple(keep)
+    )
 
 
 def _orders(p):
