@@ -2,20 +2,21 @@
 
 Each pass module defines its `PASS` (a `PassSpec`: function, options type with the pass's defaults,
 requirements and guarantees); this module only lists them. The pipeline order is the architecture's:
-schedule, bitwidth, kv_budget, remat_swap, placement, allocate — all but schedule are built. `bitwidth`
-changes the model's numbers (it quantizes weights), so it runs only when named (`OPT_IN`); the default
-pipeline is every other built pass. `kv_budget` is lossy too, but does nothing unless given a budget
-(`--kv-budget`), which is asking for it.
+schedule, bitwidth, kv_budget, remat_swap, placement, allocate, all built. `bitwidth` changes the model's
+numbers (it quantizes weights), so it runs only when named (`OPT_IN`); the default pipeline is every other
+pass. `kv_budget` is lossy too, but does nothing unless given a budget (`--kv-budget`), which is asking
+for it.
 """
 
 from __future__ import annotations
 
 from memplan.errors import InvalidInput
-from memplan.passes import allocate, bitwidth, kv_budget, placement, remat_swap
+from memplan.passes import allocate, bitwidth, kv_budget, placement, remat_swap, schedule
 from memplan.passes.base import PassSpec
 
 PASSES: dict[str, PassSpec] = {
-    p.name: p for p in (bitwidth.PASS, kv_budget.PASS, remat_swap.PASS, placement.PASS, allocate.PASS)
+    p.name: p
+    for p in (schedule.PASS, bitwidth.PASS, kv_budget.PASS, remat_swap.PASS, placement.PASS, allocate.PASS)
 }
 """Every built pass, in pipeline order."""
 
@@ -33,7 +34,6 @@ def passes_named(names: list[str]) -> list[PassSpec]:
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise InvalidInput(
-            f"unknown pass {', '.join(map(repr, unknown))}; the built passes are {', '.join(PASSES)} "
-            "(schedule is not built yet)"
+            f"unknown pass {', '.join(map(repr, unknown))}; the passes are {', '.join(PASSES)}"
         )
     return [PASSES[n] for n in names]

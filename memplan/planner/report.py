@@ -95,6 +95,8 @@ class PlanSummary:
     warnings: tuple[str, ...]
     bits: tuple[tuple[str, ...], ...] | None = None
     """With a bits decision: per quantizable weight, its format, bytes stored and captured, and cost."""
+    schedule: tuple[tuple[str, str, str], ...] | None = None
+    """When the schedule pass ran: (quantity, captured order, this plan) rows (`schedule_rows`)."""
 
 
 def summarize(plan: Plan, top: int = TOP_TENSORS) -> PlanSummary:
@@ -130,7 +132,39 @@ def summarize(plan: Plan, top: int = TOP_TENSORS) -> PlanSummary:
         ),
         warnings=plan.warnings,
         bits=_bits_rows(plan),
+        schedule=schedule_rows(plan),
     )
+
+
+def schedule_rows(plan: Plan) -> tuple[tuple[str, str, str], ...] | None:
+    """Before (captured order, Belady's replacement at this plan's device peak when the plan replaces) and
+    after (this plan): the peak with every tensor on the device, the device peak, and the bytes moved off
+    and back onto the device beyond the compulsory (reloads and write-outs: `swap_in` events and `evict`
+    events that take time; evictions of a clean copy are free)."""
+    if not any(p.name == "schedule" for p in plan.passes):
+        return None
+    from memplan.passes.schedule_model import build_problem
+    from memplan.solvers.schedule_problem import belady, compulsory_bytes, peak
+
+    captured, _ = build_problem(plan.captured_graph(), plan.workload.mode)
+    ordered, roots = build_problem(plan.graph(), plan.workload.mode)
+    size = dict(zip(roots, ordered.sizes, strict=True))
+    moves = [e for e in plan.events if e.kind == "swap_in" or (e.kind == "evict" and e.duration_s > 0)]
+    rows = [("peak, every tensor on the device", format_size(peak(captured, list(range(captured.n_ops)))),
+             format_size(peak(ordered, list(range(ordered.n_ops)))))]  # fmt: skip
+    if not moves:
+        return (*rows, ("device peak", "-", format_size(plan.predictions.peak_bytes.get("device", 0))),
+                ("off-device bytes", "0 B", "0 B"))  # fmt: skip
+    after = sum(size.get(e.value_id, 0) for e in moves if e.value_id is not None)
+    base = belady(captured, list(range(captured.n_ops)), plan.predictions.peak_bytes["device"])
+    comp = compulsory_bytes(ordered)
+    return (
+        *rows,
+        ("device peak", format_size(base.peak_bytes), format_size(plan.predictions.peak_bytes["device"])),
+        ("off-device bytes, compulsory", format_size(comp), format_size(comp)),
+        ("off-device bytes, beyond the compulsory", format_size(base.moved_bytes),
+         format_size(max(after - comp, 0))),
+    )  # fmt: skip
 
 
 def _bits_rows(plan: Plan) -> tuple[tuple[str, ...], ...] | None:
@@ -318,6 +352,9 @@ def _sections(s: PlanSummary) -> list[tuple[str, list[str], list[list[str]]]]:
     at = "" if s.device_step is None else f" (step {s.device_step})"
     shown = f"top {len(s.top_tensors)} of {s.live_tensor_count}"
     bits = [] if s.bits is None else [("Stored formats (bitwidth)", BITS_HEADERS, [list(r) for r in s.bits])]
+    if s.schedule is not None:
+        rows = [list(r) for r in s.schedule]
+        bits.append(("Schedule (order and replacement)", ["quantity", "captured order", "this plan"], rows))
     return [
         ("Peak per tier", TIER_HEADERS, [_tier_cells(t) for t in s.tiers]),
         (

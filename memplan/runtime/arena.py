@@ -22,7 +22,11 @@ schedule), so they are copied into the arena once before the first op. The whole
 in the arena; the module's own parameters are only the source of that copy and are not counted.
 
 Limits: inference only, and each storage in one tier (moving storages is `memplan.runtime.executor`'s
-job). Generated out overloads that remain (`native_layer_norm.out`, `scalar_tensor.out`) compute into an
+job), except the schedule pass's replacement: a storage with `evict` / `swap_in` events has its device slot
+(its values live there) and a slot on the next tier; an eviction copies the device slot there, a reload
+copies it back, and an input or weight the schedule loads is bound into its next-tier slot.
+
+Generated out overloads that remain (`native_layer_norm.out`, `scalar_tensor.out`) compute into an
 internal temporary that the live-storage tracker cannot see, like any kernel's workspace; `ArenaRun`
 counts them. With `debug=True` every write is first checked against the plan's residency (no other live
 storage may share a byte of the slot) and every read against the reader's residency: `InternalError`.
@@ -126,10 +130,15 @@ def _value_meta(cap: Capture) -> dict[int, torch.Tensor]:
 
 
 def _tier_of(plan: Plan) -> dict[int, str]:
-    """The one tier of every storage with a residency; a storage that moves between tiers is refused."""
+    """The tier of every storage's slot: its one tier, or the device for a storage the schedule pass evicts
+    and reloads (its copies go to the next tier's slot); any other storage that moves is refused."""
     tiers: dict[int, set[str]] = defaultdict(set)
     for iv in plan.residency:
         tiers[iv.value_id].add(iv.tier)
+    replaced = _replaced(plan)
+    for v in replaced:
+        if v in tiers and len(tiers[v]) == 2 and "device" in tiers[v]:
+            tiers[v] = {"device"}
     moving = sorted(v for v, ts in tiers.items() if len(ts) > 1)
     if moving:
         raise InvalidInput(
@@ -137,6 +146,17 @@ def _tier_of(plan: Plan) -> dict[int, str]:
             "the arena runner keeps each storage in one arena: run it with `memplan run`"
         )
     return {v: next(iter(ts)) for v, ts in tiers.items()}
+
+
+def _replaced(plan: Plan) -> dict[int, str]:
+    """Storages with the schedule pass's `evict` / `swap_in` events -> the tier their copies go to."""
+    out: dict[int, str] = {}
+    for e in plan.events:
+        if e.kind == "evict" and e.value_id is not None and e.dst_tier:
+            out[e.value_id] = e.dst_tier
+        elif e.kind == "swap_in" and e.value_id is not None and e.src_tier:
+            out[e.value_id] = e.src_tier
+    return out
 
 
 def _slot(arena: torch.Tensor, offset: int, nbytes: int, meta: torch.Tensor) -> torch.Tensor:
@@ -199,6 +219,19 @@ class _ArenaRunner:
             for v, t in self.tier_of.items()
             if v in plan.offsets.get(t, {}) and v in meta
         }
+        self.copies = {
+            v: _slot(self.arenas[t], plan.offsets[t][v], self.graph.value(v).size_bytes, meta[v])
+            for v, t in _replaced(plan).items()
+            if v in plan.offsets.get(t, {}) and v in meta and v in self.slots
+        }
+        """The next tier's slot of every storage the schedule pass evicts (its copy while off the device)."""
+        self.loads: dict[int, list[int]] = defaultdict(list)
+        self.evicts: dict[int, list[int]] = defaultdict(list)
+        for e in plan.events:
+            if e.value_id in self.copies and e.kind == "swap_in":
+                self.loads[e.step].append(e.value_id)
+            elif e.value_id in self.copies and e.kind == "evict":
+                self.evicts[e.step].append(e.value_id)
         self.env: dict[int, torch.Tensor] = {}
         self.counts = {"out": 0, "generated": 0, "copy": 0, "view": 0, "unplanned": 0}
         self.copied: set[str] = set()
@@ -211,7 +244,11 @@ class _ArenaRunner:
         for node, val in zip(placeholders, args, strict=True):
             for vid in self.cap.node_values.get(node.name, ()):
                 root = self.graph.storage_of(vid)
-                if vid in self.slots:
+                if vid in self.copies:  # into its next-tier slot; its first load fills the device slot
+                    self.copies[vid].copy_(val)
+                    self.env[vid] = self.slots[vid]
+                    copied += self.graph.value(vid).size_bytes
+                elif vid in self.slots:
                     self._check_write(0, vid)
                     self.env[vid] = self.slots[vid].copy_(val)
                     copied += self.graph.value(vid).size_bytes
@@ -223,9 +260,14 @@ class _ArenaRunner:
 
     def run(self) -> None:
         for step, op in enumerate(self.graph.ops):
+            for vid in self.loads.get(step, ()):  # the schedule's reloads: next tier -> device slot
+                self._check_write(step, vid)
+                self.slots[vid].copy_(self.copies[vid])
             if self.debug:
                 self._check_reads(step, op.inputs)
             self._execute(step)
+            for vid in self.evicts.get(step, ()):  # its evictions: device slot -> next tier
+                self.copies[vid].copy_(self.slots[vid])
 
     def outputs(self) -> tuple[torch.Tensor, ...]:
         out_node = next(n for n in self.cap.gm.graph.nodes if n.op == "output")
@@ -327,7 +369,7 @@ class _ArenaRunner:
 
     def _check_reads(self, step: int, inputs: Sequence[int]) -> None:
         """Every arena storage an op reads must be resident at its step (else its bytes may be reused)."""
-        live = {iv.value_id for iv in self.live[step]}
+        live = {iv.value_id for iv in self.live[step] if iv.tier == self.tier_of.get(iv.value_id)}
         for vid in inputs:
             root = self.graph.storage_of(vid)
             if root in self.slots and root not in live:

@@ -63,6 +63,10 @@ class PlannedStep:
         """Swapped values stored as a contiguous permutation of themselves: the dims that undo it."""
         self.parts: dict[int, torch.Tensor] = {}
         """Split values: the rows of the prefetch buffer the tier's part is read into."""
+        self.spilled: dict[int, Any] = {}
+        """Storages the schedule pass evicted: (host copy, device, layouts of its values), or, for a storage
+        the caller bound (state, inputs), its own tensors, which are the copy on the next tier."""
+        self.bound: set[int] = set()
         self.scratch: list[dict[int, torch.Tensor]] = []
         """Rows rebuilt on the way by split rebuilds, held to the end of the step, as the plan counts them."""
         self.seed: torch.Tensor | None = None
@@ -86,13 +90,14 @@ class PlannedStep:
         for node, val in zip(placeholders, args, strict=True):
             for vid in self.cap.node_values.get(node.name, ()):
                 self.env[vid] = val
+                self.bound.add(self.graph.storage_of(vid))
         for node in self.cap.gm.graph.nodes:  # constants the trace lifted (a cache's `torch.tensor([])`)
             if node.op == "get_attr" and node.name in self.cap.node_values:
                 self.env[self.cap.node_values[node.name][0]] = getattr(self.cap.gm, str(node.target))
 
     def forward(self) -> torch.Tensor:
         self._run(0, self.phases.fwd_end)
-        return self.env[self.graph.outputs[0]] if self.graph.outputs[0] in self.env else self._loss()
+        return self._value(self.graph.outputs[0]) if self._has(self.graph.outputs[0]) else self._loss()
 
     def backward(self, seed: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run the backward ops and return the gradients. `seed`, the gradient of the loss autograd passes
@@ -102,7 +107,7 @@ class PlannedStep:
             self.seed = seed
         self._run(self.phases.fwd_end, self.phases.bwd_end)
         self.seed = None
-        grads = [self.env[g] for g in self.graph.outputs[1:]]
+        grads = [self._value(g) for g in self.graph.outputs[1:]]
         self.reset()
         return grads
 
@@ -113,12 +118,21 @@ class PlannedStep:
                 self.store.wait(h)
                 self.store.free(h)
             self.store.flush()
-        for held in (self.env, self.handles, self.pending, self.parts, self.layouts):
+        for held in (self.env, self.handles, self.pending, self.parts, self.layouts, self.spilled):
             held.clear()
         self.rng.clear()
 
     def _loss(self) -> torch.Tensor:
-        return self.env[self.graph.storage_of(self.graph.outputs[0])]
+        return self._value(self.graph.storage_of(self.graph.outputs[0]))
+
+    def _has(self, vid: int) -> bool:
+        return vid in self.env or self.graph.storage_of(vid) in self.spilled
+
+    def _value(self, vid: int) -> torch.Tensor:
+        """A value the step returns, read back first if the schedule evicted it (its final store)."""
+        if vid not in self.env:
+            self._load(self.graph.storage_of(vid))
+        return self.env[vid]
 
     def _run(self, start: int, end: int) -> None:
         for step in range(start, end):
@@ -131,6 +145,8 @@ class PlannedStep:
             self._after(step)
 
     def _before(self, step: int) -> None:
+        for root in self.sched.load.get(step, ()):
+            self._load(root)
         for vid in self.sched.release.get(step, ()):  # the plan frees the device copy once written out
             assert self.store is not None
             self.store.wait(self.handles[vid])
@@ -159,6 +175,8 @@ class PlannedStep:
                 self._drop(root)
 
     def _after(self, step: int) -> None:
+        for root in self.sched.evict.get(step, ()):
+            self._evict(root)
         for vid in self.sched.swap_out.get(step + 1, ()):
             assert self.store is not None
             k = self.sched.swap_rows.get(vid)
@@ -199,6 +217,37 @@ class PlannedStep:
         return tuple(self.env.get(v) for v in vids)
 
     # -- memory ----------------------------------------------------------------------------------------
+    def _evict(self, root: int) -> None:
+        """Send a storage off the device: copy its bytes to host memory and forget its values (a storage the
+        caller bound is only forgotten: the caller's tensor is its copy)."""
+        held = {v: self.env.pop(v) for v in self.members[root] if v in self.env}
+        if not held:
+            return
+        base = held.get(root, next(iter(held.values())))
+        storage = base.untyped_storage()
+        shared = all(t.untyped_storage().data_ptr() == storage.data_ptr() for t in held.values())
+        if root in self.bound or not shared:
+            self.spilled[root] = held
+            return
+        host = torch.UntypedStorage(storage.nbytes(), device="cpu")
+        host.copy_(storage)
+        layouts = {v: (t.dtype, t.shape, t.stride(), t.storage_offset()) for v, t in held.items()}
+        self.spilled[root] = (host, base.device, layouts)
+
+    def _load(self, root: int) -> None:
+        """Bring an evicted storage back: a fresh device buffer with its bytes, its values as they were."""
+        spilled = self.spilled.pop(root, None)
+        if spilled is None:
+            return
+        if isinstance(spilled, dict):
+            self.env.update(spilled)
+            return
+        host, device, layouts = spilled
+        storage = torch.UntypedStorage(host.nbytes(), device=device)
+        storage.copy_(host)
+        for v, (dtype, shape, stride, offset) in layouts.items():
+            self.env[v] = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
+
     def _drop(self, root: int) -> None:
         """Forget a storage and every view of it."""
         for vid in self.members[root]:

@@ -1,5 +1,6 @@
 """What the training executor does around each step, derived once from a plan: drop, swap out, release,
-prefetch, arrive, recompute, re-run a checkpointed block, rebuild a split's rows.
+prefetch, arrive, recompute, re-run a checkpointed block, rebuild a split's rows, and the schedule pass's
+evictions and reloads (its `evict` and `swap_in` events).
 
 The remat decision names ops by id; `step_actions` turns them into steps of the plan's effective order, so
 the interpreter (`memplan.runtime.executor`) walks steps only.
@@ -43,6 +44,11 @@ class StepActions:
     )
     """Step -> checkpointed blocks re-run there: (ops, storages they rebuild, transients to drop after an
     op)."""
+    evict: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    """Step -> storages the schedule pass sends off the device after it (written out, or dropped when the
+    next tier's copy is current)."""
+    load: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    """Step -> storages the schedule pass reads back onto the device before it."""
 
 
 def step_actions(plan: Plan, graph: Graph) -> StepActions:
@@ -58,6 +64,12 @@ def step_actions(plan: Plan, graph: Graph) -> StepActions:
     for iv in plan.residency:
         if iv.tier == "device" and iv.value_id not in moved and iv.end < n:
             sch.drop_after[iv.end - 1].append(iv.value_id)
+    for e in plan.events:  # the schedule pass's replacement (remat's own moves are in its record)
+        if e.value_id is not None and e.value_id not in decided:
+            if e.kind == "evict" and e.src_tier == "device":
+                sch.evict[e.step].append(e.value_id)
+            elif e.kind == "swap_in" and e.dst_tier == "device":
+                sch.load[e.step].append(e.value_id)
     for vid, t in decided.items():
         ops = tuple(step_of[i] for i in t.recompute_ops)
         if t.decision in ("swap", "split"):  # copied out once its forward writes are done
