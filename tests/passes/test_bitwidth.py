@@ -211,7 +211,7 @@ def test_refusals_of_bad_input() -> None:
 
 
 def test_registered_in_pipeline_order_and_opt_in() -> None:
-    assert list(PASSES)[:3] == ["bitwidth", "kv_budget", "remat_swap"]
+    assert list(PASSES)[:4] == ["schedule", "bitwidth", "kv_budget", "remat_swap"]
     assert "bitwidth" not in [p.name for p in default_pipeline()]
     assert PASSES["bitwidth"].modes == frozenset({"infer", "generate"})
     labels = [c.label for c in BitwidthOptions(group_size=64).resolved_candidates()]

@@ -72,7 +72,7 @@ def test_infeasible_exit_code(tmp_path, capsys):
         (["plan", "zoo:gpt2-tiny", "--budget", "cxl=1GiB"], "budget for tier 'cxl', which cpu lacks"),
         (["plan", "zoo:gpt2-tiny", "--budget", "1GiB", "--budget", "device=2GiB"], "--budget given twice"),
         (["plan", "zoo:gpt2-tiny", "--budget", "ssd=0"], "the ssd budget must be a positive size"),
-        (["plan", "zoo:gpt2-tiny", "--passes", "remat_swap,kv_budget"], "unknown pass 'kv_budget'"),
+        (["plan", "zoo:gpt2-tiny", "--passes", "remat_swap,kv_budgets"], "unknown pass 'kv_budgets'"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(argv, message, capsys):
