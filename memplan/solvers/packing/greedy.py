@@ -60,15 +60,7 @@ class _Index:
 
 
 def _build_index(sw: Sweep) -> _Index:
-    lo_parts, hi_parts, own_parts = [], [], []
-    for i, cov in enumerate(sw.covers):
-        breaks = np.flatnonzero(np.diff(cov) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [len(cov)]))
-        lo_parts.append(cov[starts])
-        hi_parts.append(cov[ends - 1] + 1)
-        own_parts.append(np.full(len(starts), i, dtype=np.int64))
-    lo, hi, owner = (np.concatenate(p) for p in (lo_parts, hi_parts, own_parts))
+    lo, hi, owner = sw.piece_lo, sw.piece_hi, sw.piece_owner
     cls = np.floor(np.log2(hi - lo)).astype(np.int64)
     stride = int(sw.n_sections) * 4 + 8
     key = cls * stride + lo
@@ -172,7 +164,7 @@ def ordering(problem: Problem, name: str, sw: Sweep) -> np.ndarray:
     keys: dict[str, Callable[[], tuple[np.ndarray, ...]]] = {
         "size": lambda: (-size,),
         "area": lambda: (-np.asarray([b.area for b in problem.buffers], dtype=np.int64), -size),
-        "load": lambda: (-np.asarray([sw.load[c].max() for c in sw.covers], dtype=np.int64), -size),
+        "load": lambda: (-sw.peak_load(), -size),
         "length": lambda: (-(sw.events[sw.last] - sw.events[sw.first]), -size),
         "start": lambda: (sw.first, -size),
     }
