@@ -97,7 +97,7 @@ def test_corpus_csv_round_trip_keeps_several_residencies(tmp_path: Path) -> None
 
 
 def test_alloc_command_imports_no_torch(tmp_path: Path) -> None:
-    """`memplan alloc` (the CLI's whole start-up included) solves a MiniMalloc file without importing torch."""
+    """`memplan alloc`, start-up included, solves a MiniMalloc file without importing torch."""
     out = tmp_path / "sol.csv"
     code = (
         "import sys; from memplan.planner.cli import main; "
