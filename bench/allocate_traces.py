@@ -24,8 +24,7 @@ Per instance: buffers, the max-load bound (tightened by alignment), our height a
 time, status and solver, the validator's verdict, and two peers on the same instance: best fit by size
 (TFLite's / XLA's greedy) and online best fit in allocation order (what a caching allocator with perfect
 coalescing reaches, knowing no future). MiniMalloc's published times are in the notes. Run:
-`python -m bench.run allocate_traces [--quick]` (quick: at most three corpus traces, those already cached,
-and three challenging instances).
+`python -m bench.run allocate_traces [--quick]` (quick: only the corpus traces already cached).
 """
 
 from __future__ import annotations
@@ -253,7 +252,7 @@ def _corpus(quick: bool, log: Any) -> list[dict[str, Any]]:
     rows = []
     specs = SPECS
     if quick:
-        specs = tuple(s for s in specs if (trace_dir() / f"{s.name}.csv").exists())[:3]
+        specs = tuple(s for s in specs if (trace_dir() / f"{s.name}.csv").exists())
     for spec in specs:
         problem = read_trace(ensure(spec, log))
         sol = solve(problem, TIMEOUT_TRACE_S)
@@ -282,9 +281,9 @@ def cli_solve(path: Path, capacity: int, timeout_s: float) -> tuple[float, int, 
     return time.perf_counter() - t, rc, out
 
 
-def _challenging(quick: bool) -> list[dict[str, Any]]:
+def _challenging() -> list[dict[str, Any]]:
     rows = []
-    for letter in CHALLENGING[:3] if quick else CHALLENGING:
+    for letter in CHALLENGING:
         path = DATA / "minimalloc" / f"{letter}.{CAPACITY}.csv"
         problem, _ = csv_format.read(path, CAPACITY)
         wall, rc, out = cli_solve(path, CAPACITY, TIMEOUT_CLI_S)
@@ -313,7 +312,7 @@ COLUMNS = ["instance", "buffers", "lower_bound", "height", "ratio", "time_s", "s
 
 def run(quick: bool) -> Result:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    rows = _corpus(quick, log) + _idealloc() + _challenging(quick)
+    rows = _corpus(quick, log) + _idealloc() + _challenging()
     corpus = [r for r in rows if r["kind"] == "corpus"]
     ok = [r for r in corpus if r["ratio"] != "" and r["ratio"] <= 1.01 and r["time_s"] <= TIMEOUT_TRACE_S]
     ch = [r for r in rows if r["kind"] == "challenging"]

@@ -14,7 +14,9 @@ by alignment) and a status:
    target on 90% of the time when a capacity must be met (an "infeasible" there ends the partition), or
    on half of it when minimising (on real traces it dives straight to the bound); then the other orderings;
    then the exact search on what is left, at the capacity, or when minimising bisecting between the
-   bound and the best height, so every "infeasible" raises the bound and every packing lowers the height.
+   bound and the best height, so every "infeasible" raises the bound and every packing lowers the height;
+   a partition too large to search (`exact_max_buffers`) instead iterates the best greedy ordering
+   (`greedy.squeaky`: the buffers that ended above the bound go first next time) on the time left.
 
 Invariant: `lower_bound_bytes <= height_bytes` of every returned packing, and status OPTIMAL only when
 they are equal.
