@@ -296,7 +296,7 @@ def _challenging() -> list[dict[str, Any]]:
             "lower_bound": CAPACITY, "height": height if offsets else "",
             "ratio": round(height / CAPACITY, 5) if offsets else "", "time_s": round(wall, 2),
             "status": "feasible" if rc == 0 else f"exit {rc}", "solver": "memplan alloc (CLI)",
-            "valid": valid,
+            "valid": valid if offsets is not None else "",
         }  # fmt: skip
         for p in ("size", "start"):
             ph, pt = peer(problem, p)
@@ -319,7 +319,7 @@ def run(quick: bool) -> Result:
     ch_ok = [r for r in ch if r["valid"] and r["time_s"] <= 5.0]
     notes = [
         f"corpus: {len(ok)} of {len(corpus)} traces within 1.01x of the bound in {TIMEOUT_TRACE_S:g} s "
-        f"(`bench/py` says how each was captured); ratio = height / lower bound.",
+        f"(`SPECS` in bench/allocate_traces.py says how each was captured); ratio = height / lower bound.",
         f"challenging: {len(ch_ok)} of {len(ch)} packed within capacity {CAPACITY} in 5 s of wall time, "
         f"`memplan alloc --capacity {CAPACITY} --timeout {TIMEOUT_CLI_S:g}` in a fresh process (start-up, "
         "imports, CSV in and out included); lower_bound there is the capacity, as MiniMalloc solves them.",
