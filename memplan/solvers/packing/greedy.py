@@ -20,6 +20,7 @@ handful of numpy calls, about 50 µs, and 100,000 buffers take a few seconds per
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ import numpy as np
 
 from memplan.solvers.packing.problem import Problem
 from memplan.solvers.packing.sweep import Sweep, sweep
+
+SQUEAKY_PATIENCE = 6
+"""Rounds without a lower packing after which `squeaky` stops."""
 
 ORDERINGS: tuple[str, ...] = ("load", "size", "area", "length", "start")
 """Names of the orderings `best_greedy` tries: largest section load crossed, size, area, lifespan length
@@ -56,15 +60,7 @@ class _Index:
 
 
 def _build_index(sw: Sweep) -> _Index:
-    lo_parts, hi_parts, own_parts = [], [], []
-    for i, cov in enumerate(sw.covers):
-        breaks = np.flatnonzero(np.diff(cov) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [len(cov)]))
-        lo_parts.append(cov[starts])
-        hi_parts.append(cov[ends - 1] + 1)
-        own_parts.append(np.full(len(starts), i, dtype=np.int64))
-    lo, hi, owner = (np.concatenate(p) for p in (lo_parts, hi_parts, own_parts))
+    lo, hi, owner = sw.piece_lo, sw.piece_hi, sw.piece_owner
     cls = np.floor(np.log2(hi - lo)).astype(np.int64)
     stride = int(sw.n_sections) * 4 + 8
     key = cls * stride + lo
@@ -103,21 +99,44 @@ def _best_gap(offs: np.ndarray, tops: np.ndarray, size: int, align: int) -> int:
     return int(start[k])
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Placer:
+    """What best fit needs of one problem, built once for many placements (`place_with`)."""
+
+    problem: Problem
+    sw: Sweep
+    index: _Index
+    piece_of: list[list[int]]
+    sizes: np.ndarray
+
+
+def placer(problem: Problem, sw: Sweep | None = None) -> Placer:
+    """The overlap index and sizes of `problem`, for repeated best-fit placements."""
+    sw = sw if sw is not None else sweep(problem)
+    sizes = np.asarray([b.size_bytes for b in problem.buffers], dtype=np.int64)
+    ix = _build_index(sw)
+    return Placer(problem, sw, ix, _pieces_by_buffer(ix, len(problem.buffers)), sizes)
+
+
 def place(problem: Problem, order: np.ndarray, sw: Sweep | None = None, ordering: str = "") -> GreedyResult:
     """Best-fit placement of the buffers of `problem` in `order` (buffer indices). Ignores the capacity.
 
     Invariant: when buffer b is placed, every placed buffer overlapping b in time lies wholly below or
     wholly above [offset(b), offset(b) + size(b)), so the packing never overlaps.
     """
-    sw = sw if sw is not None else sweep(problem)
+    if not problem.buffers:
+        return GreedyResult((), 0, ordering)
+    return place_with(placer(problem, sw), order, ordering)
+
+
+def place_with(pl: Placer, order: np.ndarray, ordering: str = "") -> GreedyResult:
+    """`place` on a prebuilt `Placer`."""
+    problem, ix, piece_of, sizes = pl.problem, pl.index, pl.piece_of, pl.sizes
     n = len(problem.buffers)
-    sizes = np.asarray([b.size_bytes for b in problem.buffers], dtype=np.int64)
     offsets = np.zeros(n, dtype=np.int64)
     placed = np.zeros(n, dtype=bool)
     if n == 0:
         return GreedyResult((), 0, ordering)
-    ix = _build_index(sw)
-    piece_of = _pieces_by_buffer(ix, n)
     for i in order.tolist():
         if sizes[i] == 0:
             placed[i] = True
@@ -145,13 +164,33 @@ def ordering(problem: Problem, name: str, sw: Sweep) -> np.ndarray:
     keys: dict[str, Callable[[], tuple[np.ndarray, ...]]] = {
         "size": lambda: (-size,),
         "area": lambda: (-np.asarray([b.area for b in problem.buffers], dtype=np.int64), -size),
-        "load": lambda: (-np.asarray([sw.load[c].max() for c in sw.covers], dtype=np.int64), -size),
+        "load": lambda: (-sw.peak_load(), -size),
         "length": lambda: (-(sw.events[sw.last] - sw.events[sw.first]), -size),
         "start": lambda: (sw.first, -size),
     }
     if name not in keys:
         raise ValueError(f"unknown greedy ordering {name!r}; known: {', '.join(ORDERINGS)}")
     return np.lexsort(tuple(reversed(keys[name]())))
+
+
+def squeaky(
+    pl: Placer, start: GreedyResult, order: np.ndarray, target: int, deadline: float
+) -> GreedyResult:
+    """Iterated best fit ("squeaky wheel"): the buffers that ended above `target` go first next time
+    (in their previous relative order), until the packing reaches `target`, stops improving for a few
+    rounds, or the next round would end after `deadline`. Returns the lowest packing seen."""
+    best, res, stale = start, start, 0
+    while res.height_bytes > target and stale < SQUEAKY_PATIENCE:
+        t = time.perf_counter()
+        tops = np.asarray(res.offsets_bytes, dtype=np.int64) + pl.sizes
+        bad = tops[order] > target
+        order = np.concatenate([order[bad], order[~bad]])
+        res = place_with(pl, order, f"{start.ordering}+squeaky")
+        stale = 0 if res.height_bytes < best.height_bytes else stale + 1
+        best = res if res.height_bytes < best.height_bytes else best
+        if time.perf_counter() + (time.perf_counter() - t) > deadline:
+            break
+    return best
 
 
 def best_greedy(problem: Problem, orderings: tuple[str, ...] = ORDERINGS) -> GreedyResult:

@@ -14,7 +14,9 @@ by alignment) and a status:
    target on 90% of the time when a capacity must be met (an "infeasible" there ends the partition), or
    on half of it when minimising (on real traces it dives straight to the bound); then the other orderings;
    then the exact search on what is left, at the capacity, or when minimising bisecting between the
-   bound and the best height, so every "infeasible" raises the bound and every packing lowers the height.
+   bound and the best height, so every "infeasible" raises the bound and every packing lowers the height;
+   a partition too large to search (`exact_max_buffers`) instead iterates the best greedy ordering
+   (`greedy.squeaky`: the buffers that ended above the bound go first next time) on the time left.
 
 Invariant: `lower_bound_bytes <= height_bytes` of every returned packing, and status OPTIMAL only when
 they are equal.
@@ -26,8 +28,18 @@ import math
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from memplan.errors import InvalidInput
-from memplan.solvers.packing.greedy import ORDERINGS, GreedyResult, ordering, place
+from memplan.solvers.packing.greedy import (
+    ORDERINGS,
+    GreedyResult,
+    Placer,
+    ordering,
+    place_with,
+    placer,
+    squeaky,
+)
 from memplan.solvers.packing.problem import Problem, Solution, Status, height_of
 from memplan.solvers.packing.search import Outcome, SearchParams, search
 from memplan.solvers.packing.sweep import lower_bound, partitions, sweep
@@ -49,17 +61,29 @@ class PortfolioOptions:
     search: SearchParams = SearchParams(parallel=True)
 
 
-def _greedy(problem: Problem, opts: PortfolioOptions, lb: int, deadline: float) -> GreedyResult:
+@dataclass(frozen=True, slots=True, eq=False)
+class _Greedy:
+    """The lowest greedy packing so far, the buffer order that made it, and the problem's `Placer`."""
+
+    result: GreedyResult
+    order: np.ndarray
+    placer: Placer
+
+
+def _greedy(
+    problem: Problem, opts: PortfolioOptions, lb: int, deadline: float, pl: Placer | None = None
+) -> _Greedy:
     """Greedy under the orderings in turn, until one reaches the bound `lb` or the next one is expected
     to end after the deadline."""
-    sw = sweep(problem)
-    best: GreedyResult | None = None
+    pl = pl if pl is not None else placer(problem)
+    best: _Greedy | None = None
     for name in opts.greedy_orderings:
         t = time.perf_counter()
-        res = place(problem, ordering(problem, name, sw), sw, name)
-        if best is None or res.height_bytes < best.height_bytes:
-            best = res
-        if best.height_bytes <= lb or time.perf_counter() + (time.perf_counter() - t) > deadline:
+        order = ordering(problem, name, pl.sw)
+        res = place_with(pl, order, name)
+        if best is None or res.height_bytes < best.result.height_bytes:
+            best = _Greedy(res, order, pl)
+        if best.result.height_bytes <= lb or time.perf_counter() + (time.perf_counter() - t) > deadline:
             break
     if best is None:
         raise InvalidInput("PortfolioOptions.greedy_orderings is empty; name at least one ordering")
@@ -172,7 +196,7 @@ def _solve_part(
     target = lb if cap is None else cap
     # fitting: every greedy ordering first (milliseconds), then one search, all the time left
     if cap is not None:
-        g = _greedy(problem, options, target, deadline)
+        g = _greedy(problem, options, target, deadline).result
         can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
         return _fit(
             problem,
@@ -185,7 +209,8 @@ def _solve_part(
             deadline,
         )
     first = replace(options, greedy_orderings=options.greedy_orderings[:1])
-    g = _greedy(problem, first, target, deadline)
+    gr = _greedy(problem, first, target, deadline)
+    g = gr.result
     can_search = options.exact and len(problem.buffers) <= options.exact_max_buffers
     if g.height_bytes > target and can_search:
         r = search(problem, target, (deadline - time.perf_counter()) * DIVE_SHARE, options.search)
@@ -203,8 +228,11 @@ def _solve_part(
     if g.height_bytes > target:
         rest = replace(options, greedy_orderings=options.greedy_orderings[1:])
         if rest.greedy_orderings:
-            g2 = _greedy(problem, rest, target, deadline)
-            g = g2 if g2.height_bytes < g.height_bytes else g
+            g2 = _greedy(problem, rest, target, deadline, gr.placer)
+            gr = g2 if g2.result.height_bytes < g.height_bytes else gr
+            g = gr.result
+    if g.height_bytes > target and not can_search:  # too large to search: iterate the greedy
+        g = squeaky(gr.placer, g, gr.order, target, deadline)
     best = (g.offsets_bytes, g.height_bytes, f"greedy-{g.ordering}")
     return _minimise(problem, lb, best, can_search, options, t0, deadline)
 

@@ -115,7 +115,7 @@ def _tables(problem: Problem) -> tuple[Tables, dict[str, np.ndarray]]:
         [len(c) == int(sw.last[i] - sw.first[i]) for i, c in enumerate(sw.covers)],
     )
     width = sw.events[sw.last] - sw.events[sw.first]
-    total = np.asarray([sw.load[c].max() for c in sw.covers], dtype=np.int64)
+    total = sw.peak_load()
     keys = {"W": width, "A": np.asarray([b.area for b in problem.buffers], dtype=np.int64), "T": total}
     return tab, keys
 
