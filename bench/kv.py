@@ -123,8 +123,8 @@ def _compressed(model: nn.Module, run: Any, ids: torch.Tensor) -> tuple[float, t
     return _nll(logits, ids), logits.argmax(-1)
 
 
-def _row(plan: memplan.Plan, model: nn.Module, evals: list[torch.Tensor], reference: list[Any], ref_ppl: float,
-         share: float) -> dict[str, Any]:  # fmt: skip
+def _row(plan: memplan.Plan, model: nn.Module, evals: list[torch.Tensor], reference: list[Any],
+         ref_ppl: float, share: float) -> dict[str, Any]:  # fmt: skip
     from memplan.runtime.kv_cache import applied_kv
 
     kv = plan.decisions.kv
@@ -143,7 +143,8 @@ def _row(plan: memplan.Plan, model: nn.Module, evals: list[torch.Tensor], refere
     for b in kv.budgets:
         bits[str(b.bits or "full")] = bits.get(str(b.bits or "full"), 0) + 1
     return {
-        "budget": f"{share:.0%}", "method": kv.method, "kv_bytes": kv.budget_bytes, "planned": kv.planned_bytes,
+        "budget": f"{share:.0%}", "method": kv.method, "kv_bytes": kv.budget_bytes,
+        "planned": kv.planned_bytes,
         "measured": measured, "of_full": round(measured / full, 4) if full else None, "ppl": ppl,
         "dppl": ppl - ref_ppl, "agree": agree / len(evals),
         "bits": ", ".join(f"{k} {v}" for k, v in sorted(bits.items())),
@@ -231,8 +232,8 @@ def _plot(rows: list[dict[str, Any]], ref_ppl: float, name: str) -> str:
 
 
 def _notes(name: str, trained: str, context: int, calib: list[torch.Tensor], evals: list[torch.Tensor],
-           cal: KVCalibration, t_cal: float, ref_ppl: float, rows: list[dict[str, Any]], pyramid: dict[str, Any],
-           prefix: dict[str, Any], plot: str, t0: float) -> list[str]:  # fmt: skip
+           cal: KVCalibration, t_cal: float, ref_ppl: float, rows: list[dict[str, Any]],
+           pyramid: dict[str, Any], prefix: dict[str, Any], plot: str, t0: float) -> list[str]:  # fmt: skip
     best = []
     for share in SHARES:
         at = [r for r in rows if r["budget"] == f"{share:.0%}"]
@@ -243,19 +244,20 @@ def _notes(name: str, trained: str, context: int, calib: list[torch.Tensor], eva
                     f"{runner['method']} {runner['ppl']:.3f})")  # fmt: skip
     off = max(abs(r["measured"] - r["planned"]) / r["planned"] for r in rows)
     return [
-        f"model: {name}, {trained}; context {context} = prompt {PROMPT} + {GEN} decoded bytes (teacher-forced); "
-        f"full-cache perplexity {ref_ppl:.3f}",
+        f"model: {name}, {trained}; context {context} = prompt {PROMPT} + {GEN} decoded bytes "
+        f"(teacher-forced); full-cache perplexity {ref_ppl:.3f}",
         f"calibration: {len(calib)} batches of {tuple(calib[0].shape)} training windows ({cal.prompt}-byte "
-        f"prompts, errors on the {cal.follow} bytes after), {t_cal:.1f} s; evaluation: {len(evals)} batches of "
-        f"{tuple(evals[0].shape)} held-out windows",
+        f"prompts, errors on the {cal.follow} bytes after), {t_cal:.1f} s; evaluation: {len(evals)} "
+        f"batches of {tuple(evals[0].shape)} held-out windows",
         "lowest perplexity per budget: " + "; ".join(best),
         f"measured KV bytes vs planned: worst {100 * off:.3f}% apart",
         f"PyramidKV vs kvpress ({pyramid['kvpress']}'s get_layer_budget): {pyramid['equal']} of "
         f"{pyramid['cases']} cases equal layer by layer",
-        f"PrefixKV: worst |mean ratio - target| {prefix['worst_mean_ratio_error']:.2e}; spare tokens per layer "
-        "under the byte budget: " + ", ".join(f"{s:.2f}" for s in prefix["spare_tokens_per_layer"]),
-        "budget: a share of the full cache (every layer's keys and values for the context, fp32, whole batch); "
-        "of_full: measured / full; bits: how many layers store which width; tokens: the cap per layer",
+        f"PrefixKV: worst |mean ratio - target| {prefix['worst_mean_ratio_error']:.2e}; spare tokens per "
+        "layer under the byte budget: " + ", ".join(f"{s:.2f}" for s in prefix["spare_tokens_per_layer"]),
+        "budget: a share of the full cache (every layer's keys and values for the context, fp32, whole "
+        "batch); of_full: measured / full; bits: how many layers store which width; tokens: each layer's "
+        "cap",
         f"plot: {plot}; total {time.perf_counter() - t0:.0f} s on this machine, {THREADS} torch thread",
     ]
 
