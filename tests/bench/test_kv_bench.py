@@ -20,8 +20,8 @@ def test_rows_on_a_tiny_model(monkeypatch: pytest.MonkeyPatch) -> None:
     cal = calibrate_kv(model, evals, KVCalibrationSettings(group_size=16, follow=8))
     reference = [kv_bench._full(model, ids) for ids in evals]
     ref_ppl = math.exp(reference[0][0])
-    full = kv_bench._row(kv_bench._plan(model, evals[0], "uniform", 1.0, cal), model, evals, reference, ref_ppl,
-                         1.0)  # fmt: skip
+    plan = kv_bench._plan(model, evals[0], "uniform", 1.0, cal)
+    full = kv_bench._row(plan, model, evals, reference, ref_ppl, 1.0)
     assert full["agree"] == 1.0 and full["ppl"] == pytest.approx(ref_ppl, rel=1e-5)
     small = kv_bench._row(kv_bench._plan(model, evals[0], "prefixkv", 0.5, cal), model, evals, reference,
                           ref_ppl, 0.5)  # fmt: skip
