@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import memplan
-from bench.harness import RESULTS, Result
+from bench.harness import RESULTS, Result, torch_threads
 from memplan.passes.kv_budget import KVBudgetOptions
 from memplan.passes.kv_methods import prefix_ratios, pyramid_budgets
 from memplan.planner.kv_calibration import KVCalibrationSettings, calibrate_kv
@@ -55,12 +55,8 @@ COLUMNS = ["budget", "method", "kv_bytes", "planned", "measured", "of_full", "pp
 
 
 def run(quick: bool) -> Result:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> Result:
