@@ -20,6 +20,7 @@ from memplan.plans.plan import Plan, fingerprint
 from memplan.runtime.arena import check_arena_run, describe, run_in_arena
 from memplan.runtime.generation import GenerationMeasurement
 from memplan.runtime.measure import run_inference, run_step
+from memplan.runtime.quantized import quantize_model
 from memplan.runtime.quantized_graph import run_quantized_inference
 from memplan.runtime.tracker import Measurement
 from memplan.runtime.training import applied
@@ -84,12 +85,22 @@ class GenerationResult:
     planned_s: float
     comparison: GenerationComparison
     measured: GenerationMeasurement
+    lossy: bool = False
+    """The plan quantizes weights or budgets the KV cache: `tokens_equal` compares with the model so
+    changed, every weight in memory; `float_agreement`: the share of new tokens the float model agrees on."""
+    float_agreement: float = 1.0
 
     def describe(self) -> str:
         same = "identical to" if self.tokens_equal else "DIFFERENT from"
+        whose = (
+            "the model as the plan changes it (quantized weights, compressed KV cache) with every weight in "
+            f"memory; {100 * self.float_agreement:.1f}% of the new tokens equal the float model's"
+            if self.lossy
+            else "the plain model's"
+        )
         backends = "; ".join(f"{t}: {b}" for t, b in self.measured.backends.items())
         return (
-            f"{self.comparison.describe()}\ngenerated tokens {same} the plain model's (greedy); wall time "
+            f"{self.comparison.describe()}\ngenerated tokens {same} {whose} (greedy); wall time "
             f"{self.planned_s:.2f} s planned vs {self.plain_s:.2f} s plain (all weights in memory)."
             + (f"\ntiers: {backends}" if backends else "")
         )
@@ -100,36 +111,55 @@ def _quantizes(plan: Plan) -> bool:
 
 
 def run_generation_plan(plan: Plan, prompt_file: str | None = None) -> GenerationResult:
-    """`memplan run` of a generation plan: rebuild the zoo model in memory, generate greedily without and
-    with the plan, compare the tokens and the plan's predictions."""
+    """`memplan run` of a generation plan: rebuild the zoo model in memory, generate greedily with the
+    model as the plan changes it (quantized weights, compressed KV cache) but with every weight in memory,
+    then under the plan, and compare the tokens (placement must not change them) and the predictions; the
+    plain float model's tokens are the reference for what the lossy decisions cost."""
     import time
 
     from memplan.runtime.generation import applied_generation
+    from memplan.runtime.kv_cache import applied_kv
 
     w = plan.workload
-    if _quantizes(plan):
-        raise InvalidInput(
-            "`memplan run` of a generation with quantized weights is not built (its tokens are not the float "
-            "model's to compare with): run it with memplan.applied(plan, model) around model.generate"
-        )
     if not plan.model.source.startswith("zoo:"):
         raise InvalidInput(f"plan for {plan.model.source!r}: run it with memplan.applied(plan, model)")
     loaded = load_causal_lm(plan.model.source, None, w.batch, w.seq, device="cpu", dtype=_dtype(plan))
     assert loaded.module is not None
     ids = prompt_ids(prompt_file, w.batch, w.seq or 1) if prompt_file else loaded.example_inputs[0]
     model = loaded.module
+
+    def generate(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m.generate(ids, max_new_tokens=w.gen, min_new_tokens=w.gen, do_sample=False)
+
     t0 = time.perf_counter()
-    with torch.no_grad():
-        plain = model.generate(ids, max_new_tokens=w.gen, min_new_tokens=w.gen, do_sample=False)
+    plain = generate(model)
     plain_s = time.perf_counter() - t0
+    expected = plain
+    kv = plan.decisions.kv if plan.decisions.kv is not None and plan.decisions.kv.budgets else None
+    if _quantizes(plan) or kv is not None:
+        reference = model
+        if _quantizes(plan):
+            reference = load_causal_lm(plan.model.source, None, w.batch, w.seq, device="cpu",
+                                       dtype=_dtype(plan)).module  # fmt: skip
+            assert reference is not None
+            quantize_model(plan, reference)
+        if kv is not None:
+            with applied_kv(kv, reference):
+                expected = generate(reference)
+        else:
+            expected = generate(reference)
     with applied_generation(plan, model) as run:
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=w.gen, min_new_tokens=w.gen, do_sample=False)
+        out = generate(model)
         planned_s = time.perf_counter() - t0
     measured = run.finish()
+    new = slice(ids.shape[1], None)
+    agree = float((out[:, new] == plain[:, new]).float().mean())
     return GenerationResult(
-        torch.equal(plain, out), plain_s, planned_s, compare_generation(plan, measured), measured
-    )
+        torch.equal(expected, out), plain_s, planned_s, compare_generation(plan, measured), measured,
+        lossy=expected is not plain, float_agreement=agree,
+    )  # fmt: skip
 
 
 def prompt_ids(path: str, batch: int, prompt: int) -> torch.Tensor:

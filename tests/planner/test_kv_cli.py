@@ -67,3 +67,14 @@ def test_bad_kv_flags_exit_2_or_3_with_a_message(
     assert code in (2, 3)
     assert message in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_run_a_kv_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan.json"
+    assert main([*PLAN, "--budget", "700KiB", "--kv-budget", "40%", "--kv-method", "uniform", "--kv-sink", "2",
+                 "--kv-recent", "2", "-o", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["run", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "identical to the model as the plan changes it" in text and "KV cache: planned" in text
+    assert "of the new tokens equal the float model's" in text
