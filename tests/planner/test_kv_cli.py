@@ -71,8 +71,8 @@ def test_bad_kv_flags_exit_2_or_3_with_a_message(
 
 def test_run_a_kv_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.json"
-    assert main([*PLAN, "--budget", "700KiB", "--kv-budget", "40%", "--kv-method", "uniform", "--kv-sink", "2",
-                 "--kv-recent", "2", "-o", str(out)]) == 0  # fmt: skip
+    flags = ["--budget", "700KiB", "--kv-budget", "40%", "--kv-method", "uniform", "--kv-sink", "2"]
+    assert main([*PLAN, *flags, "--kv-recent", "2", "-o", str(out)]) == 0
     capsys.readouterr()
     assert main(["run", str(out)]) == 0
     text = " ".join(capsys.readouterr().out.split())
