@@ -38,7 +38,14 @@ from memplan.passes.kv_methods import (
     round_to_total,
     zigzag_weights,
 )
-from memplan.plans.decisions import KV_BITS, KVBudget, KVCalibration, KVDecision, kv_token_bytes
+from memplan.plans.decisions import (
+    KV_BITS,
+    KV_INDEX_BYTES,
+    KVBudget,
+    KVCalibration,
+    KVDecision,
+    kv_token_bytes,
+)
 from memplan.plans.plan import PassReport, Plan, SolverReport
 from memplan.solvers.multiple_choice import solve_multiple_choice
 from memplan.units import format_size, parse_size
@@ -229,9 +236,15 @@ def fitted_group(group_size: int, head_dim: int) -> int:
     return max(g for g in range(1, min(group_size, head_dim) + 1) if head_dim % g == 0)
 
 
+def _budget(s: _Setting, layer: int, tokens: int, bits: int | None, head: int | None) -> KVBudget:
+    """A budget with its bytes, its bookkeeping and its layer's transient (see `KVBudget`)."""
+    heads = s.geo.kv_heads if head is None else 1
+    size, index = tokens * s.token_bytes(bits, heads), tokens * heads * s.batch * KV_INDEX_BYTES
+    return KVBudget(layer, tokens, bits, head, size, index, 2 * tokens * s.token_bytes(None, heads))
+
+
 def _uniform_full(s: _Setting, opts: KVBudgetOptions) -> list[KVBudget]:
-    tb = s.token_bytes(None, s.geo.kv_heads)
-    return [KVBudget(layer, s.context, None, None, s.context * tb) for layer in range(s.geo.layers)]
+    return [_budget(s, layer, s.context, None, None) for layer in range(s.geo.layers)]
 
 
 def _token_method(s: _Setting, opts: KVBudgetOptions) -> tuple[list[KVBudget], SolverReport, list[str]]:
@@ -278,7 +291,7 @@ def _token_method(s: _Setting, opts: KVBudgetOptions) -> tuple[list[KVBudget], S
         status = "optimal" if opts.method == "prefixkv" else "trivial"
     report = SolverReport("bisection" if opts.method in ("prefixkv", "zigzagkv") else "closed-form", status,
                           time_s=time.perf_counter() - t0)  # fmt: skip
-    budgets = [KVBudget(layer, t, None, None, t * tb) for layer, t in enumerate(tokens)]
+    budgets = [_budget(s, layer, t, None, None) for layer, t in enumerate(tokens)]
     cal = opts.calibration
     if cal is not None and None in cal.bits:
         notes.append(
@@ -324,8 +337,7 @@ def _joint(s: _Setting, opts: KVBudgetOptions) -> tuple[list[KVBudget], SolverRe
     spare = s.budget_bytes - sum(g.size_bytes for g in chosen)
     tokens = fill(ladders, chosen, spare, s.context)
     budgets = [
-        KVBudget(layer, t, g.bits, head, t * (g.size_bytes // g.tokens))
-        for (layer, head), g, t in zip(units, chosen, tokens, strict=True)
+        _budget(s, layer, t, g.bits, head) for (layer, head), g, t in zip(units, chosen, tokens, strict=True)
     ]
     filled = sum(interpolated_cost(r, t, g.bits) for r, g, t in zip(ladders, chosen, tokens, strict=True))
     report = SolverReport("highs-milp", solution.status, solution.objective, solution.bound, solution.gap,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from memplan.errors import InfeasibleBudget, InvalidInput
 from memplan.ir.analysis import lifetimes
@@ -71,8 +71,6 @@ def run(graph: Graph, hardware: Hardware, plan: Plan, options: PlacementOptions 
     budgets = dict(plan.budget_bytes)
     if opts.bits_candidates is not None:
         return _run_joint(graph, hardware, plan, opts, model, t0)
-    if plan.decisions.kv is not None and plan.decisions.kv.budgets:
-        opts = replace(opts, kv_tiers=())  # the compressed cache stays on the device (runtime.kv_cache)
     result, choice = solve(model, hardware, budgets, opts.kv_tiers, opts.time_limit_s)
     if choice is None:
         raise _infeasible(plan, model, hardware, opts)

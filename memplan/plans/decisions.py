@@ -204,6 +204,11 @@ class KVBudget:
     size_bytes: int = 0
     """What the budget holds for the whole batch: tokens x `kv_token_bytes` x batch (x the layer's key/value
     heads when `head` is None)."""
+    index_bytes: int = 0
+    """Bookkeeping held beside it on the device: an fp32 score and an int64 position per kept token."""
+    work_bytes: int = 0
+    """The transient while its layer runs: twice its tokens at the cache dtype (the keys and values handed
+    to attention, dequantized; the eviction's candidates)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +279,10 @@ class KVDecision:
     def of(self, layer: int, head: int | None = None) -> KVBudget | None:
         """The budget of `layer` (of its `head` when budgets are per head)."""
         return next((b for b in self.budgets if b.layer == layer and b.head == head), None)
+
+
+KV_INDEX_BYTES = 12
+"""Per kept token and key/value head: its fp32 score and int64 position (`memplan.runtime.kv_cache`)."""
 
 
 def kv_token_bytes(head_dim: int, bits: int | None, dtype_bytes: int, group_size: int) -> int:

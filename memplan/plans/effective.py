@@ -54,11 +54,22 @@ def apply_decisions_to_graph(graph: Graph, decisions: Decisions) -> Graph:
         )
     if decisions.kv is not None:
         kv_bytes: dict[int, int] = defaultdict(int)
+        work: dict[int, int] = defaultdict(int)
         for b in decisions.kv.budgets:
-            kv_bytes[b.layer] += b.size_bytes
+            kv_bytes[b.layer] += b.size_bytes + b.index_bytes
+            work[b.layer] += b.work_bytes
+        grown = {  # a budgeted layer's unit calls: the compressed cache's transient on their workspace
+            v: work[op.layer]
+            for op in graph.ops
+            if op.target.startswith("unit:") and op.layer in work
+            for v in op.outputs
+            if graph.value(v).role == Role.WORKSPACE
+        }
         values = tuple(
             replace(v, size_bytes=kv_bytes[v.layer])
             if v.role == Role.KV_CACHE and v.layer in kv_bytes and v.alias_of is None
+            else replace(v, size_bytes=v.size_bytes + grown[v.id])
+            if v.id in grown
             else v
             for v in values
         )

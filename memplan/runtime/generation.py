@@ -34,7 +34,7 @@ from memplan.errors import InvalidInput, PlanMismatch
 from memplan.ir.graph import Role
 from memplan.plans.plan import Plan
 from memplan.runtime.calls import patched_method
-from memplan.runtime.kv_offload import KVOffload
+from memplan.runtime.kv_offload import CompressedKVOffload, KVOffload
 from memplan.runtime.tiers.api import Handle, TierStore
 from memplan.runtime.tiers.direct_io import ALIGN, round_up
 from memplan.runtime.tiers.factory import open_tier
@@ -150,7 +150,9 @@ class GenerationRun:
                                    "moves weights and KV caches only")  # fmt: skip
         self.placed = {v: p for v, p in placed.items() if v not in kv}
         w = plan.workload
-        self.kv = KVOffload(kv, (w.seq or 0) + w.gen - 1) if kv else None
+        budgeted = plan.decisions.kv is not None and bool(plan.decisions.kv.budgets)
+        offload = CompressedKVOffload if budgeted else KVOffload
+        self.kv = offload(kv, (w.seq or 0) + w.gen - 1) if kv else None
         self.params = _params_by_value(plan, model)
         self.holders = {v: _param_holder(p) for v, p in self.params.items()}
         on = {p.device.type for p in self.params.values()}
@@ -442,13 +444,9 @@ def applied_generation(
         if kv is not None and kv.budgets:
             from memplan.runtime.kv_cache import applied_kv
 
-            if run.kv is not None:
-                raise InvalidInput(
-                    "this plan both budgets the KV cache (kv_budget) and moves it off the device "
-                    "(placement): the compressed cache stays on the device; plan with "
-                    "PlacementOptions(kv_tiers=())"
-                )
             run.kv_run = stack.enter_context(applied_kv(kv, model))
+            if isinstance(run.kv, CompressedKVOffload):
+                run.kv.tracker = run.kv_run.tracker
         with run.tracker:
             run.tracker.track(model_state(model))
             yield run

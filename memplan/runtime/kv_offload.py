@@ -147,3 +147,101 @@ class KVOffload:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.layers.clear()
         self.pending.clear()
+
+
+_INDEX = ("score", "pos")
+
+
+class CompressedKVOffload(KVOffload):
+    """The same for the compressed caches of `memplan.runtime.kv_cache` (a plan with KV budgets): after the
+    layer runs, every buffer of its budget groups (codes or keys and values, scales, zero points, scores,
+    positions) is copied whole to its tier buffer (evictions rewrite them anywhere) and left on the meta
+    device; `issue` reads them back into device tensors allocated under the KV run's tracker, `bind` puts
+    them back into the groups."""
+
+    def __init__(self, placed: dict[int, tuple[int, str]], max_tokens: int) -> None:
+        super().__init__(placed, max_tokens)
+        self.tracker: Any = None
+        """The KV run's live-storage tracker: buffers read back count as KV bytes while on the device."""
+        self.held: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self.back: dict[int, tuple[list[dict[str, torch.Tensor]], Future[None]]] = {}
+
+    def set_cache(self, cache: Any) -> None:
+        if cache is not None and not all(hasattr(lay, "groups") for lay in getattr(cache, "layers", [None])):
+            raise PlanMismatch(
+                f"the plan budgets the KV cache; this generation passes a {type(cache).__name__}, not the "
+                "compressed cache memplan.applied gives model.generate"
+            )
+        self.cache = cache
+
+    @staticmethod
+    def _tensors(group: Any) -> dict[str, torch.Tensor]:
+        out = dict(group.kv)
+        if group.score is not None:
+            out["score"], out["pos"] = group.score, group.pos
+        return out
+
+    @staticmethod
+    def _put(group: Any, tensors: dict[str, torch.Tensor]) -> None:
+        group.kv = {k: v for k, v in tensors.items() if k not in ("score", "pos")}
+        if "score" in tensors:
+            group.score, group.pos = tensors["score"], tensors["pos"]
+
+    def issue(self, vid: int) -> None:
+        layer, _ = self.placed[vid]
+        held = self.held.get(layer)
+        if held is None:
+            return
+        assert self.tracker is not None
+        with self.tracker:  # the KV bytes; scores and positions are bookkeeping, as kv_cache counts them
+            dev = [{k: torch.empty_like(t) for k, t in g.items() if k not in _INDEX} for g in held]
+        for d, g in zip(dev, held, strict=True):
+            d.update({k: torch.empty_like(g[k]) for k in _INDEX if k in g})
+        self.back[vid] = (dev, self._pool.submit(self._read_groups, held, dev))
+
+    def _read_groups(self, held: list[dict[str, torch.Tensor]], dev: list[dict[str, torch.Tensor]]) -> None:
+        t0 = time.perf_counter()
+        for h, d in zip(held, dev, strict=True):
+            for k, t in h.items():
+                d[k].copy_(t)
+        self._account(t0, read=sum(t.nbytes for g in held for t in g.values()))
+
+    def bind(self, vid: int) -> None:
+        if vid not in self.back:
+            return
+        dev, future = self.back.pop(vid)
+        t0 = time.perf_counter()
+        future.result()
+        self.stats.wait_s += time.perf_counter() - t0
+        for g, tensors in zip(self._layer_cache(self.placed[vid][0]).groups, dev, strict=True):
+            self._put(g, tensors)
+
+    def store(self, vid: int) -> None:
+        layer, tier = self.placed[vid]
+        lay = self._layer_cache(layer)
+        current = [self._tensors(g) for g in lay.groups]
+        if not current or any(t.device.type == "meta" for g in current for t in g.values()):
+            return
+        t0 = time.perf_counter()
+        with _disable_current_modes():
+            held = self.held.get(layer)
+            if held is None or any(h[k].shape != t.shape for h, g in zip(held, current, strict=True)
+                                   for k, t in g.items()):  # fmt: skip
+                before = sum(t.nbytes for g in held for t in g.values()) if held else 0
+                held = [{k: torch.empty(t.shape, dtype=t.dtype) for k, t in g.items()} for g in current]
+                self.held[layer] = held
+                after = sum(t.nbytes for g in held for t in g.values())
+                self.stats.tier_bytes[tier] = self.stats.tier_bytes.get(tier, 0) + after - before
+            for h, g in zip(held, current, strict=True):
+                for k, t in g.items():
+                    h[k].copy_(t)
+            for g, tensors in zip(lay.groups, current, strict=True):
+                meta = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
+                self._put(g, meta)
+
+        self._account(t0, written=sum(t.nbytes for g in current for t in g.values()))
+
+    def close(self) -> None:
+        super().close()
+        self.held.clear()
+        self.back.clear()

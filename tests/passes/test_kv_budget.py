@@ -91,7 +91,7 @@ def test_effective_graph_prices_the_compressed_cache_and_it_survives_json(tmp_pa
     kv = plan.decisions.kv
     assert kv is not None
     caches = {v.layer: v.size_bytes for v in plan.graph().values if v.role == Role.KV_CACHE}
-    assert caches == {b.layer: b.size_bytes for b in kv.budgets}
+    assert caches == {b.layer: b.size_bytes + b.index_bytes for b in kv.budgets}
     path = f"{tmp_path}/plan.json"
     save_plan(plan, path)
     assert load_plan(path).decisions.kv == kv

@@ -258,3 +258,31 @@ def test_kv_budgets_run_under_memplan_applied_with_placement() -> None:
     cmp = plan.compare(m)
     assert cmp.kv == (kv.planned_bytes, kv.planned_bytes, kv.budget_bytes)
     assert cmp.within_budget, cmp.describe()
+
+
+def test_budgeted_kv_caches_on_the_host_tier() -> None:
+    """Compressed caches planned off the device leave after their layer and come back before it: the same
+    tokens as the compressed cache on the device, every budget held."""
+    from memplan.passes.kv_budget import KVBudgetOptions
+    from memplan.passes.placement import PlacementOptions
+    from memplan.runtime.kv_cache import applied_kv
+    from tests.conftest import gpu_like
+
+    hw = gpu_like("kv-host", 1e10)
+    model, ids = _model("tiny-lm"), _ids(batch=4, prompt=64)  # 4 layers: one or two caches at a time
+    opts = {"placement": PlacementOptions(kv_tiers=("host",)),
+            "kv_budget": KVBudgetOptions(method="uniform", sink_tokens=2, recent_tokens=4)}  # fmt: skip
+    plan = _tight(model, ids, hw, kv_budget="60%", options=opts)
+    kv = plan.decisions.kv
+    kv_off = [p for p in plan.decisions.placement.tensors if p.value_id in _kv_ids(plan)]  # type: ignore[union-attr]
+    assert kv is not None and kv_off and all(p.tier == "host" for p in kv_off)
+    with applied_kv(kv, model):
+        expect = model.generate(ids, max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
+    with memplan.applied(plan, model) as run:
+        got = model.generate(ids, max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
+    m = run.finish()
+    assert torch.equal(expect, got)
+    cmp = plan.compare(m)
+    assert cmp.within_budget, cmp.describe()
+    assert m.bytes_read["host"] > 0 and m.tier_peak_bytes["host"] > 0
+    assert m.kv is not None and m.kv.evicted_tokens > 0 and m.kv_peak_bytes < kv.planned_bytes
