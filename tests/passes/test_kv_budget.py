@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -208,9 +209,10 @@ def test_prefix_threshold_hits_the_target_mean_ratio(layer_curves: list[list[flo
     ratios, threshold = prefix_ratios(layer_curves, RATIOS, target)
     assert math.isclose(sum(ratios) / len(ratios), target, abs_tol=1e-9)
     assert all(0 <= r <= 1 for r in ratios) and 0 <= threshold <= 1
-    # every layer sits at (about) the one threshold: its curve there holds the threshold's mass
+    # every layer sits at the one threshold: its curve there holds the threshold's mass
     for c, r in zip(layer_curves, ratios, strict=True):
-        assert inverse_curve(RATIOS, c, threshold) == pytest.approx(r, abs=1e-6)
+        mass = float(np.interp(r, [0.0, *RATIOS], [0.0, *c]))
+        assert mass == pytest.approx(threshold, abs=1e-6) or r == pytest.approx(inverse_curve(RATIOS, c, 1.0))
 
 
 @settings(max_examples=200, deadline=None)
