@@ -143,10 +143,23 @@ def _size_limit(plan: Plan, built: BitsProblem, opts: BitwidthOptions) -> tuple[
     weights = {v.id for v in built.values}
     others = [iv for iv in plan.residency if iv.tier == "device" and iv.value_id not in weights]
     peak = peaks(others, max(len(plan.ops), 1)).get("device")
-    rest = peak.bytes if peak else 0
+    rest = (peak.bytes if peak else 0) + _dequant_reserve(plan, built)
     if opts.size_limit_bytes is not None:
         return float(opts.size_limit_bytes), rest
     return float(max(plan.budget_bytes["device"] - rest, 0)), rest
+
+
+def _dequant_reserve(plan: Plan, built: BitsProblem) -> int:
+    """What quantized weights add to a generation's unit workspaces at most (`dequant_workspace_bytes` of
+    the worst candidate of any weight): the device budget keeps it free, since the formats are not known
+    before the solve. Single-forward graphs price no such transient."""
+    if not plan.ops or not all(op.target.startswith("unit:") for op in plan.ops):
+        return 0
+    return max(
+        (spec.dequant_workspace_bytes(v.shape) for v, specs in zip(built.values, built.specs, strict=True)
+         for spec in specs[1:]),
+        default=0,
+    )  # fmt: skip
 
 
 def _refusal(

@@ -138,6 +138,11 @@ class GenerationRun:
         self.plan = plan
         self.model = model
         self.graph = plan.graph()
+        if not self.graph.ops or not all(op.target.startswith("unit:") for op in self.graph.ops):
+            raise PlanMismatch(
+                "this plan's graph is not a generation's (one op per unit call): plan the generation with "
+                "gen=N (memplan plan ... --gen N)"
+            )
         placement = plan.decisions.placement
         placed = {p.value_id: p for p in placement.tensors} if placement else {}
         kv: dict[int, tuple[int, str]] = {}

@@ -55,12 +55,12 @@ def test_memplan_run_measures_the_predicted_peak() -> None:
 
 
 def test_run_refuses_what_it_cannot_run_with_quantized_weights() -> None:
-    from memplan.errors import InvalidInput
+    from memplan.errors import InvalidInput, PlanMismatch
     from memplan.planner.run import run_arena_for_plan, run_generation_plan
 
     plan = _plan("zoo:gpt2-tiny", 70_000)
     with pytest.raises(InvalidInput, match="whose ops multiply float weights"):
         run_arena_for_plan(plan)
     generation = plan.with_(workload=plan.workload.__class__("infer", 1, 8, "none", 4))
-    with pytest.raises(InvalidInput, match="generation with quantized weights is not built"):
+    with pytest.raises(PlanMismatch, match="not a generation's"):
         run_generation_plan(generation)
