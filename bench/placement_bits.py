@@ -41,7 +41,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -73,7 +73,7 @@ COLUMNS = [
 class Config:
     prompt: int = 32
     gen: int = 24
-    fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    fractions: tuple[float, ...] = (0.1, 0.25, 0.5)
     shares: tuple[float, ...] = (0.5, 0.25)
     """Joint and sequential points at these fractions of seq-fit's sensitivity."""
     probes: int = 4
@@ -82,11 +82,12 @@ class Config:
     train_steps: int = 1200
     calibrate_bytes: int = 32 << 20
     time_limit_s: float = 20.0
+    repeats: int = 2
 
 
 FULL = Config()
 QUICK = Config(gen=12, fractions=(0.25, 0.5), shares=(0.5,), probes=2, calib_batches=2, eval_batches=4,
-               train_steps=240, calibrate_bytes=16 << 20, time_limit_s=10.0)  # fmt: skip
+               train_steps=240, calibrate_bytes=16 << 20, time_limit_s=10.0, repeats=1)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,7 +104,8 @@ def sensitivity_table(model: nn.Module, calib: list[torch.Tensor], probes: int) 
     return measure_sensitivity(model, calib, BitwidthOptions().resolved_candidates(), settings)
 
 
-def priced(model: nn.Module, ids: torch.Tensor, hw: Hardware, gen: int, table: SensitivityTable) -> BitsDecision:
+def priced(model: nn.Module, ids: torch.Tensor, hw: Hardware, gen: int,
+           table: SensitivityTable) -> BitsDecision:  # fmt: skip
     """Every quantizable weight's formats priced by the bitwidth pass on the generation graph (no limit)."""
     opts = BitwidthOptions(size_limit_bytes=1 << 50, sensitivity=table)
     plan = memplan.plan(model, ids, mode="infer", budget=1 << 50, hardware=hw, gen=gen,
@@ -174,7 +176,8 @@ def plan_float(model: nn.Module, ids: torch.Tensor, hw: Hardware, gen: int, budg
 
 
 def plan_sequential(model: nn.Module, ids: torch.Tensor, hw: Hardware, gen: int, budget: int,
-                    table: SensitivityTable, size_limit: int | None, time_limit_s: float = 10.0) -> Plan:  # fmt: skip
+                    table: SensitivityTable, size_limit: int | None,
+                    time_limit_s: float = 10.0) -> Plan:  # fmt: skip
     """The bitwidth pass (size limit None: what fits the device budget), then placement."""
     opts = BitwidthOptions(size_limit_bytes=size_limit, sensitivity=table, time_limit_s=time_limit_s)
     return memplan.plan(model, ids, mode="infer", budget=budget, hardware=hw, gen=gen, passes=PASSES_SEQ,
@@ -182,7 +185,8 @@ def plan_sequential(model: nn.Module, ids: torch.Tensor, hw: Hardware, gen: int,
 
 
 def plan_joint(model: nn.Module, ids: torch.Tensor, hw: Hardware, gen: int, budget: int,
-               cands: dict[int, tuple[Candidate, ...]], limit: float, time_limit_s: float = 10.0) -> Plan:  # fmt: skip
+               cands: dict[int, tuple[Candidate, ...]], limit: float,
+               time_limit_s: float = 10.0) -> Plan:  # fmt: skip
     opts = PlacementOptions(bits_candidates=dict(cands), sensitivity_limit=limit, time_limit_s=time_limit_s)
     return memplan.plan(model, ids, mode="infer", budget=budget, hardware=hw, gen=gen, passes=PASSES_FLOAT,
                         options={"placement": opts})  # fmt: skip
@@ -200,38 +204,52 @@ def bits_only_sensitivity(bits: BitsDecision, size_limit: int) -> float:
     return math.inf if sol.objective is None else float(sol.objective)
 
 
+SOLVER_TOLERANCE = 1e-6
+"""Costs below this share of the largest candidate cost are within HiGHS's tolerances (it solves the
+problems with costs scaled to the largest): sensitivities compare equal within it."""
+
+
 def size_for_sensitivity(bits: BitsDecision, limit: float) -> int:
-    """The smallest size limit under which the bitwidth pass's optimum stays within `limit` nats
-    (bisection over bytes, to 0.1% of the float bytes)."""
+    """The smallest size limit under which the bitwidth pass's optimum stays within `limit` nats (bisection
+    over bytes, to 0.1% of the float bytes; within `SOLVER_TOLERANCE`)."""
     lo = sum(min(c.stored_bytes for c in t.candidates) for t in bits.candidates)
     hi = sum(t.candidates[0].stored_bytes for t in bits.candidates)
-    if bits_only_sensitivity(bits, lo) <= limit:
+    slack = SOLVER_TOLERANCE * max(c.cost for t in bits.candidates for c in t.candidates)
+    if bits_only_sensitivity(bits, lo) <= limit + slack:
         return lo
     tol = max(hi // 1000, 1)
     while hi - lo > tol:
         mid = (lo + hi) // 2
-        if bits_only_sensitivity(bits, mid) <= limit:
+        if bits_only_sensitivity(bits, mid) <= limit + slack:
             hi = mid
         else:
             lo = mid
     return hi
 
 
-def generate_under(plan: Plan, model: nn.Module, ids: torch.Tensor, gen: int) -> dict[str, Any]:
-    """Run `model.generate` under `plan`: the runtime's measured decode tok/s and peak, and the plan's."""
-    with memplan.applied(plan, model) as run:
-        out = model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, do_sample=False)
-    m = run.finish()
+def generate_under(
+    plan: Plan, model: nn.Module, ids: torch.Tensor, gen: int, repeats: int = 1
+) -> dict[str, Any]:
+    """Run `model.generate` under `plan` `repeats` times: the runtime's measured decode tok/s (the best
+    run's: the machine is shared) and peak (the largest), and the plan's predictions."""
+    runs = []
+    for _ in range(repeats):
+        with memplan.applied(plan, model) as run:
+            out = model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, do_sample=False)
+        runs.append(run.finish())
+    m = max(runs, key=lambda r: r.decode_tok_s)
+    m.peak_bytes = max(r.peak_bytes for r in runs)
     cmp = plan.compare(m)
     budget = plan.budget_bytes["device"]
     return {
         "pred_tok/s": cmp.tok_s("decode", False),
         "meas_tok/s": m.decode_tok_s,
+        "meas_runs_tok/s": [r.decode_tok_s for r in runs],
         "pred_peak": cmp.predicted_peak_bytes,
         "peak": m.peak_bytes,
         "peak/budget": m.peak_bytes / budget,
         "within_budget": cmp.within_budget,
-        "tokens": out[0, ids.shape[1]:].tolist(),
+        "tokens": out[0, ids.shape[1] :].tolist(),
         "bytes_read": sum(m.bytes_read.values()),
     }
 
@@ -241,7 +259,8 @@ def log_probs(model: nn.Module, evals: list[torch.Tensor]) -> list[torch.Tensor]
     return [torch.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), -1) for ids in evals]
 
 
-def quality(plan: Plan, model: nn.Module, evals: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
+def quality(plan: Plan, model: nn.Module, evals: list[torch.Tensor],
+            reference: list[torch.Tensor]) -> dict[str, float]:  # fmt: skip
     """Held-out perplexity and next-token agreement with the float model, stored as `plan` says."""
     from memplan.runtime.quantized import quantize_model
 
@@ -250,7 +269,8 @@ def quality(plan: Plan, model: nn.Module, evals: list[torch.Tensor], reference: 
         quantize_model(plan, stored)
     logp = log_probs(stored, evals)
     nll = sum(float(-lp.gather(-1, ids[:, 1:, None]).mean()) for lp, ids in zip(logp, evals, strict=True))
-    agree = sum(float((r.argmax(-1) == lp.argmax(-1)).float().mean()) for r, lp in zip(reference, logp, strict=True))
+    pairs = zip(reference, logp, strict=True)
+    agree = sum(float((r.argmax(-1) == lp.argmax(-1)).float().mean()) for r, lp in pairs)
     return {"ppl": math.exp(nll / len(evals)), "agree": agree / len(evals), "nll": nll / len(evals)}
 
 
@@ -258,3 +278,180 @@ def windows(stream: torch.Tensor, batches: int, batch: int, seq: int, seed: int)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq - 1, (batches, batch), generator=gen)
     return list(stream[starts[..., None] + torch.arange(seq)].long())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _model(corpus: tiny_lm.Corpus, steps: int) -> tuple[str, nn.Module, int, str]:
+    from bench.bitwidth import _model as trained
+
+    name, model, context, how = trained(corpus, steps)
+    return name, model, context, how
+
+
+def _log(msg: str) -> None:
+    print(f"[placement_bits] {msg}", file=sys.stderr, flush=True)
+
+
+def run(quick: bool = False, config: Config | None = None) -> Result:
+    with torch_threads(THREADS):
+        return _run(config or (QUICK if quick else FULL))
+
+
+def _run(cfg: Config) -> Result:
+    from memplan.runtime.calibrate import calibrate
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    corpus = tiny_lm.load_corpus()
+    name, model, context, how = _model(corpus, cfg.train_steps)
+    model.eval()
+    hw, cal = calibrate(load_hardware("cpu"), sample_bytes=cfg.calibrate_bytes)
+    calib = windows(corpus.train, cfg.calib_batches, 4, min(context, 128), seed=1)
+    evals = windows(corpus.val, cfg.eval_batches, 4, context, seed=2)
+    ids = windows(corpus.val, 1, 1, cfg.prompt, seed=3)[0]
+    gen = cfg.gen
+    table = sensitivity_table(model, calib, cfg.probes)
+    bits = priced(model, ids, hw, gen, table)
+    cands = joint_candidates(bits)
+    reference = log_probs(model, evals)
+    W = weight_bytes(model)
+    rest_float, rest_q = rests(model, ids, hw, gen, table, bits)
+    _log(f"{name}: weights {format_size(W)}, rest {format_size(rest_float)} (float) {format_size(rest_q)} "
+         f"(quantized), set up in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    float_ref = generate_under(plan_float(model, ids, hw, gen, 1 << 50), model, ids, gen, cfg.repeats)
+    rows: list[dict[str, Any]] = []
+    ref_tokens = float_ref["tokens"]
+    rows.append(_row("- (all on device)", "float, every weight resident", None, float_ref, None,
+                     {"ppl": math.exp(_nll(reference, evals)), "agree": 1.0}, 0.0))  # fmt: skip
+    for frac in cfg.fractions:
+        budget = rest_q + int(frac * W)
+        label = f"{frac:.0%} ({format_size(budget)})"
+        _log(f"budget {label}")
+
+        def point(config: str, make: Any, limit: float | None = None) -> dict[str, Any] | None:
+            t1 = time.perf_counter()
+            try:
+                plan = make()
+            except InfeasibleBudget as e:
+                rows.append({"budget": label, "fraction": frac, "budget_bytes": budget, "config": config,
+                             "notes": f"refused: {str(e)[:200]}"})  # fmt: skip
+                _log(f"  {config}: refused")
+                return None
+            plan_s = time.perf_counter() - t1
+            g = generate_under(plan, model, ids, gen, cfg.repeats)
+            q = quality(plan, model, evals, reference)
+            row = _row(label, config, frac, g, plan, q, total_sensitivity(plan, cands), budget, limit, plan_s)
+            row["same_tokens_as_float"] = g["tokens"] == ref_tokens
+            rows.append(row)
+            _log(f"  {config}: pred {row['pred_tok/s']:.4g} meas {row['meas_tok/s']:.4g} tok/s, "
+                 f"peak/budget {row['peak/budget']:.3f}, ppl {row['ppl']:.4f}, S {row['sensitivity']:.4g}, "
+                 f"streamed {row['streamed_KiB']:.0f} KiB, {row['formats']}")  # fmt: skip
+            return row
+
+        tl = cfg.time_limit_s
+        point("float", lambda: plan_float(model, ids, hw, gen, budget))
+        point("seq (default limit)", lambda: plan_sequential(model, ids, hw, gen, budget, table, None, tl))
+        fit = point(
+            "seq-fit", lambda: plan_sequential(model, ids, hw, gen, budget, table, budget - rest_q, tl)
+        )
+        if fit is None:
+            continue
+        s_fit = fit["sensitivity"]
+        point("joint @ seq-fit S", lambda: plan_joint(model, ids, hw, gen, budget, cands, s_fit, tl), s_fit)
+        for x in cfg.shares:
+            limit = x * s_fit
+            size = size_for_sensitivity(bits, limit)
+            point(
+                f"joint @ {x:g} S", lambda: plan_joint(model, ids, hw, gen, budget, cands, limit, tl), limit
+            )
+            point(
+                f"seq @ {x:g} S", lambda: plan_sequential(model, ids, hw, gen, budget, table, size, tl), limit
+            )
+    notes = _notes(cfg, name, how, hw, cal, W, rest_float, rest_q, rows, table, time.perf_counter() - t0)
+    extra = {"weights_bytes": W, "rest_float_bytes": rest_float, "rest_quantized_bytes": rest_q,
+             "hardware": {"flops": hw.flops, "mem_bw": hw.mem_bw,
+                          "tiers": [(t.name, t.read_bw, t.latency_s) for t in hw.tiers]},
+             "config": asdict(cfg)}  # fmt: skip
+    return Result("placement_bits", f"Joint bits + placement vs bits-then-placement ({name}, CPU)", COLUMNS,
+                  rows, notes, extra)  # fmt: skip
+
+
+def _nll(logp: list[torch.Tensor], evals: list[torch.Tensor]) -> float:
+    total = sum(float(-lp.gather(-1, ids[:, 1:, None]).mean()) for lp, ids in zip(logp, evals, strict=True))
+    return total / len(evals)
+
+
+def _row(label: str, config: str, frac: float | None, g: dict[str, Any], plan: Plan | None,
+         q: dict[str, float], sens: float, budget: int | None = None, limit: float | None = None,
+         plan_s: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    g = {k: v for k, v in g.items() if k != "tokens"}
+    row: dict[str, Any] = {"budget": label, "fraction": frac, "budget_bytes": budget, "config": config} | g
+    if budget is None:
+        row["peak/budget"] = ""
+    row |= {"ppl": q["ppl"], "agree": q["agree"], "sensitivity": sens, "sensitivity_limit": limit,
+            "plan_s": plan_s}  # fmt: skip
+    row["streamed_KiB"] = streamed_bytes(plan) / 1024 if plan else 0.0
+    row["formats"] = formats_of(plan) if plan else "float"
+    if plan is not None:
+        graph = plan.graph()
+        row["weights_stored_bytes"] = sum(v.size_bytes for v in graph.values
+                                          if v.role == Role.PARAMETER and v.alias_of is None)  # fmt: skip
+        report = next((p for p in plan.passes if p.name == "placement"), None)
+        row["placement_notes"] = list(report.notes) if report else []
+        row["solver"] = (report.solver.status, report.solver.time_s) if report else None
+    return row
+
+
+def _by(rows: list[dict[str, Any]], frac: float, config: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r.get("fraction") == frac and r["config"] == config and "ppl" in r), None)
+
+
+def _notes(cfg: Config, name: str, how: str, hw: Hardware, cal: Any, W: int, rest_float: int, rest_q: int,
+           rows: list[dict[str, Any]], table: SensitivityTable, elapsed: float) -> list[str]:  # fmt: skip
+    gains = []
+    for frac in cfg.fractions:
+        fit, joint = _by(rows, frac, "seq-fit"), _by(rows, frac, "joint @ seq-fit S")
+        pairs = [(fit, joint, "seq-fit S")] + [
+            (_by(rows, frac, f"seq @ {x:g} S"), _by(rows, frac, f"joint @ {x:g} S"), f"{x:g} S")
+            for x in cfg.shares
+        ]
+        for s, j, at in pairs:
+            if s and j:
+                gains.append(
+                    f"{frac:.0%} at {at}: predicted {j['pred_tok/s'] / s['pred_tok/s']:.2f}x, measured "
+                    f"{j['meas_tok/s'] / s['meas_tok/s']:.2f}x; ppl joint {j['ppl']:.4f} vs seq "
+                    f"{s['ppl']:.4f}; "
+                    f"sensitivity {j['sensitivity']:.3g} vs {s['sensitivity']:.3g}"
+                )
+    held = [r for r in rows if r.get("budget_bytes") and "within_budget" in r]
+    ssd = next(t for t in hw.tiers if t.name == "ssd")
+    return [
+        f"model: {name} ({how}); fp32 weights {format_size(W)}; batch 1, prompt {cfg.prompt} bytes of "
+        f"held-out "
+        f"text, {cfg.gen} new tokens greedily; decode tok/s = 1 / mean decode forward (the runtime's clock), "
+        f"best of {cfg.repeats} runs",
+        f"budgets: rest + fraction x fp32 weights, rest = {format_size(rest_q)}: what a plan needs "
+        "besides its "
+        f"weights when they are quantized (activations {format_size(rest_float)} incl. KV caches and "
+        "workspaces, plus the reference path's dequantize transient of the largest weight, "
+        "`TensorBits.dequant_workspace_bytes`)",
+        "gain of joint over sequential at equal budget and equal sensitivity limit: " + "; ".join(gains),
+        f"budget held (measured peak <= device budget): "
+        f"{sum(r['within_budget'] for r in held)} of {len(held)} "
+        "runs",
+        f"sensitivity: {table.description}; one table for every configuration (the joint candidates are the "
+        "bitwidth pass's priced candidates, `joint_candidates`)",
+        "seq (default limit): the bitwidth pass's own size limit (budget less everything else before "
+        "quantization) leaves out the dequantize transients its choice adds, so placement streams the "
+        "excess; "
+        "seq-fit: size limit = budget - rest, the weights fit beside those transients (a careful "
+        "user's choice)",
+        "seq @ x S: the bitwidth pass at the smallest size limit whose optimum is within x times seq-fit's "
+        "sensitivity (bisection), then placement; joint @ x S: the joint pass with that sensitivity limit",
+        f"hardware: cpu preset calibrated here ({cal.seconds:.1f} s): {hw.flops:.3g} FLOP/s, {hw.mem_bw:.3g} "
+        f"B/s memory, SSD tier read {ssd.read_bw:.3g} B/s (O_DIRECT, CRC included)",
+        f"total {elapsed:.0f} s, {THREADS} torch thread on 2 cores shared with other work",
+    ]
