@@ -27,11 +27,17 @@ from memplan.ir.hardware import Hardware
 from memplan.passes.base import PassOutput, PassSpec
 from memplan.passes.placement_formulation import Choice, least_device_bytes, solve
 from memplan.passes.placement_joint import Candidate, solve_joint
-from memplan.passes.placement_model import GenerationModel, fixed_bytes, is_generation, read_model, spread
+from memplan.passes.placement_model import (
+    GenerationModel,
+    fixed_bytes,
+    fixed_live,
+    is_generation,
+    read_model,
+    spread,
+)
 from memplan.passes.remat_schedule import compute_share
 from memplan.plans.decisions import BitsDecision, Decisions, DeviceCopy, PlacementDecision, TensorPlacement
 from memplan.plans.effective import (
-    apply_decisions_to_graph,
     baseline_residency,
     generation_times,
     predictions_for,
@@ -110,10 +116,10 @@ def _run_joint(
     assert opts.bits_candidates is not None
     kv = sum(graph.value(v).size_bytes for v in model.kv_values.values())
     candidates = {v: list(c) for v, c in opts.bits_candidates.items()}
-    fixed = fixed_bytes(_worst_workspaces(graph, candidates))
+    unit_fixed = _unit_fixed(graph)
     result, choice = solve_joint(
-        graph, hardware, dict(plan.budget_bytes), fixed + kv, candidates, opts.sensitivity_limit,
-        plan.workload.gen, opts.time_limit_s,
+        graph, hardware, dict(plan.budget_bytes), fixed_bytes(graph) + kv, candidates, opts.sensitivity_limit,
+        plan.workload.gen, opts.time_limit_s, {u: b + kv for u, b in unit_fixed.items()},
     )  # fmt: skip
     if choice is None:
         raise InfeasibleBudget(
@@ -131,16 +137,15 @@ def _run_joint(
     return _finish(graph, hardware, plan, opts, choice.tier, result, t0, decisions, (note,))
 
 
-def _worst_workspaces(graph: Graph, candidates: dict[int, list[Candidate]]) -> Graph:
-    """`graph` with every unit call's workspace grown by the most any candidate format of its weights adds
-    (the reference path's dequantize transient): the joint MILP prices it before the formats are chosen."""
-    worst = []
-    for v, cands in candidates.items():
-        shape = graph.value(v).shape
-        quantized = [c.bits for c in cands if c.bits is not None]
-        if quantized:
-            worst.append(max(quantized, key=lambda b: b.dequant_workspace_bytes(shape)))
-    return apply_decisions_to_graph(graph, Decisions(bits=BitsDecision(tuple(worst))))
+def _unit_fixed(graph: Graph) -> dict[str, int]:
+    """Unit -> the most the storages placement leaves where they are (activations, workspaces) take at any
+    of its calls, before the dequantize transients of the formats the joint MILP chooses (it adds those per
+    unit: `placement_joint`)."""
+    out: dict[str, int] = {}
+    for op, live in zip(graph.ops, fixed_live(graph), strict=True):
+        if op.target.startswith("unit:"):
+            out[op.module_path] = max(out.get(op.module_path, 0), live)
+    return out
 
 
 def _budgets_text(plan: Plan) -> str:

@@ -11,6 +11,13 @@ one per tensor), and the time rows are per unit: t_u >= compute_u + share * io_u
 the stored bytes unit u streams from each tier over its read bandwidth. The window and tier rows are the
 bits-blind model's, over stored bytes. KV caches stay on the device here. A `Candidate` with `bits` None
 is the tensor as captured.
+
+The device row holds at every step: with `unit_fixed` (unit -> the most the storages placement leaves
+where they are take at any of its calls, KV caches included), one row per unit, resident weights + window
++ e_u <= budget - unit_fixed[u], where e_u >= the dequantize transient of each format chosen for a weight
+the unit reads (`TensorBits.dequant_workspace_bytes`: a unit multiplies by its weights one after another,
+so its transient is the largest of them); a weight kept as captured adds none. Without `unit_fixed`, one
+row with `fixed_bytes` for every step.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class JointChoice:
 def solve_joint(
     graph: Graph, hw: Hardware, budgets: dict[str, int], fixed_bytes: int,
     candidates: dict[int, list[Candidate]], sensitivity_limit: float, gen: int, time_limit_s: float,
+    unit_fixed: dict[str, int] | None = None,
 ) -> tuple[MilpResult, JointChoice | None]:  # fmt: skip
     """Build and solve the joint MILP (see the module docstring)."""
     tiers = [t.name for t in hw.tiers if t.name in budgets]
@@ -67,7 +75,8 @@ def solve_joint(
                 cols.append((v, f, r))
     t_col = {(u, k): len(cols) + 2 * i + k for i, u in enumerate(units) for k in (0, 1)}
     w_col = len(cols) + 2 * len(units)
-    width = w_col + 1
+    e_col = {u: w_col + 1 + i for i, u in enumerate(units)} if unit_fixed is not None else {}
+    width = w_col + 1 + len(e_col)
     dense = DenseRows(width)
     row = dense.add
 
@@ -100,6 +109,14 @@ def solve_joint(
         use = {index[(v, f, r)]: c.stored_bytes / MIB for v in weights for f, c in enumerate(cands[v])}
         if r == "device":
             row({**use, w_col: 1.0}, -np.inf, (budgets["device"] - fixed_bytes) / MIB)
+            for u, e in e_col.items():
+                assert unit_fixed is not None
+                row({**use, w_col: 1.0, e: 1.0}, -np.inf, (budgets["device"] - unit_fixed.get(u, 0)) / MIB)
+                for v in reads[u]:
+                    for f, c in enumerate(cands[v]):
+                        ws = c.bits.dequant_workspace_bytes(graph.value(v).shape) if c.bits else 0
+                        if ws:
+                            row({e: 1.0, **{index[(v, f, t)]: -ws / MIB for t in tiers}}, 0.0, np.inf)
         else:
             row(use, -np.inf, budgets[r] / MIB)
     scale = max((c.cost for v in weights for c in cands[v]), default=0.0) or 1.0

@@ -167,6 +167,11 @@ def _mean(xs: list[float]) -> float:
 def fixed_bytes(graph: Graph) -> int:
     """Peak over the schedule of the device bytes placement leaves where they are (all but parameters and
     KV caches)."""
+    return max(fixed_live(graph), default=0)
+
+
+def fixed_live(graph: Graph) -> list[int]:
+    """Per step, the device bytes placement leaves where they are (all but parameters and KV caches)."""
     moved = {Role.PARAMETER, Role.KV_CACHE}
     delta = [0] * (len(graph.ops) + 1)
     for root, (s, e) in lifetimes(graph).items():
@@ -174,11 +179,11 @@ def fixed_bytes(graph: Graph) -> int:
         if v.role not in moved:
             delta[s] += v.size_bytes
             delta[e] -= v.size_bytes
-    live, peak = 0, 0
+    live, out = 0, []
     for d in delta[:-1]:
         live += d
-        peak = max(peak, live)
-    return peak
+        out.append(live)
+    return out
 
 
 def spread(counts: dict[str, int]) -> list[str]:
