@@ -97,7 +97,7 @@ def test_plan_measures_sensitivity_and_ties_fused_projections() -> None:
     two = (Candidate("int8", True, "per-channel"), Candidate("int4", False, "per-group", 32))
     opts = BitwidthOptions(estimator="fisher", candidates=two)
     plan = memplan.plan("zoo:llama-tiny", mode="infer", gen=3, batch=1, seq=8, passes=["bitwidth"],
-                        budget=peak - weights // 8, options={"bitwidth": opts})  # fmt: skip (the dequantize transient is kept free)
+                        budget=peak - weights // 8, options={"bitwidth": opts})  # fmt: skip
     bits = plan.decisions.bits
     assert bits is not None and plan.predictions.peak_bytes["device"] <= peak - weights // 8
     assert len(bits.ties) == 4 and sorted(len(g) for g in bits.ties) == [2, 2, 3, 3]  # qkv, gate/up per layer
