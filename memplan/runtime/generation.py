@@ -113,8 +113,10 @@ def _param_holder(p: torch.nn.Parameter) -> _Holder:
 
 
 def _blob(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The bytes of `parts`, one after another, as a new uint8 tensor (what a tier stores)."""
-    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in parts])
+    """The bytes of `parts`, one after another, as a uint8 tensor (what a tier stores): a view of a single
+    contiguous part (the tiers copy what they store), else a new tensor."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
 
 
 def _split(data: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
