@@ -17,6 +17,11 @@ uses the same `memplan.kernels.quantize` the runtime stores the weight with.
 
 The loss: next-token cross-entropy for a language model (inputs are token ids, the output holds logits
 [batch, seq, vocab]); otherwise cross-entropy against the float model's own argmax (self-distillation).
+An embedding model (a sentence encoder: [batch, dim] vectors out) is measured with `loss=embedding_loss`,
+the mean cosine distance to the float model's own embedding: its cost then predicts the drop in cosine
+similarity to fp32. That loss is 0 with a zero gradient at the float weights, so its Hessian is the
+Gauss-Newton one (positive semi-definite: every Hutchinson probe is >= 0) and the Fisher estimate is 0;
+measure it with `hutchinson`.
 Calibration batches: windows of the tiny-lm training text when the zoo's trained tiny-lm is cached, seeded
 random token ids for other zoo language models, the example inputs for a module given by the caller.
 """
@@ -118,6 +123,13 @@ def self_distillation_loss(model: nn.Module, inputs: torch.Tensor) -> torch.Tens
     logits = getattr(out, "logits", out).float()
     flat = logits.reshape(-1, logits.shape[-1])
     return nn.functional.cross_entropy(flat, flat.detach().argmax(-1))
+
+
+def embedding_loss(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cosine similarity of the embeddings `model(inputs)` gives ([batch, dim]) to themselves
+    detached: the float model's own embedding, no gradient."""
+    emb = model(inputs).float().flatten(1)
+    return (1 - nn.functional.cosine_similarity(emb, emb.detach(), dim=-1)).mean()
 
 
 def _curvatures(
