@@ -8,11 +8,11 @@ down: 8192x28672; lm_head: 32000x8192) one choice per format of `FORMATS`, sized
 (payload, fp16 scales and zero points) as the bitwidth pass sizes them; BOPs = elements x `TOKENS` x weight
 bits x 16; latency = the roofline of one read (a decode step at batch 1) on an H100 (bytes / 3.35 TB/s vs
 2 x elements x tokens / 989 TFLOP/s). Cost = curvature / 2 x squared error, as the pass prices it: the
-squared error of Gaussian weights (sigma from the 0.02 init scale, shrinking with width) under a uniform quantizer of step range / (levels - 1),
-range 8 sigma per channel for int8 and 5 sigma per group of 128; the curvature log-normal around a level
-that is higher for v, o and down projections and for the first and last two layers (what trained LLMs
-show). Ties as the pass makes them: q/k/v of a layer share a format, and gate/up. Limits: stored bytes at
-`MEAN_BITS` bits per weight, and one case adding a latency limit. Run: `python -m bench.run bitwidth_scale`.
+squared error of Gaussian weights (sigma from the 0.02 init scale, shrinking with width) under a uniform
+quantizer of step range / (levels - 1), range 8 sigma per channel for int8 and 5 sigma per group of 128;
+the curvature log-normal around a level that is higher for v, o and down projections and for the first
+and last two layers (what trained LLMs show). Ties as the pass makes them: q/k/v of a layer share a
+format, and gate/up. Limits: stored bytes at `MEAN_BITS` bits per weight, and one case adding a latency limit. Run: `python -m bench.run bitwidth_scale`.
 """
 
 from __future__ import annotations
