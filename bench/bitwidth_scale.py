@@ -12,7 +12,8 @@ squared error of Gaussian weights (sigma from the 0.02 init scale, shrinking wit
 quantizer of step range / (levels - 1), range 8 sigma per channel for int8 and 5 sigma per group of 128;
 the curvature log-normal around a level that is higher for v, o and down projections and for the first
 and last two layers (what trained LLMs show). Ties as the pass makes them: q/k/v of a layer share a
-format, and gate/up. Limits: stored bytes at `MEAN_BITS` bits per weight, and one case adding a latency limit. Run: `python -m bench.run bitwidth_scale`.
+format, and gate/up. Limits: stored bytes at `MEAN_BITS` bits per weight, and one case adding a latency
+limit. Run: `python -m bench.run bitwidth_scale`.
 """
 
 from __future__ import annotations
