@@ -9,7 +9,10 @@ replaced by its mean diagonal (HAWQ-V2, Dong et al., NeurIPS 2020; HAWQ-V3's Ome
 
 Tr(H_W) is estimated with Hutchinson's method: E[v^T H v] over Rademacher vectors v, each H v one double
 backward (`torch.autograd.grad` of the gradient with `grad_outputs=v`), a few probes on each calibration
-batch. `estimator="fisher"` uses the mean squared gradient instead (one backward per batch, no double
+batch, and more until every weight's estimate has a standard error within `rel_error` of it (or
+`max_probes`): v spans all weights at once, so a weight of small curvature has its estimate swamped by the
+cross terms of the others' (on tiny-lm, 4 probes put one weight's trace 13x low, bench/bitwidth).
+`estimator="fisher"` uses the mean squared gradient instead (one backward per batch, no double
 backward): cheaper, noisier, and biased low at small batches. A Hutchinson estimate that comes out <= 0
 (noise, or negative curvature) falls back to that tensor's Fisher value scaled by the median ratio of the
 two over the tensors whose trace is positive, and says so (`estimator` of its row). The quantization error
@@ -17,12 +20,18 @@ uses the same `memplan.kernels.quantize` the runtime stores the weight with.
 
 The loss: next-token cross-entropy for a language model (inputs are token ids, the output holds logits
 [batch, seq, vocab]); otherwise cross-entropy against the float model's own argmax (self-distillation).
+An embedding model (a sentence encoder: [batch, dim] vectors out) is measured with `loss=embedding_loss`,
+the mean cosine distance to the float model's own embedding: its cost then predicts the drop in cosine
+similarity to fp32. That loss is 0 with a zero gradient at the float weights, so its Hessian is the
+Gauss-Newton one (positive semi-definite: every Hutchinson probe is >= 0) and the Fisher estimate is 0;
+measure it with `hutchinson`.
 Calibration batches: windows of the tiny-lm training text when the zoo's trained tiny-lm is cached, seeded
 random token ids for other zoo language models, the example inputs for a module given by the caller.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,13 +52,16 @@ FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 @dataclass(frozen=True, slots=True)
 class SensitivitySettings:
     """`estimator` (hutchinson or fisher), the calibration set (`batches` of `batch_size` x `seq` tokens),
-    Rademacher `probes` per batch, and the seed of the probes and of random token ids."""
+    Rademacher `probes` per batch at least and `max_probes` at most (more while some weight's trace estimate
+    has a standard error above `rel_error` of it), and the seed of the probes and of random token ids."""
 
     estimator: str = "hutchinson"
     batches: int = 2
     batch_size: int = 4
     seq: int = 128
     probes: int = 4
+    max_probes: int = 32
+    rel_error: float = 0.1
     seed: int = 0
 
 
@@ -120,29 +132,60 @@ def self_distillation_loss(model: nn.Module, inputs: torch.Tensor) -> torch.Tens
     return nn.functional.cross_entropy(flat, flat.detach().argmax(-1))
 
 
+def embedding_loss(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cosine similarity of the embeddings `model(inputs)` gives ([batch, dim]) to themselves
+    detached: the float model's own embedding, no gradient."""
+    emb = model(inputs).float().flatten(1)
+    return (1 - nn.functional.cosine_similarity(emb, emb.detach(), dim=-1)).mean()
+
+
 def _curvatures(
     model: nn.Module, weights: list[QuantizableWeight], batches: Sequence[torch.Tensor], loss: Loss,
     s: SensitivitySettings,
-) -> tuple[list[float], list[float]]:  # fmt: skip
-    """Per weight: the Hutchinson estimate of Tr(H)/n (empty under fisher) and the mean squared gradient."""
+) -> tuple[list[float], list[float], list[int]]:  # fmt: skip
+    """Per weight: the Hutchinson estimate of Tr(H)/n (empty under fisher) and the mean squared gradient;
+    the probes each batch took. Each batch gets `s.probes` probes, then more (up to `s.max_probes`) while
+    `_settled` says the noise of some weight's estimate is still above `s.rel_error` of it."""
     params = [w.param for w in weights]
     gen = torch.Generator().manual_seed(s.seed)
-    trace = [0.0] * len(params)
+    samples: list[list[list[float]]] = [[] for _ in params]  # [weight][batch][probe]: v^T H v
     fisher = [0.0] * len(params)
     hutchinson = s.estimator == "hutchinson"
+    most = max(s.probes, s.max_probes)
+    counts = []
     for ids in batches:
         grads = torch.autograd.grad(loss(model, ids), params, create_graph=hutchinson)
         for i, g in enumerate(grads):
             fisher[i] += float((g.detach() ** 2).sum()) / len(batches)
-        for k in range(s.probes if hutchinson else 0):
+            samples[i].append([])
+        k = 0
+        while hutchinson and k < most and (k < s.probes or not _settled(samples, s.rel_error)):
             vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
-            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < s.probes - 1)
+            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
             for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
-                trace[i] += float((hv * v).sum()) / (s.probes * len(batches))
+                samples[i][-1].append(float((hv * v).sum()))
+            k += 1
+        counts.append(k)
+        del grads
     n = [w.param.numel() for w in weights]
-    return ([t / m for t, m in zip(trace, n, strict=True)] if hutchinson else []), [
-        f / m for f, m in zip(fisher, n, strict=True)
-    ]
+    if not hutchinson:
+        return [], [f / m for f, m in zip(fisher, n, strict=True)], counts
+    means = [statistics.fmean(statistics.fmean(b) for b in per) for per in samples]
+    traces = [t / m for t, m in zip(means, n, strict=True)]
+    return traces, [f / m for f, m in zip(fisher, n, strict=True)], counts
+
+
+def _settled(samples: list[list[list[float]]], rel_error: float) -> bool:
+    """Whether every weight's trace estimate (the mean over batches of each batch's mean over probes) has a
+    standard error within `rel_error` of its magnitude; a batch with one probe has no spread yet (False)."""
+    for per in samples:
+        if any(len(b) < 2 for b in per):
+            return False
+        mean = statistics.fmean(statistics.fmean(b) for b in per)
+        var = sum(statistics.variance(b) / len(b) for b in per) / len(per) ** 2
+        if math.sqrt(var) > rel_error * abs(mean):
+            return False
+    return True
 
 
 def measure_sensitivity(
@@ -167,7 +210,7 @@ def measure_sensitivity(
     try:
         for w in weights:
             w.param.requires_grad_(True)
-        traces, fisher = _curvatures(model, weights, batches, chosen, settings)
+        traces, fisher, counts = _curvatures(model, weights, batches, chosen, settings)
     finally:
         model.train(was_training)
         for w, flag in zip(weights, flags, strict=True):
@@ -178,7 +221,8 @@ def measure_sensitivity(
         for w, c, e in zip(weights, curv, estimators, strict=True)
     )
     shape = "x".join(str(d) for d in batches[0].shape)
-    probes = f", {settings.probes} Rademacher probes each" if settings.estimator == "hutchinson" else ""
+    spread = f"{min(counts)}-{max(counts)}" if min(counts) < max(counts) else f"{min(counts)}"
+    probes = f", {spread} Rademacher probes each" if settings.estimator == "hutchinson" else ""
     fallback = sum(e == "fisher" for e in estimators) if settings.estimator == "hutchinson" else 0
     text = f"{settings.estimator}, {len(batches)} batches of {shape}{probes}, {chosen.__name__}"
     if fallback:
