@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.harness import RESULTS, Result
+from bench.harness import RESULTS, Result, torch_threads
 from memplan.ir.graph import Graph
 from memplan.ir.hardware import load_hardware
 from memplan.kernels.linear import prepare_linear
@@ -218,12 +218,8 @@ class Subject:
 
 
 def run(quick: bool) -> Result:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> Result:
