@@ -176,14 +176,16 @@ def _curvatures(
 
 
 def _settled(samples: list[list[list[float]]], rel_error: float) -> bool:
-    """Whether every weight's trace estimate (the mean over batches of each batch's mean over probes) has a
-    standard error within `rel_error` of its magnitude; a batch with one probe has no spread yet (False)."""
+    """Whether every weight's positive trace estimate (the mean over batches of each batch's mean over
+    probes) has a standard error within `rel_error` of it; one probe in a batch has no spread yet (False)."""
     for per in samples:
         if any(len(b) < 2 for b in per):
             return False
         mean = statistics.fmean(statistics.fmean(b) for b in per)
+        if mean <= 0:
+            continue  # a trace estimated at <= 0 is replaced by the scaled Fisher anyway
         var = sum(statistics.variance(b) / len(b) for b in per) / len(per) ** 2
-        if math.sqrt(var) > rel_error * abs(mean):
+        if math.sqrt(var) > rel_error * mean:
             return False
     return True
 
