@@ -77,6 +77,19 @@ def reference_linear(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def _int8pack_reference(x: torch.Tensor, w: NativeWeight) -> torch.Tensor:
+    """The reference product from an int8 weight kept only in the CPU kernel's layout (int8 [N, K] and its
+    per-row scales: `w * scales[:, None]` is `dequantize(q)` exactly), by the same row blocks."""
+    rows, cols = w.weight.shape
+    step = max(1, DEQUANT_BLOCK_BYTES // (4 * cols))
+    xf = x.float()
+    out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32, device=x.device)
+    for r in range(0, rows, step):
+        end = min(r + step, rows)
+        out[..., r:end] = xf @ (w.weight[r:end].float() * w.scales[r:end, None].float()).T
+    return out.to(x.dtype)
+
+
 def linear_error(y: torch.Tensor, x: torch.Tensor, q: QuantizedWeight) -> float:
     """max |y - reference_linear(x, q)| / max (|x| @ |dequantize(q)|.T): the measure TOLERANCES bound."""
     w = dequantize(q)
@@ -117,6 +130,9 @@ def linear(x: torch.Tensor, w: PreparedLinear | QuantizedWeight) -> torch.Tensor
     x2 = x.reshape(-1, k)
     path = prepared.path or choose_path(prepared.q, x.device, x2.shape[0], prepared.bf16_activations)
     if path == "reference":
+        native = prepared.native
+        if native is not None and native.kind == "int8pack" and not prepared.q.payload.numel():
+            return _int8pack_reference(x, native)  # only the kernel's layout is kept
         return reference_linear(x, prepared.q)
     if path == "triton":
         from memplan.kernels.dequant_matmul import dequant_matmul  # imports triton

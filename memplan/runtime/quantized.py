@@ -8,10 +8,11 @@ weight the bitwidth pass gave a format is replaced by a module that multiplies b
 
     quantize_model(plan, model, weights="model.safetensors")   # for good: float weights never kept
 
-`QuantizedLinear` holds an integer weight as `memplan.kernels.linear` wants it (`prepare_linear`): when one
-of PyTorch's CPU kernels takes the format (int8 symmetric per channel, int4 with group 32/64/128/256) only
-its converted weight is kept and every call goes through it; otherwise the packed codes and scales, and
-calls take the reference path (dequantize, then matmul: a transient float copy of the weight per call).
+`QuantizedLinear` holds an integer weight as `memplan.kernels.linear` wants it (`prepare_linear`), on the
+faster CPU path (bench/results/bitwidth_kernels.md): an int8 symmetric per-channel weight only in PyTorch's
+int8 kernel layout, which a call of up to `NATIVE_MAX_ROWS` rows multiplies by and a larger one dequantizes
+by row blocks; every other integer weight (int4 included: PyTorch's int4 kernel is faster at one row only)
+as its packed codes and scales, on the reference path (dequantize by row blocks, then matmul).
 `CastLinear` holds an fp16 or bf16 weight, cast to the activations' dtype per call (a transient too). A
 `Conv1D` weight ([in, out], `TensorBits.transposed`) is stored as the [out, in] matrix both multiply by.
 
@@ -122,10 +123,13 @@ def stored_module(
         return CastLinear(matrix.to(CAST_DTYPES[spec.format]).contiguous(), bias)
     q = quantize(matrix, spec)
     prepared = prepare_linear(q) if native else PreparedLinear(q, None, "reference")
-    if prepared.native is not None:  # keep the kernel's layout only
+    if prepared.native is not None and prepared.native.kind == "int4pack":
+        # PyTorch's int4 kernel beats the reference at one row only (NATIVE_MAX_ROWS); the codes stay
+        prepared = PreparedLinear(q, None, "reference")
+    elif prepared.native is not None:  # int8: keep the kernel's layout only; each call picks its path
         empty = torch.empty(0, dtype=torch.uint8)
         bare = QuantizedWeight(empty, empty.to(q.scales.dtype), None, q.shape, q.spec)
-        prepared = PreparedLinear(bare, prepared.native, "native")
+        prepared = PreparedLinear(bare, prepared.native, None)
     return QuantizedLinear(prepared, bias)
 
 

@@ -97,3 +97,18 @@ def test_reference_transient_is_within_what_the_plan_prices(fmt: str, shape: tup
         y = module(x)
     output = y.numel() * 4
     assert tracker.result.peak_bytes - output <= spec.dequant_workspace_bytes(shape)
+
+
+def test_an_int8_weight_kept_in_the_kernel_layout_runs_both_paths() -> None:
+    from memplan.kernels.linear import NATIVE_MAX_ROWS, PreparedLinear, linear
+    from memplan.kernels.quantize import QuantizedWeight
+
+    q = quantize(torch.randn(64, 96), TensorBits(0, "int8", None, True, "per-channel"))
+    prepared = prepare_linear(q)
+    assert prepared.native is not None
+    empty = torch.empty(0, dtype=torch.uint8)
+    codes_dropped = QuantizedWeight(empty, empty.to(q.scales.dtype), None, q.shape, q.spec)
+    bare = PreparedLinear(codes_dropped, prepared.native)
+    for rows in (1, NATIVE_MAX_ROWS["int8pack"] + 1):
+        x = torch.randn(rows, 96)
+        assert linear_error(linear(x, bare), x, q) <= 1e-5
