@@ -158,20 +158,21 @@ def _head_stats(
 ) -> dict[str, torch.Tensor]:
     """Per key/value head of one attention call, what `_Sums` averages (see the module docstring).
     q: [batch, heads, n, d]; k, v: [batch, kv_heads, n, d]."""
+    from memplan.runtime.kv_attention import attention_probs
+
     b, h, n, _ = q.shape
     kvh = k.shape[1]
     group = h // kvh
     kx, vx = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
     logits = (q @ kx.transpose(-1, -2)) * scale
-    probs = logits.masked_fill(~causal, -math.inf).softmax(-1)  # [b, h, n, n]
-    window = probs[:, :, prompt - s.window : prompt, :prompt]  # [b, h, w, prompt]
-    scores = window.sum(2).view(b, kvh, group, prompt).sum(2)  # [b, kvh, prompt]
+    # the last `window` prompt queries over the prompt's keys: [b, kvh, group, w, prompt]
+    window = attention_probs(q[:, :, :prompt], k[:, :, :prompt], None, scale, last=s.window)
+    scores = window.sum(dim=(2, 3))  # [b, kvh, prompt]
     share = scores / scores.sum(-1, keepdim=True)
     ordered = share.sort(-1, descending=True).values.cumsum(-1)
     at = [min(max(math.ceil(r * prompt), 1), prompt) - 1 for r in s.ratios]
     mass = ordered[..., at].mean(0)  # [kvh, ratios]
-    entropy = -(window * window.clamp_min(1e-30).log()).sum(-1).mean((0, 2)).view(kvh, group).mean(1)
+    entropy = -(window * window.clamp_min(1e-30).log()).sum(-1).mean((0, 2, 3))
     sink = share[..., : s.sink_tokens].sum(-1).mean(0)
     recent = share[..., prompt - s.recent_tokens :].sum(-1).mean(0) if s.recent_tokens else sink * 0
     errors = _errors(logits, kx, vx, q, scores, scale, prompt, s, group)  # [kvh, ratios, bits]

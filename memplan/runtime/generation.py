@@ -38,6 +38,7 @@ from memplan.runtime.kv_offload import CompressedKVOffload, KVOffload
 from memplan.runtime.tiers.api import Handle, TierStore
 from memplan.runtime.tiers.direct_io import ALIGN, round_up
 from memplan.runtime.tiers.factory import open_tier
+from memplan.runtime.tiers.tensor_bytes import flat_bytes, from_bytes, meta_of
 from memplan.runtime.tracker import LiveStorageTracker
 from memplan.runtime.weight_file import WeightFile, aligned_buffer
 
@@ -115,7 +116,7 @@ def _param_holder(p: torch.nn.Parameter) -> _Holder:
 def _blob(parts: list[torch.Tensor]) -> torch.Tensor:
     """The bytes of `parts`, one after another, as a uint8 tensor (what a tier stores): a view of a single
     contiguous part (the tiers copy what they store), else a new tensor."""
-    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in parts]
+    flat = [flat_bytes(t) for t in parts]
     return flat[0] if len(flat) == 1 else torch.cat(flat)
 
 
@@ -123,9 +124,9 @@ def _split(data: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Views of uint8 `data` shaped as `like`, laid out as `_blob` wrote them."""
     out, at = [], 0
     for t in like:
-        n = t.numel() * t.element_size()
-        out.append(data[at : at + n].view(t.dtype).view(t.shape))
-        at += n
+        meta = meta_of("", t)
+        out.append(from_bytes(data[at : at + meta.nbytes], meta))
+        at += meta.nbytes
     return out
 
 
